@@ -1,0 +1,1 @@
+//! Container setup from an OCI runtime spec.

@@ -1,0 +1,1 @@
+//! Host <-> guest-agent protocol. The gRPC service definitions arrive with the vm runtime.

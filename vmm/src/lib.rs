@@ -1,0 +1,1 @@
+//! The vmrun virtual machine monitor. Its KVM boot path and virtio devices arrive with the VMM issue.
