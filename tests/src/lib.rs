@@ -1,1 +1,63 @@
-//! Test harness shared by the end-to-end tests.
+//! Test harness shared by the end-to-end tests: a local registry and test images.
+//!
+//! Most tests just need "some pullable busybox": [`shared_busybox`] starts one registry per
+//! test process on first use and pushes busybox to it. That registry intentionally lives until
+//! the process exits (it sits in a `static`, which Rust never drops); its watchdog (see
+//! [`registry`]) notices the process going away and stops it and deletes its storage then.
+
+pub mod images;
+pub mod pod;
+pub mod registry;
+
+pub use pod::busybox_reference;
+
+use tokio::sync::OnceCell;
+
+use crate::registry::Registry;
+
+struct Shared {
+    registry: Registry,
+    busybox: String,
+}
+
+static SHARED: OnceCell<Shared> = OnceCell::const_new();
+static ENTRYPOINT: OnceCell<String> = OnceCell::const_new();
+static ZSTD: OnceCell<String> = OnceCell::const_new();
+
+async fn shared() -> anyhow::Result<&'static Shared> {
+    SHARED
+        .get_or_try_init(|| async {
+            let registry = tokio::task::spawn_blocking(Registry::start).await??;
+            let busybox = images::push_busybox(&registry, "test/busybox:latest").await?;
+            Ok(Shared { registry, busybox })
+        })
+        .await
+}
+
+/// The process-wide test registry (started on first use).
+pub async fn shared_registry() -> anyhow::Result<&'static Registry> {
+    Ok(&shared().await?.registry)
+}
+
+/// `127.0.0.1:PORT/test/busybox:latest` in the process-wide registry.
+pub async fn shared_busybox() -> anyhow::Result<String> {
+    Ok(shared().await?.busybox.clone())
+}
+
+/// `127.0.0.1:PORT/test/entrypoint:latest`: busybox with `Entrypoint ["/bin/echo",
+/// "entrypoint"]`, `Cmd ["cmd-default"]`, `WorkingDir /tmp` (see [`images::entrypoint_image`]).
+pub async fn shared_entrypoint_image() -> anyhow::Result<String> {
+    let registry = shared_registry().await?;
+    ENTRYPOINT
+        .get_or_try_init(|| images::push_image_with_entrypoint(registry, "test/entrypoint:latest"))
+        .await
+        .cloned()
+}
+
+/// `127.0.0.1:PORT/test/busybox-zstd:latest`: busybox with a zstd-compressed layer.
+pub async fn shared_busybox_zstd() -> anyhow::Result<String> {
+    let registry = shared_registry().await?;
+    ZSTD.get_or_try_init(|| images::push_busybox_zstd(registry, "test/busybox-zstd:latest"))
+        .await
+        .cloned()
+}

@@ -1,1 +1,18 @@
-//! The vmrun virtual machine monitor. Its KVM boot path and virtio devices arrive with the VMM issue.
+//! vmrun's virtual machine monitor: boots a Linux kernel in a KVM microVM
+//! with a serial console, an MP table for SMP, and virtio-mmio devices.
+//!
+//! [`hypervisor`] is the seam to KVM (and to a scripted fake for tests);
+//! [`vm::MicroVm`] builds a VM from a [`config::VmConfig`] and runs it until
+//! the guest stops, reporting a [`stop::GuestStop`].
+
+pub mod arch;
+pub mod boot;
+pub mod config;
+pub mod devices;
+pub mod hypervisor;
+pub mod kick;
+pub mod memory;
+pub mod stop;
+pub mod vcpu_loop;
+pub mod virtio_slots;
+pub mod vm;

@@ -22,7 +22,12 @@ pub fn resolve_argv(
 /// Expands `$(NAME)` from `env` (later entries win); `$$` escapes to `$`; unknown
 /// references stay as written, exactly as the kubelet does.
 pub fn expand(input: &str, env: &[(String, String)]) -> String {
-    let lookup = |name: &str| env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let lookup = |name: &str| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let mut out = String::with_capacity(input.len());
     let mut rest = input;
     while let Some(pos) = rest.find('$') {
@@ -72,15 +77,30 @@ mod tests {
         let ep = v(&["/entry"]);
         let cmd = v(&["--default"]);
         let env = vec![("X".to_string(), "1".to_string())];
-        assert_eq!(resolve_argv(None, None, &ep, &cmd, &env), v(&["/entry", "--default"]));
-        assert_eq!(resolve_argv(None, Some(&v(&["a$(X)"])), &ep, &cmd, &env), v(&["/entry", "a1"]));
-        assert_eq!(resolve_argv(Some(&v(&["sh"])), None, &ep, &cmd, &env), v(&["sh"]));
-        assert_eq!(resolve_argv(Some(&v(&["sh"])), Some(&v(&["-c"])), &ep, &cmd, &env), v(&["sh", "-c"]));
+        assert_eq!(
+            resolve_argv(None, None, &ep, &cmd, &env),
+            v(&["/entry", "--default"])
+        );
+        assert_eq!(
+            resolve_argv(None, Some(&v(&["a$(X)"])), &ep, &cmd, &env),
+            v(&["/entry", "a1"])
+        );
+        assert_eq!(
+            resolve_argv(Some(&v(&["sh"])), None, &ep, &cmd, &env),
+            v(&["sh"])
+        );
+        assert_eq!(
+            resolve_argv(Some(&v(&["sh"])), Some(&v(&["-c"])), &ep, &cmd, &env),
+            v(&["sh", "-c"])
+        );
     }
 
     #[test]
     fn expansion_like_the_kubelet() {
-        let env = vec![("A".to_string(), "x".to_string()), ("A".to_string(), "y".to_string())];
+        let env = vec![
+            ("A".to_string(), "x".to_string()),
+            ("A".to_string(), "y".to_string()),
+        ];
         assert_eq!(expand("$(A)", &env), "y");
         assert_eq!(expand("$$(A)", &env), "$(A)");
         assert_eq!(expand("$(B) $A $(", &env), "$(B) $A $(");

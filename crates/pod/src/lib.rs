@@ -2,6 +2,13 @@
 //! containers, and the lifecycle controller that runs them on a runtime.
 
 pub mod command;
+pub mod controller;
+pub mod logs;
 pub mod manifest;
+pub mod native;
 pub mod plan;
+pub mod probe;
 pub mod quantity;
+pub mod runtime;
+pub mod spec;
+pub mod state;

@@ -46,7 +46,9 @@ pub enum ManifestError {
     },
     #[error("{file}: no Pod in the manifest (found: {found})")]
     NoPod { file: String, found: String },
-    #[error("{file}: more than one Pod ({first:?} and {second:?}); vmrun runs one pod per manifest")]
+    #[error(
+        "{file}: more than one Pod ({first:?} and {second:?}); vmrun runs one pod per manifest"
+    )]
     TwoPods {
         file: String,
         first: String,
@@ -123,8 +125,8 @@ pub fn parse(file: &str, text: &str) -> Result<Manifest, ManifestError> {
             }
             other => {
                 return Err(doc_err(format!(
-                    "kind {other:?} is not supported (vmrun takes a Pod plus ConfigMaps and Secrets)"
-                )))
+                "kind {other:?} is not supported (vmrun takes a Pod plus ConfigMaps and Secrets)"
+            )))
             }
         }
     }
@@ -193,7 +195,10 @@ fn first_unknown_field(
     match (input, kept) {
         (Value::Mapping(input), Value::Mapping(kept)) => {
             for (key, value) in input {
-                let key_text = key.as_str().map(str::to_string).unwrap_or_else(|| format!("{key:?}"));
+                let key_text = key
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{key:?}"));
                 let child = if path.is_empty() {
                     key_text.clone()
                 } else {
@@ -251,7 +256,10 @@ mod tests {
     fn names_the_field_with_a_wrong_type() {
         let text = POD.to_string() + "    ports:\n    - containerPort: eighty\n";
         let err = parse("t.yaml", &text).unwrap_err().to_string();
-        assert!(err.contains("spec.containers[0].ports[0].containerPort"), "{err}");
+        assert!(
+            err.contains("spec.containers[0].ports[0].containerPort"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -264,22 +272,32 @@ mod tests {
 
     #[test]
     fn yaml_syntax_error_has_a_location() {
-        let err = parse("t.yaml", "kind: Pod\n  metadata: [\n").unwrap_err().to_string();
+        let err = parse("t.yaml", "kind: Pod\n  metadata: [\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("t.yaml: YAML error"), "{err}");
         assert!(err.contains("line"), "{err}");
     }
 
     #[test]
     fn needs_exactly_one_pod() {
-        let err = parse("t.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            "t.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("no Pod"), "{err}");
-        let err = parse("t.yaml", &format!("{POD}---\n{POD}")).unwrap_err().to_string();
-        assert!(err.contains("more than one Pod"), "{err}");
-        let err = parse("t.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: a\n")
+        let err = parse("t.yaml", &format!("{POD}---\n{POD}"))
             .unwrap_err()
             .to_string();
+        assert!(err.contains("more than one Pod"), "{err}");
+        let err = parse(
+            "t.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: a\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("\"Deployment\" is not supported"), "{err}");
     }
 }

@@ -139,8 +139,14 @@ pub struct VolumeFile {
 
 #[derive(Debug, Clone)]
 pub enum VolumeSource {
-    EmptyDir { memory: bool, size_limit: Option<u64> },
-    HostPath { path: String, kind: String },
+    EmptyDir {
+        memory: bool,
+        size_limit: Option<u64>,
+    },
+    HostPath {
+        path: String,
+        kind: String,
+    },
     /// configMap, secret, downwardAPI and projected: files computed up front.
     Files(Vec<VolumeFile>),
 }
@@ -185,7 +191,11 @@ pub fn plan(manifest: &Manifest, uid: &str, node_name: &str) -> Result<PodPlan, 
     let ctx = Ctx {
         manifest,
         pod_name: pod_name.clone(),
-        namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace: pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         uid: uid.to_string(),
         node_name: node_name.to_string(),
     };
@@ -219,29 +229,43 @@ pub fn plan(manifest: &Manifest, uid: &str, node_name: &str) -> Result<PodPlan, 
     let volume_names: BTreeSet<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
 
     let mut seen = BTreeSet::new();
-    let mut plan_list = |list: &[core::Container], field: &str| -> Result<Vec<ContainerPlan>, PlanError> {
-        list.iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let field = format!("{field}[{i}]");
-                if !seen.insert(c.name.clone()) {
-                    return Err(ctx.err(format!("{field}.name"), format!("duplicate container name {:?}", c.name)));
-                }
-                plan_container(&ctx, spec, c, &field, &volume_names)
-            })
-            .collect()
-    };
-    let init_containers = plan_list(spec.init_containers.as_deref().unwrap_or_default(), "spec.initContainers")?;
+    let mut plan_list =
+        |list: &[core::Container], field: &str| -> Result<Vec<ContainerPlan>, PlanError> {
+            list.iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let field = format!("{field}[{i}]");
+                    if !seen.insert(c.name.clone()) {
+                        return Err(ctx.err(
+                            format!("{field}.name"),
+                            format!("duplicate container name {:?}", c.name),
+                        ));
+                    }
+                    plan_container(&ctx, spec, c, &field, &volume_names)
+                })
+                .collect()
+        };
+    let init_containers = plan_list(
+        spec.init_containers.as_deref().unwrap_or_default(),
+        "spec.initContainers",
+    )?;
     let containers = plan_list(&spec.containers, "spec.containers")?;
 
     let security = spec.security_context.as_ref();
     let sysctls = security
         .and_then(|s| s.sysctls.as_ref())
-        .map(|list| list.iter().map(|s| (s.name.clone(), s.value.clone())).collect())
+        .map(|list| {
+            list.iter()
+                .map(|s| (s.name.clone(), s.value.clone()))
+                .collect()
+        })
         .unwrap_or_default();
     let hostname = spec.hostname.clone().unwrap_or_else(|| pod_name.clone());
     if !is_dns_label(&hostname) && spec.hostname.is_some() {
-        return Err(ctx.err("spec.hostname", format!("{hostname:?} is not a valid DNS label")));
+        return Err(ctx.err(
+            "spec.hostname",
+            format!("{hostname:?} is not a valid DNS label"),
+        ));
     }
     let grace = spec.termination_grace_period_seconds.unwrap_or(30);
     if grace < 0 {
@@ -277,7 +301,10 @@ fn plan_container(
     volume_names: &BTreeSet<&str>,
 ) -> Result<ContainerPlan, PlanError> {
     if !is_dns_label(&c.name) {
-        return Err(ctx.err(format!("{field}.name"), format!("{:?} is not a valid DNS label", c.name)));
+        return Err(ctx.err(
+            format!("{field}.name"),
+            format!("{:?} is not a valid DNS label", c.name),
+        ));
     }
     let image = c.image.clone().unwrap_or_default();
     if image.trim().is_empty() {
@@ -304,11 +331,18 @@ fn plan_container(
     for (i, m) in c.volume_mounts.iter().flatten().enumerate() {
         let mfield = format!("{field}.volumeMounts[{i}]");
         if !volume_names.contains(m.name.as_str()) {
-            return Err(ctx.err(format!("{mfield}.name"), format!("no volume named {:?} in spec.volumes", m.name)));
+            return Err(ctx.err(
+                format!("{mfield}.name"),
+                format!("no volume named {:?} in spec.volumes", m.name),
+            ));
         }
-        check_absolute_clean(&m.mount_path).map_err(|msg| ctx.err(format!("{mfield}.mountPath"), msg))?;
+        check_absolute_clean(&m.mount_path)
+            .map_err(|msg| ctx.err(format!("{mfield}.mountPath"), msg))?;
         if !mount_paths.insert(m.mount_path.trim_end_matches('/').to_string()) {
-            return Err(ctx.err(format!("{mfield}.mountPath"), format!("{:?} is mounted twice", m.mount_path)));
+            return Err(ctx.err(
+                format!("{mfield}.mountPath"),
+                format!("{:?} is mounted twice", m.mount_path),
+            ));
         }
         let sub_path = m.sub_path.clone().filter(|s| !s.is_empty());
         if let Some(sub) = &sub_path {
@@ -329,38 +363,70 @@ fn plan_container(
     let pod_sc = spec.security_context.as_ref();
     let sc = c.security_context.as_ref();
     let id = |v: Option<i64>, name: &str| -> Result<Option<u32>, PlanError> {
-        v.map(|v| u32::try_from(v).map_err(|_| ctx.err(format!("{field}.securityContext.{name}"), format!("{v} is not a valid id"))))
-            .transpose()
+        v.map(|v| {
+            u32::try_from(v).map_err(|_| {
+                ctx.err(
+                    format!("{field}.securityContext.{name}"),
+                    format!("{v} is not a valid id"),
+                )
+            })
+        })
+        .transpose()
     };
     let caps = sc.and_then(|s| s.capabilities.as_ref());
     let security = Security {
-        run_as_user: id(sc.and_then(|s| s.run_as_user).or(pod_sc.and_then(|s| s.run_as_user)), "runAsUser")?,
-        run_as_group: id(sc.and_then(|s| s.run_as_group).or(pod_sc.and_then(|s| s.run_as_group)), "runAsGroup")?,
+        run_as_user: id(
+            sc.and_then(|s| s.run_as_user)
+                .or(pod_sc.and_then(|s| s.run_as_user)),
+            "runAsUser",
+        )?,
+        run_as_group: id(
+            sc.and_then(|s| s.run_as_group)
+                .or(pod_sc.and_then(|s| s.run_as_group)),
+            "runAsGroup",
+        )?,
         supplemental_groups: pod_sc
             .and_then(|s| s.supplemental_groups.clone())
             .unwrap_or_default()
             .into_iter()
             .map(|g| id(Some(g), "supplementalGroups").map(|g| g.unwrap_or_default()))
             .collect::<Result<_, _>>()?,
-        read_only_root: sc.and_then(|s| s.read_only_root_filesystem).unwrap_or(false),
+        read_only_root: sc
+            .and_then(|s| s.read_only_root_filesystem)
+            .unwrap_or(false),
         privileged: sc.and_then(|s| s.privileged).unwrap_or(false),
         allow_privilege_escalation: sc.and_then(|s| s.allow_privilege_escalation),
         caps_add: caps.and_then(|c| c.add.clone()).unwrap_or_default(),
         caps_drop: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
     };
-    if sc.and_then(|s| s.run_as_non_root).or(pod_sc.and_then(|s| s.run_as_non_root)) == Some(true)
+    if sc
+        .and_then(|s| s.run_as_non_root)
+        .or(pod_sc.and_then(|s| s.run_as_non_root))
+        == Some(true)
         && security.run_as_user == Some(0)
     {
-        return Err(ctx.err(format!("{field}.securityContext.runAsNonRoot"), "set, but runAsUser is 0"));
+        return Err(ctx.err(
+            format!("{field}.securityContext.runAsNonRoot"),
+            "set, but runAsUser is 0",
+        ));
     }
 
     let probe = |p: &Option<core::Probe>, name: &str| {
-        p.as_ref().map(|p| plan_probe(ctx, p, &format!("{field}.{name}"))).transpose()
+        p.as_ref()
+            .map(|p| plan_probe(ctx, p, &format!("{field}.{name}")))
+            .transpose()
     };
     let lifecycle = c.lifecycle.as_ref();
     let hook = |h: Option<&core::LifecycleHandler>, name: &str| {
         h.map(|h| {
-            plan_handler(ctx, h.exec.as_ref(), h.http_get.as_ref(), h.tcp_socket.as_ref(), h.sleep.as_ref(), &format!("{field}.lifecycle.{name}"))
+            plan_handler(
+                ctx,
+                h.exec.as_ref(),
+                h.http_get.as_ref(),
+                h.tcp_socket.as_ref(),
+                h.sleep.as_ref(),
+                &format!("{field}.lifecycle.{name}"),
+            )
         })
         .transpose()
     };
@@ -398,19 +464,30 @@ fn plan_resources(ctx: &Ctx, c: &core::Container, field: &str) -> Result<Resourc
     let Some(r) = &c.resources else {
         return Ok(Resources::default());
     };
-    let get = |map: &Option<BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>, which: &str, key: &str| {
-        map.as_ref().and_then(|m| m.get(key)).map(|q| (format!("{field}.resources.{which}.{key}"), q.0.clone()))
+    let get = |map: &Option<
+        BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >,
+               which: &str,
+               key: &str| {
+        map.as_ref()
+            .and_then(|m| m.get(key))
+            .map(|q| (format!("{field}.resources.{which}.{key}"), q.0.clone()))
     };
     let mem = |v: Option<(String, String)>| {
-        v.map(|(f, q)| parse_bytes(&q).map_err(|e| ctx.err(f, e.to_string()))).transpose()
+        v.map(|(f, q)| parse_bytes(&q).map_err(|e| ctx.err(f, e.to_string())))
+            .transpose()
     };
     let cpu = |v: Option<(String, String)>| {
-        v.map(|(f, q)| parse_millicpu(&q).map_err(|e| ctx.err(f, e.to_string()))).transpose()
+        v.map(|(f, q)| parse_millicpu(&q).map_err(|e| ctx.err(f, e.to_string())))
+            .transpose()
     };
     for map in [&r.limits, &r.requests] {
         for key in map.iter().flat_map(|m| m.keys()) {
             if !matches!(key.as_str(), "cpu" | "memory" | "ephemeral-storage") {
-                return Err(ctx.err(format!("{field}.resources"), format!("resource {key:?} is not supported")));
+                return Err(ctx.err(
+                    format!("{field}.resources"),
+                    format!("resource {key:?} is not supported"),
+                ));
             }
         }
     }
@@ -425,16 +502,27 @@ fn plan_resources(ctx: &Ctx, c: &core::Container, field: &str) -> Result<Resourc
     res.cpu_request_milli = res.cpu_request_milli.or(res.cpu_limit_milli);
     if let (Some(req), Some(lim)) = (res.memory_request, res.memory_limit) {
         if req > lim {
-            return Err(ctx.err(format!("{field}.resources.requests.memory"), "must be less than or equal to the memory limit"));
+            return Err(ctx.err(
+                format!("{field}.resources.requests.memory"),
+                "must be less than or equal to the memory limit",
+            ));
         }
     }
     if res.memory_limit == Some(0) {
-        return Err(ctx.err(format!("{field}.resources.limits.memory"), "must be greater than zero"));
+        return Err(ctx.err(
+            format!("{field}.resources.limits.memory"),
+            "must be greater than zero",
+        ));
     }
     Ok(res)
 }
 
-fn plan_env(ctx: &Ctx, c: &core::Container, field: &str, res: &Resources) -> Result<Vec<(String, String)>, PlanError> {
+fn plan_env(
+    ctx: &Ctx,
+    c: &core::Container,
+    field: &str,
+    res: &Resources,
+) -> Result<Vec<(String, String)>, PlanError> {
     let mut env: Vec<(String, String)> = Vec::new();
     let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
         if let Some(slot) = env.iter_mut().find(|(name, _)| *name == k) {
@@ -454,28 +542,48 @@ fn plan_env(ctx: &Ctx, c: &core::Container, field: &str, res: &Resources) -> Res
                     }
                 }
                 None if r.optional == Some(true) => {}
-                None => return Err(ctx.err(format!("{efield}.configMapRef"), format!("configMap {:?} not found in the manifest", r.name))),
+                None => {
+                    return Err(ctx.err(
+                        format!("{efield}.configMapRef"),
+                        format!("configMap {:?} not found in the manifest", r.name),
+                    ))
+                }
             }
         }
         if let Some(r) = &from.secret_ref {
             match ctx.manifest.secrets.get(&r.name) {
                 Some(s) => {
                     for (k, v) in secret_entries(s) {
-                        set(&mut env, format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned());
+                        set(
+                            &mut env,
+                            format!("{prefix}{k}"),
+                            String::from_utf8_lossy(&v).into_owned(),
+                        );
                     }
                 }
                 None if r.optional == Some(true) => {}
-                None => return Err(ctx.err(format!("{efield}.secretRef"), format!("secret {:?} not found in the manifest", r.name))),
+                None => {
+                    return Err(ctx.err(
+                        format!("{efield}.secretRef"),
+                        format!("secret {:?} not found in the manifest", r.name),
+                    ))
+                }
             }
         }
     }
     for (i, var) in c.env.iter().flatten().enumerate() {
         let vfield = format!("{field}.env[{i}]");
         if var.name.is_empty() || var.name.contains('=') {
-            return Err(ctx.err(format!("{vfield}.name"), format!("{:?} is not a valid variable name", var.name)));
+            return Err(ctx.err(
+                format!("{vfield}.name"),
+                format!("{:?} is not a valid variable name", var.name),
+            ));
         }
         let value = match &var.value_from {
-            None => Some(crate::command::expand(var.value.as_deref().unwrap_or(""), &env)),
+            None => Some(crate::command::expand(
+                var.value.as_deref().unwrap_or(""),
+                &env,
+            )),
             Some(src) => resolve_env_source(ctx, src, &vfield, res)?,
         };
         if let Some(value) = value {
@@ -485,21 +593,50 @@ fn plan_env(ctx: &Ctx, c: &core::Container, field: &str, res: &Resources) -> Res
     Ok(env)
 }
 
-fn resolve_env_source(ctx: &Ctx, src: &core::EnvVarSource, field: &str, res: &Resources) -> Result<Option<String>, PlanError> {
+fn resolve_env_source(
+    ctx: &Ctx,
+    src: &core::EnvVarSource,
+    field: &str,
+    res: &Resources,
+) -> Result<Option<String>, PlanError> {
     if let Some(r) = &src.config_map_key_ref {
-        let value = ctx.manifest.config_maps.get(&r.name).and_then(|cm| cm.data.as_ref()?.get(&r.key).cloned());
+        let value = ctx
+            .manifest
+            .config_maps
+            .get(&r.name)
+            .and_then(|cm| cm.data.as_ref()?.get(&r.key).cloned());
         return match value {
             Some(v) => Ok(Some(v)),
             None if r.optional == Some(true) => Ok(None),
-            None => Err(ctx.err(format!("{field}.valueFrom.configMapKeyRef"), missing_key("configMap", &r.name, &r.key, ctx.manifest.config_maps.contains_key(&r.name)))),
+            None => Err(ctx.err(
+                format!("{field}.valueFrom.configMapKeyRef"),
+                missing_key(
+                    "configMap",
+                    &r.name,
+                    &r.key,
+                    ctx.manifest.config_maps.contains_key(&r.name),
+                ),
+            )),
         };
     }
     if let Some(r) = &src.secret_key_ref {
-        let value = ctx.manifest.secrets.get(&r.name).and_then(|s| secret_entries(s).into_iter().find(|(k, _)| *k == r.key));
+        let value = ctx
+            .manifest
+            .secrets
+            .get(&r.name)
+            .and_then(|s| secret_entries(s).into_iter().find(|(k, _)| *k == r.key));
         return match value {
             Some((_, v)) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
             None if r.optional == Some(true) => Ok(None),
-            None => Err(ctx.err(format!("{field}.valueFrom.secretKeyRef"), missing_key("secret", &r.name, &r.key, ctx.manifest.secrets.contains_key(&r.name)))),
+            None => Err(ctx.err(
+                format!("{field}.valueFrom.secretKeyRef"),
+                missing_key(
+                    "secret",
+                    &r.name,
+                    &r.key,
+                    ctx.manifest.secrets.contains_key(&r.name),
+                ),
+            )),
         };
     }
     if let Some(r) = &src.field_ref {
@@ -508,29 +645,53 @@ fn resolve_env_source(ctx: &Ctx, src: &core::EnvVarSource, field: &str, res: &Re
             .map_err(|msg| ctx.err(format!("{field}.valueFrom.fieldRef.fieldPath"), msg));
     }
     if let Some(r) = &src.resource_field_ref {
-        let divisor = r.divisor.as_ref().map(|d| d.0.clone()).unwrap_or_else(|| "1".into());
-        let divisor = crate::quantity::parse_milli(&divisor).map_err(|e| ctx.err(format!("{field}.valueFrom.resourceFieldRef.divisor"), e.to_string()))?;
+        let divisor = r
+            .divisor
+            .as_ref()
+            .map(|d| d.0.clone())
+            .unwrap_or_else(|| "1".into());
+        let divisor = crate::quantity::parse_milli(&divisor).map_err(|e| {
+            ctx.err(
+                format!("{field}.valueFrom.resourceFieldRef.divisor"),
+                e.to_string(),
+            )
+        })?;
         if divisor == 0 {
-            return Err(ctx.err(format!("{field}.valueFrom.resourceFieldRef.divisor"), "must not be zero"));
+            return Err(ctx.err(
+                format!("{field}.valueFrom.resourceFieldRef.divisor"),
+                "must not be zero",
+            ));
         }
         let milli: u128 = match r.resource.as_str() {
             "limits.cpu" => res.cpu_limit_milli.unwrap_or(num_cpus_milli()) as u128,
             "requests.cpu" => res.cpu_request_milli.unwrap_or(0) as u128,
             "limits.memory" => res.memory_limit.unwrap_or(host_memory()) as u128 * 1000,
             "requests.memory" => res.memory_request.unwrap_or(0) as u128 * 1000,
-            other => return Err(ctx.err(format!("{field}.valueFrom.resourceFieldRef.resource"), format!("{other:?} is not supported"))),
+            other => {
+                return Err(ctx.err(
+                    format!("{field}.valueFrom.resourceFieldRef.resource"),
+                    format!("{other:?} is not supported"),
+                ))
+            }
         };
         return Ok(Some(milli.div_ceil(divisor).to_string()));
     }
-    Err(ctx.err(format!("{field}.valueFrom"), "needs one of configMapKeyRef, secretKeyRef, fieldRef, resourceFieldRef"))
+    Err(ctx.err(
+        format!("{field}.valueFrom"),
+        "needs one of configMapKeyRef, secretKeyRef, fieldRef, resourceFieldRef",
+    ))
 }
 
 fn num_cpus_milli() -> u64 {
-    std::thread::available_parallelism().map(|n| n.get() as u64 * 1000).unwrap_or(1000)
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u64 * 1000)
+        .unwrap_or(1000)
 }
 
 fn host_memory() -> u64 {
-    nix::sys::sysinfo::sysinfo().map(|i| i.ram_total()).unwrap_or(0)
+    nix::sys::sysinfo::sysinfo()
+        .map(|i| i.ram_total())
+        .unwrap_or(0)
 }
 
 fn missing_key(kind: &str, name: &str, key: &str, object_exists: bool) -> String {
@@ -564,7 +725,9 @@ pub(crate) fn field_ref_value(
         "metadata.annotations" => format_map(annotations),
         "spec.nodeName" => node.to_string(),
         "spec.serviceAccountName" => "default".to_string(),
-        "status.hostIP" | "status.hostIPs" | "status.podIP" | "status.podIPs" => "127.0.0.1".to_string(),
+        "status.hostIP" | "status.hostIPs" | "status.podIP" | "status.podIPs" => {
+            "127.0.0.1".to_string()
+        }
         _ => {
             if let Some(key) = subscript("metadata.labels['") {
                 labels.get(&key).cloned().unwrap_or_default()
@@ -627,9 +790,19 @@ fn config_map_entries(cm: &core::ConfigMap) -> Vec<(String, Vec<u8>)> {
 
 fn plan_probe(ctx: &Ctx, p: &core::Probe, field: &str) -> Result<ProbePlan, PlanError> {
     if p.grpc.is_some() {
-        return Err(ctx.err(format!("{field}.grpc"), "gRPC probes are not supported yet (use exec, httpGet or tcpSocket)"));
+        return Err(ctx.err(
+            format!("{field}.grpc"),
+            "gRPC probes are not supported yet (use exec, httpGet or tcpSocket)",
+        ));
     }
-    let handler = plan_handler(ctx, p.exec.as_ref(), p.http_get.as_ref(), p.tcp_socket.as_ref(), None, field)?;
+    let handler = plan_handler(
+        ctx,
+        p.exec.as_ref(),
+        p.http_get.as_ref(),
+        p.tcp_socket.as_ref(),
+        None,
+        field,
+    )?;
     let secs = |v: Option<i32>, default: i32, name: &str, min: i32| -> Result<u64, PlanError> {
         let v = v.unwrap_or(default);
         if v < min {
@@ -639,7 +812,12 @@ fn plan_probe(ctx: &Ctx, p: &core::Probe, field: &str) -> Result<ProbePlan, Plan
     };
     Ok(ProbePlan {
         handler,
-        initial_delay: Duration::from_secs(secs(p.initial_delay_seconds, 0, "initialDelaySeconds", 0)?),
+        initial_delay: Duration::from_secs(secs(
+            p.initial_delay_seconds,
+            0,
+            "initialDelaySeconds",
+            0,
+        )?),
         period: Duration::from_secs(secs(p.period_seconds, 10, "periodSeconds", 1)?),
         timeout: Duration::from_secs(secs(p.timeout_seconds, 1, "timeoutSeconds", 1)?),
         success_threshold: secs(p.success_threshold, 1, "successThreshold", 1)? as u32,
@@ -655,17 +833,36 @@ fn plan_handler(
     sleep: Option<&core::SleepAction>,
     field: &str,
 ) -> Result<Handler, PlanError> {
-    let count = [exec.is_some(), http.is_some(), tcp.is_some(), sleep.is_some()].iter().filter(|x| **x).count();
+    let count = [
+        exec.is_some(),
+        http.is_some(),
+        tcp.is_some(),
+        sleep.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
     if count != 1 {
-        return Err(ctx.err(field, "needs exactly one of exec, httpGet, tcpSocket (or sleep for hooks)"));
+        return Err(ctx.err(
+            field,
+            "needs exactly one of exec, httpGet, tcpSocket (or sleep for hooks)",
+        ));
     }
-    let port = |p: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString, f: &str| -> Result<u16, PlanError> {
+    let port = |p: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
+                f: &str|
+     -> Result<u16, PlanError> {
         use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
         match p {
             IntOrString::Int(n) if (1..=65535).contains(n) => Ok(*n as u16),
-            IntOrString::Int(n) => Err(ctx.err(format!("{field}.{f}.port"), format!("{n} is not a valid port"))),
+            IntOrString::Int(n) => Err(ctx.err(
+                format!("{field}.{f}.port"),
+                format!("{n} is not a valid port"),
+            )),
             IntOrString::String(s) => s.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
-                ctx.err(format!("{field}.{f}.port"), format!("named port {s:?} is not supported; use the number"))
+                ctx.err(
+                    format!("{field}.{f}.port"),
+                    format!("named port {s:?} is not supported; use the number"),
+                )
             }),
         }
     };
@@ -684,11 +881,18 @@ fn plan_handler(
             port: port(&h.port, "httpGet")?,
             path: h.path.clone().unwrap_or_else(|| "/".into()),
             host: h.host.clone(),
-            headers: h.http_headers.iter().flatten().map(|h| (h.name.clone(), h.value.clone())).collect(),
+            headers: h
+                .http_headers
+                .iter()
+                .flatten()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect(),
         });
     }
     if let Some(t) = tcp {
-        return Ok(Handler::TcpSocket { port: port(&t.port, "tcpSocket")? });
+        return Ok(Handler::TcpSocket {
+            port: port(&t.port, "tcpSocket")?,
+        });
     }
     let seconds = sleep.map(|s| s.seconds).unwrap_or(0);
     if seconds < 0 {
@@ -703,78 +907,184 @@ fn plan_volumes(ctx: &Ctx, spec: &core::PodSpec) -> Result<Vec<VolumePlan>, Plan
     for (i, v) in spec.volumes.iter().flatten().enumerate() {
         let field = format!("spec.volumes[{i}]");
         if !is_dns_label(&v.name) {
-            return Err(ctx.err(format!("{field}.name"), format!("{:?} is not a valid DNS label", v.name)));
+            return Err(ctx.err(
+                format!("{field}.name"),
+                format!("{:?} is not a valid DNS label", v.name),
+            ));
         }
         if !names.insert(v.name.clone()) {
-            return Err(ctx.err(format!("{field}.name"), format!("duplicate volume name {:?}", v.name)));
+            return Err(ctx.err(
+                format!("{field}.name"),
+                format!("duplicate volume name {:?}", v.name),
+            ));
         }
         let source = if let Some(e) = &v.empty_dir {
             let memory = match e.medium.as_deref() {
                 None | Some("") => false,
                 Some("Memory") => true,
-                Some(other) => return Err(ctx.err(format!("{field}.emptyDir.medium"), format!("{other:?} is not supported (use \"\" or Memory)"))),
+                Some(other) => {
+                    return Err(ctx.err(
+                        format!("{field}.emptyDir.medium"),
+                        format!("{other:?} is not supported (use \"\" or Memory)"),
+                    ))
+                }
             };
             let size_limit = e
                 .size_limit
                 .as_ref()
-                .map(|q| parse_bytes(&q.0).map_err(|err| ctx.err(format!("{field}.emptyDir.sizeLimit"), err.to_string())))
+                .map(|q| {
+                    parse_bytes(&q.0).map_err(|err| {
+                        ctx.err(format!("{field}.emptyDir.sizeLimit"), err.to_string())
+                    })
+                })
                 .transpose()?;
             VolumeSource::EmptyDir { memory, size_limit }
         } else if let Some(h) = &v.host_path {
-            check_absolute_clean(&h.path).map_err(|msg| ctx.err(format!("{field}.hostPath.path"), msg))?;
+            check_absolute_clean(&h.path)
+                .map_err(|msg| ctx.err(format!("{field}.hostPath.path"), msg))?;
             let kind = h.type_.clone().unwrap_or_default();
-            if !matches!(kind.as_str(), "" | "DirectoryOrCreate" | "Directory" | "FileOrCreate" | "File" | "Socket" | "CharDevice" | "BlockDevice") {
-                return Err(ctx.err(format!("{field}.hostPath.type"), format!("{kind:?} is not a hostPath type")));
+            if !matches!(
+                kind.as_str(),
+                "" | "DirectoryOrCreate"
+                    | "Directory"
+                    | "FileOrCreate"
+                    | "File"
+                    | "Socket"
+                    | "CharDevice"
+                    | "BlockDevice"
+            ) {
+                return Err(ctx.err(
+                    format!("{field}.hostPath.type"),
+                    format!("{kind:?} is not a hostPath type"),
+                ));
             }
-            VolumeSource::HostPath { path: h.path.clone(), kind }
+            VolumeSource::HostPath {
+                path: h.path.clone(),
+                kind,
+            }
         } else if let Some(c) = &v.config_map {
             let files = match ctx.manifest.config_maps.get(&c.name) {
-                Some(cm) => project(ctx, &format!("{field}.configMap"), "configMap", &c.name, config_map_entries(cm), c.items.as_deref(), c.default_mode, c.optional)?,
+                Some(cm) => project(
+                    ctx,
+                    &format!("{field}.configMap"),
+                    "configMap",
+                    &c.name,
+                    config_map_entries(cm),
+                    c.items.as_deref(),
+                    c.default_mode,
+                    c.optional,
+                )?,
                 None if c.optional == Some(true) => Vec::new(),
-                None => return Err(ctx.err(format!("{field}.configMap.name"), format!("configMap {:?} not found in the manifest", c.name))),
+                None => {
+                    return Err(ctx.err(
+                        format!("{field}.configMap.name"),
+                        format!("configMap {:?} not found in the manifest", c.name),
+                    ))
+                }
             };
             VolumeSource::Files(files)
         } else if let Some(s) = &v.secret {
             let name = s.secret_name.clone().unwrap_or_default();
             let files = match ctx.manifest.secrets.get(&name) {
-                Some(secret) => project(ctx, &format!("{field}.secret"), "secret", &name, secret_entries(secret), s.items.as_deref(), s.default_mode, s.optional)?,
+                Some(secret) => project(
+                    ctx,
+                    &format!("{field}.secret"),
+                    "secret",
+                    &name,
+                    secret_entries(secret),
+                    s.items.as_deref(),
+                    s.default_mode,
+                    s.optional,
+                )?,
                 None if s.optional == Some(true) => Vec::new(),
-                None => return Err(ctx.err(format!("{field}.secret.secretName"), format!("secret {name:?} not found in the manifest"))),
+                None => {
+                    return Err(ctx.err(
+                        format!("{field}.secret.secretName"),
+                        format!("secret {name:?} not found in the manifest"),
+                    ))
+                }
             };
             VolumeSource::Files(files)
         } else if let Some(d) = &v.downward_api {
-            VolumeSource::Files(downward_files(ctx, &format!("{field}.downwardAPI"), d.items.as_deref().unwrap_or_default(), d.default_mode)?)
+            VolumeSource::Files(downward_files(
+                ctx,
+                &format!("{field}.downwardAPI"),
+                d.items.as_deref().unwrap_or_default(),
+                d.default_mode,
+            )?)
         } else if let Some(p) = &v.projected {
             let mut files = Vec::new();
             for (j, src) in p.sources.iter().flatten().enumerate() {
                 let sfield = format!("{field}.projected.sources[{j}]");
                 if let Some(c) = &src.config_map {
                     match ctx.manifest.config_maps.get(&c.name) {
-                        Some(cm) => files.extend(project(ctx, &format!("{sfield}.configMap"), "configMap", &c.name, config_map_entries(cm), c.items.as_deref(), p.default_mode, c.optional)?),
+                        Some(cm) => files.extend(project(
+                            ctx,
+                            &format!("{sfield}.configMap"),
+                            "configMap",
+                            &c.name,
+                            config_map_entries(cm),
+                            c.items.as_deref(),
+                            p.default_mode,
+                            c.optional,
+                        )?),
                         None if c.optional == Some(true) => {}
-                        None => return Err(ctx.err(format!("{sfield}.configMap.name"), format!("configMap {:?} not found in the manifest", c.name))),
+                        None => {
+                            return Err(ctx.err(
+                                format!("{sfield}.configMap.name"),
+                                format!("configMap {:?} not found in the manifest", c.name),
+                            ))
+                        }
                     }
                 } else if let Some(s) = &src.secret {
                     match ctx.manifest.secrets.get(&s.name) {
-                        Some(secret) => files.extend(project(ctx, &format!("{sfield}.secret"), "secret", &s.name, secret_entries(secret), s.items.as_deref(), p.default_mode, s.optional)?),
+                        Some(secret) => files.extend(project(
+                            ctx,
+                            &format!("{sfield}.secret"),
+                            "secret",
+                            &s.name,
+                            secret_entries(secret),
+                            s.items.as_deref(),
+                            p.default_mode,
+                            s.optional,
+                        )?),
                         None if s.optional == Some(true) => {}
-                        None => return Err(ctx.err(format!("{sfield}.secret.name"), format!("secret {:?} not found in the manifest", s.name))),
+                        None => {
+                            return Err(ctx.err(
+                                format!("{sfield}.secret.name"),
+                                format!("secret {:?} not found in the manifest", s.name),
+                            ))
+                        }
                     }
                 } else if let Some(d) = &src.downward_api {
-                    files.extend(downward_files(ctx, &format!("{sfield}.downwardAPI"), d.items.as_deref().unwrap_or_default(), p.default_mode)?);
+                    files.extend(downward_files(
+                        ctx,
+                        &format!("{sfield}.downwardAPI"),
+                        d.items.as_deref().unwrap_or_default(),
+                        p.default_mode,
+                    )?);
                 } else {
-                    return Err(ctx.err(sfield, "only configMap, secret and downwardAPI projections are supported"));
+                    return Err(ctx.err(
+                        sfield,
+                        "only configMap, secret and downwardAPI projections are supported",
+                    ));
                 }
             }
             let mut paths = BTreeSet::new();
             if let Some(dup) = files.iter().find(|f| !paths.insert(f.path.clone())) {
-                return Err(ctx.err(format!("{field}.projected"), format!("two sources write {:?}", dup.path)));
+                return Err(ctx.err(
+                    format!("{field}.projected"),
+                    format!("two sources write {:?}", dup.path),
+                ));
             }
             VolumeSource::Files(files)
         } else {
             return Err(ctx.err(field, format!("volume {:?}: only emptyDir, hostPath, configMap, secret, downwardAPI and projected volumes are supported", v.name)));
         };
-        out.push(VolumePlan { name: v.name.clone(), source });
+        out.push(VolumePlan {
+            name: v.name.clone(),
+            source,
+        });
     }
     Ok(out)
 }
@@ -792,7 +1102,14 @@ fn project(
 ) -> Result<Vec<VolumeFile>, PlanError> {
     let default_mode = mode(ctx, field, default_mode, 0o644)?;
     let Some(items) = items else {
-        return Ok(entries.into_iter().map(|(path, data)| VolumeFile { path, data, mode: default_mode }).collect());
+        return Ok(entries
+            .into_iter()
+            .map(|(path, data)| VolumeFile {
+                path,
+                data,
+                mode: default_mode,
+            })
+            .collect());
     };
     let mut files = Vec::new();
     for (i, item) in items.iter().enumerate() {
@@ -805,25 +1122,46 @@ fn project(
                 mode: mode(ctx, &ifield, item.mode, default_mode)?,
             }),
             None if optional == Some(true) => {}
-            None => return Err(ctx.err(format!("{ifield}.key"), format!("{kind} {name:?} has no key {:?}", item.key))),
+            None => {
+                return Err(ctx.err(
+                    format!("{ifield}.key"),
+                    format!("{kind} {name:?} has no key {:?}", item.key),
+                ))
+            }
         }
     }
     Ok(files)
 }
 
-fn downward_files(ctx: &Ctx, field: &str, items: &[core::DownwardAPIVolumeFile], default_mode: Option<i32>) -> Result<Vec<VolumeFile>, PlanError> {
+fn downward_files(
+    ctx: &Ctx,
+    field: &str,
+    items: &[core::DownwardAPIVolumeFile],
+    default_mode: Option<i32>,
+) -> Result<Vec<VolumeFile>, PlanError> {
     let default_mode = mode(ctx, field, default_mode, 0o644)?;
     items
         .iter()
         .enumerate()
         .map(|(i, item)| {
             let ifield = format!("{field}.items[{i}]");
-            check_relative_clean(&item.path).map_err(|msg| ctx.err(format!("{ifield}.path"), msg))?;
+            check_relative_clean(&item.path)
+                .map_err(|msg| ctx.err(format!("{ifield}.path"), msg))?;
             let value = match (&item.field_ref, &item.resource_field_ref) {
-                (Some(f), None) => field_ref(ctx, &f.field_path).map_err(|msg| ctx.err(format!("{ifield}.fieldRef.fieldPath"), msg))?,
-                _ => return Err(ctx.err(ifield, "needs a fieldRef (resourceFieldRef files are not supported yet)")),
+                (Some(f), None) => field_ref(ctx, &f.field_path)
+                    .map_err(|msg| ctx.err(format!("{ifield}.fieldRef.fieldPath"), msg))?,
+                _ => {
+                    return Err(ctx.err(
+                        ifield,
+                        "needs a fieldRef (resourceFieldRef files are not supported yet)",
+                    ))
+                }
             };
-            Ok(VolumeFile { path: item.path.clone(), data: value.into_bytes(), mode: mode(ctx, &ifield, item.mode, default_mode)? })
+            Ok(VolumeFile {
+                path: item.path.clone(),
+                data: value.into_bytes(),
+                mode: mode(ctx, &ifield, item.mode, default_mode)?,
+            })
         })
         .collect()
 }
@@ -832,7 +1170,10 @@ fn mode(ctx: &Ctx, field: &str, mode: Option<i32>, default: u32) -> Result<u32, 
     match mode {
         None => Ok(default),
         Some(m) if (0..=0o777).contains(&m) => Ok(m as u32),
-        Some(m) => Err(ctx.err(format!("{field}.mode"), format!("{m} is not a file mode (0 to 0777)"))),
+        Some(m) => Err(ctx.err(
+            format!("{field}.mode"),
+            format!("{m} is not a file mode (0 to 0777)"),
+        )),
     }
 }
 
@@ -861,7 +1202,8 @@ pub fn check_relative_clean(path: &str) -> Result<(), String> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -879,7 +1221,8 @@ mod tests {
         plan(&parse("t.yaml", yaml).unwrap(), "uid-1", "node-1")
     }
 
-    const HEAD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  labels:\n    app: web\nspec:\n";
+    const HEAD: &str =
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  labels:\n    app: web\nspec:\n";
 
     #[test]
     fn resolves_env_from_every_source() {
@@ -900,19 +1243,28 @@ mod tests {
     fn missing_config_map_key_names_the_field() {
         let yaml = format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm\ndata:\n  a: b\n---\n{HEAD}  containers:\n  - name: c\n    image: busybox\n    env:\n    - name: X\n      valueFrom:\n        configMapKeyRef: {{name: cm, key: nope}}\n");
         let err = plan_of(&yaml).unwrap_err().to_string();
-        assert!(err.contains("spec.containers[0].env[0].valueFrom.configMapKeyRef"), "{err}");
+        assert!(
+            err.contains("spec.containers[0].env[0].valueFrom.configMapKeyRef"),
+            "{err}"
+        );
         assert!(err.contains("has no key \"nope\""), "{err}");
     }
 
     #[test]
     fn refuses_bad_mounts_and_volumes() {
         let base = format!("{HEAD}  containers:\n  - name: c\n    image: busybox\n    volumeMounts:\n    - name: v\n      mountPath: MOUNT\n  volumes:\n  - name: v\n    VOLUME\n");
-        let case = |mount: &str, volume: &str| plan_of(&base.replace("MOUNT", mount).replace("VOLUME", volume)).unwrap_err().to_string();
+        let case = |mount: &str, volume: &str| {
+            plan_of(&base.replace("MOUNT", mount).replace("VOLUME", volume))
+                .unwrap_err()
+                .to_string()
+        };
         assert!(case("relative/dir", "emptyDir: {}").contains("must be an absolute path"));
         assert!(case("/a/../etc", "emptyDir: {}").contains("must not contain '..'"));
         assert!(case("/data", "hostPath: {path: ../etc}").contains("spec.volumes[0].hostPath.path"));
         assert!(case("/data", "nfs: {server: x, path: /}").contains("only emptyDir, hostPath"));
-        assert!(case("/data", "configMap: {name: missing}").contains("configMap \"missing\" not found"));
+        assert!(
+            case("/data", "configMap: {name: missing}").contains("configMap \"missing\" not found")
+        );
     }
 
     #[test]
@@ -928,9 +1280,13 @@ mod tests {
     fn downward_api_and_projected_files() {
         let yaml = format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\nstringData:\n  k: v\n---\n{HEAD}  containers:\n  - name: c\n    image: busybox\n  volumes:\n  - name: d\n    downwardAPI:\n      items:\n      - path: labels\n        fieldRef: {{fieldPath: metadata.labels}}\n  - name: p\n    projected:\n      sources:\n      - secret:\n          name: s\n          items: [{{key: k, path: sub/key}}]\n      - downwardAPI:\n          items: [{{path: name, fieldRef: {{fieldPath: metadata.name}}}}]\n");
         let p = plan_of(&yaml).unwrap();
-        let VolumeSource::Files(d) = &p.volume("d").unwrap().source else { panic!() };
+        let VolumeSource::Files(d) = &p.volume("d").unwrap().source else {
+            panic!()
+        };
         assert_eq!(d[0].data, b"app=\"web\"");
-        let VolumeSource::Files(files) = &p.volume("p").unwrap().source else { panic!() };
+        let VolumeSource::Files(files) = &p.volume("p").unwrap().source else {
+            panic!()
+        };
         assert_eq!(files.len(), 2);
         assert_eq!(files[0].path, "sub/key");
         assert_eq!(files[1].data, b"p");

@@ -20,9 +20,17 @@ pub fn parse_milli(text: &str) -> Result<u128, QuantityError> {
     if frac_part.len() > 9 || (int_part.is_empty() && frac_part.is_empty()) {
         return Err(bad());
     }
-    let int: u128 = if int_part.is_empty() { 0 } else { int_part.parse().map_err(|_| bad())? };
+    let int: u128 = if int_part.is_empty() {
+        0
+    } else {
+        int_part.parse().map_err(|_| bad())?
+    };
     let frac_digits = frac_part.len() as u32;
-    let frac: u128 = if frac_part.is_empty() { 0 } else { frac_part.parse().map_err(|_| bad())? };
+    let frac: u128 = if frac_part.is_empty() {
+        0
+    } else {
+        frac_part.parse().map_err(|_| bad())?
+    };
     // value = (int * 10^d + frac) / 10^d ; kept as nano-units to stay exact.
     let scale = 10u128.pow(frac_digits);
     let nanos = (int * scale + frac) * 10u128.pow(9 - frac_digits);
@@ -48,11 +56,7 @@ pub fn parse_milli(text: &str) -> Result<u128, QuantityError> {
         }
         _ => return Err(bad()),
     };
-    let milli = nanos
-        .checked_mul(mul)
-        .ok_or_else(bad)?
-        / div
-        / 1_000_000;
+    let milli = nanos.checked_mul(mul).ok_or_else(bad)? / div / 1_000_000;
     Ok(milli)
 }
 

@@ -1,0 +1,160 @@
+//! Container output: CRI log files (what `kubectl logs` reads on a node) and a
+//! per-container prefixed stream on the terminal.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::AsyncReadExt;
+
+/// Lines longer than this are split into partial (`P`) records, as the kubelet does.
+const MAX_LINE: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// Where one container attempt's output goes.
+#[derive(Clone)]
+pub struct LogTarget {
+    pub file: Arc<Mutex<std::fs::File>>,
+    /// `Some(prefix)` to echo to this process's stdout/stderr.
+    pub terminal_prefix: Option<String>,
+}
+
+impl LogTarget {
+    pub fn create(path: &Path, terminal_prefix: Option<String>) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Self {
+            file: Arc::new(Mutex::new(file)),
+            terminal_prefix,
+        })
+    }
+
+    fn record(&self, stream: Stream, line: &[u8], partial: bool) {
+        let stamp = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.9fZ");
+        let tag = if partial { "P" } else { "F" };
+        let mut record = format!("{stamp} {} {tag} ", stream.as_str()).into_bytes();
+        record.extend_from_slice(line);
+        record.push(b'\n');
+        if let Ok(mut file) = self.file.lock() {
+            // A full disk must not stop the container; the terminal still shows output.
+            let _ = file.write_all(&record);
+        }
+        if let Some(prefix) = &self.terminal_prefix {
+            let mut text = format!("[{prefix}] ").into_bytes();
+            text.extend_from_slice(line);
+            if !partial {
+                text.push(b'\n');
+            }
+            let _ = match stream {
+                Stream::Stdout => std::io::stdout().lock().write_all(&text),
+                Stream::Stderr => std::io::stderr().lock().write_all(&text),
+            };
+        }
+    }
+}
+
+/// Copies a pipe into the log target until EOF.
+pub async fn pump(reader: tokio::net::unix::pipe::Receiver, stream: Stream, target: LogTarget) {
+    let mut reader = reader;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 8192];
+    loop {
+        let n = match reader.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&chunk[..n]);
+        while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            target.record(stream, &line[..line.len() - 1], false);
+        }
+        while pending.len() >= MAX_LINE {
+            let part: Vec<u8> = pending.drain(..MAX_LINE).collect();
+            target.record(stream, &part, true);
+        }
+    }
+    if !pending.is_empty() {
+        target.record(stream, &pending, false);
+    }
+}
+
+/// One parsed CRI log record.
+#[derive(Debug, PartialEq)]
+pub struct Record<'a> {
+    pub time: &'a str,
+    pub stream: &'a str,
+    pub partial: bool,
+    pub content: &'a str,
+}
+
+pub fn parse_record(line: &str) -> Option<Record<'_>> {
+    let mut parts = line.splitn(4, ' ');
+    let time = parts.next()?;
+    let stream = parts.next()?;
+    let tag = parts.next()?;
+    let content = parts.next().unwrap_or("");
+    Some(Record {
+        time,
+        stream,
+        partial: tag == "P",
+        content,
+    })
+}
+
+/// The log file of a container attempt inside a pod directory (kubelet layout).
+pub fn log_path(pod_dir: &Path, container: &str, attempt: u32) -> PathBuf {
+    pod_dir
+        .join("logs")
+        .join(container)
+        .join(format!("{attempt}.log"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_cri_records_and_splits_long_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c/0.log");
+        let target = LogTarget::create(&path, None).unwrap();
+        let (tx, rx) = tokio::net::unix::pipe::pipe().unwrap();
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut tx = tx;
+            tx.write_all(b"hello\nworld").await.unwrap();
+            tx.write_all(&vec![b'x'; MAX_LINE + 10]).await.unwrap();
+        });
+        pump(rx, Stream::Stderr, target).await;
+        writer.await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let records: Vec<_> = text.lines().map(|l| parse_record(l).unwrap()).collect();
+        assert_eq!(records[0].content, "hello");
+        assert_eq!(records[0].stream, "stderr");
+        assert!(!records[0].partial);
+        assert!(records[1].partial);
+        assert_eq!(records[1].content.len(), MAX_LINE);
+        assert!(records[1].content.starts_with("world"));
+        assert_eq!(records[2].content.len(), 15);
+        assert!(records[0].time.ends_with('Z'));
+    }
+}

@@ -1,0 +1,108 @@
+//! The seam between the pod controller (policy: restarts, probes, hooks, stop
+//! order) and a runtime (mechanism: native namespaces, a microVM, wasm).
+//!
+//! Calls are blocking; the controller runs them on tokio's blocking pool.
+
+use std::net::TcpStream;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::plan::{ContainerPlan, PodPlan};
+use crate::spec::ImageDefaults;
+
+/// How a container's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExitInfo {
+    /// The exit code, or 128 + signal number.
+    pub code: i32,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+}
+
+impl ExitInfo {
+    pub fn success(&self) -> bool {
+        self.code == 0
+    }
+    /// Kubernetes' reason for a terminated container.
+    pub fn reason(&self) -> &'static str {
+        if self.oom_killed {
+            "OOMKilled"
+        } else if self.code == 0 {
+            "Completed"
+        } else {
+            "Error"
+        }
+    }
+}
+
+/// What a runtime needs to start one container.
+pub struct Launch {
+    pub container: ContainerPlan,
+    pub attempt: u32,
+    pub image: ImageDefaults,
+    /// Unpacked image layers, bottom first.
+    pub layers: Vec<PathBuf>,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// Output of a command run inside a container (probes, hooks).
+#[derive(Debug, Clone)]
+pub struct ExecOutput {
+    pub exit: ExitInfo,
+    pub output: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("runtime {runtime:?} is not available yet: {why}")]
+    Unavailable { runtime: String, why: String },
+    #[error("pod sandbox: {0}")]
+    Sandbox(String),
+    #[error("container {container:?}: {message}")]
+    Start { container: String, message: String },
+    #[error("exec in {container:?}: {message}")]
+    Exec { container: String, message: String },
+    #[error("connect to port {port}: {message}")]
+    Connect { port: u16, message: String },
+    #[error("container {container:?}: {message}")]
+    Control { container: String, message: String },
+    #[error("removing the pod: {0}")]
+    Destroy(String),
+}
+
+pub trait Runtime: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Creates the pod's sandbox: shared namespaces, volumes, cgroup.
+    fn create_sandbox(&self, pod: &PodPlan) -> Result<Arc<dyn Sandbox>, RuntimeError>;
+}
+
+pub trait Sandbox: Send + Sync {
+    /// Creates and starts a container; returns once its command has been executed.
+    fn start(&self, launch: Launch) -> Result<Arc<dyn Running>, RuntimeError>;
+    /// Runs `argv` inside a running container, capturing stdout and stderr together.
+    fn exec(
+        &self,
+        target: &dyn Running,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError>;
+    /// A TCP connection to `port` on the pod's loopback, for probes and hooks.
+    fn connect(&self, port: u16, timeout: Duration) -> Result<TcpStream, RuntimeError>;
+    /// Removes everything the sandbox made; idempotent.
+    fn destroy(&self) -> Result<(), RuntimeError>;
+}
+
+pub trait Running: Send + Sync {
+    fn name(&self) -> &str;
+    fn pid(&self) -> i32;
+    fn signal(&self, signal: nix::sys::signal::Signal) -> Result<(), RuntimeError>;
+    /// Blocks until the container's main process ends.
+    fn wait(&self) -> Result<ExitInfo, RuntimeError>;
+    /// Kills what is left and frees the container's resources; idempotent.
+    fn remove(&self) -> Result<(), RuntimeError>;
+    /// What `vmrun exec` from another process needs to enter this container.
+    fn exec_target(&self) -> serde_json::Value;
+}

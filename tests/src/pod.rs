@@ -1,0 +1,207 @@
+//! Running the `vmrun` binary in tests: isolated state directories, manifests
+//! written to temp files, and leak checks (processes, mounts, cgroups).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace's `vmrun` binary, built once per test process.
+pub fn vmrun_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_vmrun(false))
+}
+
+fn build_vmrun(release: bool) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", "vmrun", "--bin", "vmrun"])
+        .current_dir(&workspace);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("running cargo build for vmrun");
+    assert!(status.success(), "building the vmrun binary failed");
+    target
+        .join(if release { "release" } else { "debug" })
+        .join("vmrun")
+}
+
+/// Image store shared by every test of this process, so layers unpack once.
+pub fn shared_image_root() -> &'static Path {
+    static ROOT: OnceLock<tempfile::TempDir> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("vmrun-test-images")
+            .tempdir()
+            .expect("temp dir")
+    })
+    .path()
+}
+
+/// Fails loudly unless running as root: the end-to-end tests need namespaces,
+/// mounts and cgroups, and CI runs them as root.
+pub fn require_root(test: &str) {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "{test}: needs root (namespaces, mounts, cgroups); run the suite as root"
+    );
+}
+
+/// One isolated vmrun installation: its own pod state directory.
+pub struct Vmrun {
+    pub state: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Vmrun {
+    pub fn new() -> Self {
+        let state = tempfile::Builder::new()
+            .prefix("vmrun-test-state")
+            .tempdir()
+            .expect("temp dir");
+        let config = state.path().join("config.toml");
+        std::fs::write(&config, "pids_limit = 1024\n").expect("config");
+        Self { state, config }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut cmd = Command::new(vmrun_bin());
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("--root")
+            .arg(shared_image_root())
+            .arg("--state")
+            .arg(self.state.path())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `vmrun ARGS` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("running vmrun")
+    }
+
+    /// Writes a manifest into the state dir and returns its path.
+    pub fn manifest(&self, name: &str, yaml: &str) -> PathBuf {
+        let path = self.state.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, yaml).expect("writing manifest");
+        path
+    }
+
+    pub fn pod_dir(&self, pod: &str) -> PathBuf {
+        self.state.path().join("pods").join(pod)
+    }
+
+    /// The pod record as JSON (`pods/<name>/pod.json`).
+    pub fn record(&self, pod: &str) -> Option<serde_json::Value> {
+        let text = std::fs::read(self.pod_dir(pod).join("pod.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Polls the pod record until `ready` holds, up to `timeout`.
+    pub fn wait_record(
+        &self,
+        pod: &str,
+        timeout: Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.record(pod) {
+                if ready(&r) {
+                    return r;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pod {pod}: record never reached the expected state: {:?}",
+                self.record(pod)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every leftover of a pod with this uid: host mounts below the state dir,
+    /// cgroup directories, live processes whose command line contains `marker`.
+    pub fn leftovers(&self, uid: &str, marker: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        let state = self.state.path().to_string_lossy().into_owned();
+        for line in std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+        {
+            if line.contains(&state) {
+                found.push(format!("mount: {line}"));
+            }
+        }
+        for entry in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let dir = entry.path().join("vmrun").join(uid);
+            if dir.exists() {
+                found.push(format!("cgroup: {}", dir.display()));
+            }
+        }
+        if !marker.is_empty() {
+            for proc in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                let cmdline = std::fs::read(proc.path().join("cmdline")).unwrap_or_default();
+                let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                if text.contains(marker) {
+                    found.push(format!(
+                        "process {}: {text}",
+                        proc.file_name().to_string_lossy()
+                    ));
+                }
+            }
+        }
+        found
+    }
+}
+
+impl Default for Vmrun {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// stdout and stderr of a finished command, for assertion messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The workspace's release `vmrun` binary (benchmarks), built once.
+pub fn vmrun_release_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_vmrun(true))
+}
+
+/// `127.0.0.1:PORT/test/busybox:latest` in the process-wide test registry.
+pub fn busybox_reference() -> String {
+    static REFERENCE: OnceLock<String> = OnceLock::new();
+    REFERENCE
+        .get_or_init(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            runtime
+                .block_on(crate::shared_busybox())
+                .expect("starting the test registry with busybox")
+        })
+        .clone()
+}

@@ -1,0 +1,919 @@
+//! End-to-end tests of the image store against a local `docker-registry`. Needs root (layers
+//! keep ownership, whiteouts are device nodes, opaque dirs use trusted.* xattrs).
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Mutex;
+
+use vmrun_image::{
+    ImageStore, LayerError, NoProgress, PullError, PullPolicy, PullProgress, RegistryConfig,
+};
+use vmrun_tests::images::{
+    self, busybox_entries, busybox_image, layer_tar, push_image, push_index, Compression, Entry,
+    ImageSpec, Layer, TestImage,
+};
+use vmrun_tests::registry::Registry;
+
+fn new_store() -> (tempfile::TempDir, ImageStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(dir.path().join("store"), RegistryConfig::default()).unwrap();
+    (dir, store)
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn hex(digest: &str) -> &str {
+    digest.trim_start_matches("sha256:")
+}
+
+/// Nothing but what `keep` lists is stored: no blobs, layers, records or temporaries.
+fn assert_store_holds(store: &ImageStore, blobs: &[&str], layers: &[&str]) {
+    let mut want_blobs: Vec<String> = blobs.iter().map(|d| hex(d).to_string()).collect();
+    want_blobs.sort();
+    let mut want_layers: Vec<String> = layers.iter().map(|d| hex(d).to_string()).collect();
+    want_layers.sort();
+    assert_eq!(
+        names(&store.root().join("blobs/sha256")),
+        want_blobs,
+        "blobs"
+    );
+    assert_eq!(
+        names(&store.root().join("layers/sha256")),
+        want_layers,
+        "layers"
+    );
+    assert_eq!(
+        names(&store.root().join("tmp")),
+        Vec::<String>::new(),
+        "tmp"
+    );
+}
+
+fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: both strings are NUL-terminated and live across the call; `buf` is writable for
+    // the length passed.
+    let len =
+        unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (len >= 0).then(|| {
+        buf.truncate(len as usize);
+        buf
+    })
+}
+
+#[derive(Default)]
+struct Recorder {
+    started: Mutex<Vec<String>>,
+    finished: Mutex<Vec<String>>,
+    bytes: Mutex<BTreeMap<String, u64>>,
+}
+
+impl PullProgress for Recorder {
+    fn started(&self, digest: &str, _size: Option<u64>) {
+        self.started.lock().unwrap().push(digest.to_string());
+    }
+    fn advanced(&self, digest: &str, bytes: u64) {
+        *self
+            .bytes
+            .lock()
+            .unwrap()
+            .entry(digest.to_string())
+            .or_default() += bytes;
+    }
+    fn finished(&self, digest: &str) {
+        self.finished.lock().unwrap().push(digest.to_string());
+    }
+    fn message(&self, _msg: &str) {}
+}
+
+/// A busybox image plus one extra layer, so each test gets content no other test shares.
+fn busybox_plus(extra: Vec<Entry>) -> TestImage {
+    let base = Layer::new(
+        layer_tar(&busybox_entries().unwrap()).unwrap(),
+        Compression::Gzip,
+    )
+    .unwrap();
+    let top = Layer::new(layer_tar(&extra).unwrap(), Compression::Gzip).unwrap();
+    ImageSpec::new(vec![base, top]).build()
+}
+
+fn check_busybox_rootfs(layer: &Path) {
+    let bb = std::fs::metadata(layer.join("bin/busybox")).unwrap();
+    assert_eq!(
+        bb.len(),
+        std::fs::metadata("/usr/bin/busybox").unwrap().len()
+    );
+    assert_eq!(bb.permissions().mode() & 0o7777, 0o755);
+    assert_eq!(bb.mtime(), 1_700_000_000, "mtime kept");
+    assert_eq!(
+        std::fs::read_link(layer.join("bin/sh")).unwrap(),
+        Path::new("busybox")
+    );
+    assert!(std::fs::read_to_string(layer.join("etc/passwd"))
+        .unwrap()
+        .contains("nobody:x:65534:65534"));
+    let tmp = std::fs::metadata(layer.join("tmp")).unwrap();
+    assert_eq!(tmp.permissions().mode() & 0o7777, 0o1777);
+    assert_eq!(tmp.mtime(), 1_700_000_000, "directory mtime kept");
+}
+
+#[tokio::test]
+async fn pull_by_tag_then_by_digest() {
+    let reference = vmrun_tests::shared_busybox().await.unwrap();
+    let expected = busybox_image(Compression::Gzip).unwrap();
+    let (_dir, store) = new_store();
+
+    let image = store.pull(&reference, &NoProgress).await.unwrap();
+    assert_eq!(image.id, expected.config_digest);
+    assert_eq!(image.manifest_digest, expected.manifest_digest);
+    assert_eq!(image.references, vec![reference.clone()]);
+    assert_eq!(image.config.cmd, ["sh"]);
+    assert_eq!(image.config.env, [images::DEFAULT_PATH]);
+    assert!(image.size > 500_000, "size {}", image.size);
+    assert_eq!(image.layers.len(), 1);
+    assert_eq!(
+        image.layers[0],
+        store
+            .root()
+            .join("layers/sha256")
+            .join(hex(&expected.layers[0].diff_id))
+    );
+    check_busybox_rootfs(&image.layers[0]);
+    assert_store_holds(
+        &store,
+        &[
+            &expected.config_digest,
+            &expected.manifest_digest,
+            &expected.layers[0].digest,
+        ],
+        &[&expected.layers[0].diff_id],
+    );
+
+    // By digest: same image, the digest reference is added.
+    let repo = reference.trim_end_matches(":latest");
+    let by_digest = format!("{repo}@{}", expected.manifest_digest);
+    let again = store.pull(&by_digest, &NoProgress).await.unwrap();
+    assert_eq!(again.id, image.id);
+    assert_eq!(again.references, {
+        let mut r = vec![reference.clone(), by_digest.clone()];
+        r.sort();
+        r
+    });
+
+    // Lookups: by reference, digest reference, full id, short id.
+    for key in [
+        &reference,
+        &by_digest,
+        &image.id,
+        &hex(&image.id)[..12].to_string(),
+    ] {
+        assert_eq!(store.get(key).unwrap().unwrap().id, image.id, "get({key})");
+    }
+    assert!(store
+        .get("docker.io/library/nothere:latest")
+        .unwrap()
+        .is_none());
+    assert_eq!(store.list().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn whiteouts_opaque_dirs_and_metadata() {
+    let registry = vmrun_tests::shared_registry().await.unwrap();
+    let lower = Layer::new(
+        layer_tar(&[
+            Entry::dir("a"),
+            Entry::file("a/keep", b"keep"),
+            Entry::file("a/gone", b"gone"),
+            Entry::dir("o"),
+            Entry::file("o/old", b"old"),
+        ])
+        .unwrap(),
+        Compression::Gzip,
+    )
+    .unwrap();
+    let upper = Layer::new(
+        layer_tar(&[
+            Entry::dir("a"),
+            Entry::whiteout("a/gone"),
+            Entry::dir("o"),
+            Entry::opaque("o"),
+            Entry::file("o/new", b"new"),
+            Entry::FileWith {
+                path: "owned".into(),
+                mode: 0o4750,
+                uid: 1000,
+                gid: 2000,
+                xattrs: vec![("user.vmrun".into(), b"hello".to_vec())],
+                data: b"data".to_vec(),
+            },
+            Entry::hardlink("owned-link", "owned"),
+            Entry::symlink("abs-link", "/etc/passwd"),
+        ])
+        .unwrap(),
+        Compression::None,
+    )
+    .unwrap();
+    let img = ImageSpec::new(vec![lower, upper]).build();
+    let reference = push_image(&registry.addr(), "test/whiteouts:v1", &img)
+        .await
+        .unwrap();
+    let (dir, store) = new_store();
+    let image = store.pull(&reference, &NoProgress).await.unwrap();
+    let (lo, up) = (&image.layers[0], &image.layers[1]);
+
+    // Whiteout: a 0:0 character device named like the hidden file; no `.wh.` file remains.
+    let wh = std::fs::symlink_metadata(up.join("a/gone")).unwrap();
+    assert!(wh.file_type().is_char_device());
+    assert_eq!(wh.rdev(), 0);
+    assert!(!up.join("a/.wh.gone").exists());
+    // Opaque: xattr on the dir, marker file not materialized.
+    assert_eq!(
+        get_xattr(&up.join("o"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert!(!up.join("o/.wh..wh..opq").exists());
+    assert!(get_xattr(&lo.join("o"), "trusted.overlay.opaque").is_none());
+    // Ownership, setuid mode (restored after chown), xattrs, hardlinks, verbatim symlinks.
+    let owned = std::fs::metadata(up.join("owned")).unwrap();
+    assert_eq!((owned.uid(), owned.gid()), (1000, 2000));
+    assert_eq!(owned.permissions().mode() & 0o7777, 0o4750);
+    assert_eq!(
+        get_xattr(&up.join("owned"), "user.vmrun").as_deref(),
+        Some(&b"hello"[..])
+    );
+    let link = std::fs::metadata(up.join("owned-link")).unwrap();
+    assert_eq!((link.ino(), owned.nlink()), (owned.ino(), 2));
+    assert_eq!(
+        std::fs::read_link(up.join("abs-link")).unwrap(),
+        Path::new("/etc/passwd")
+    );
+
+    // The real proof: overlayfs with these lowerdirs shows the merged image as intended.
+    let merged = dir.path().join("merged");
+    std::fs::create_dir(&merged).unwrap();
+    let opts = format!("lowerdir={}:{}", up.display(), lo.display());
+    match nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::MS_RDONLY,
+        Some(opts.as_str()),
+    ) {
+        Ok(()) => {
+            let seen = (
+                merged.join("a/keep").exists(),
+                merged.join("a/gone").exists(),
+                merged.join("o/old").exists(),
+                merged.join("o/new").exists(),
+            );
+            nix::mount::umount(&merged).unwrap();
+            assert_eq!(seen, (true, false, false, true), "keep, gone, old, new");
+        }
+        Err(e) => println!("skipping overlay mount check: mount failed: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn shared_layer_is_unpacked_once() {
+    let busybox = vmrun_tests::shared_busybox().await.unwrap();
+    let entrypoint = vmrun_tests::shared_entrypoint_image().await.unwrap();
+    let (_dir, store) = new_store();
+
+    let first = store.pull(&busybox, &NoProgress).await.unwrap();
+    let inode = std::fs::metadata(first.layers[0].join("bin/busybox"))
+        .unwrap()
+        .ino();
+    let progress = Recorder::default();
+    let second = store.pull(&entrypoint, &progress).await.unwrap();
+
+    assert_ne!(first.id, second.id);
+    assert_eq!(first.layers, second.layers, "same diff_id, same directory");
+    assert_eq!(
+        std::fs::metadata(second.layers[0].join("bin/busybox"))
+            .unwrap()
+            .ino(),
+        inode,
+        "layer not unpacked again"
+    );
+    assert!(
+        progress.started.lock().unwrap().is_empty(),
+        "layer not downloaded again"
+    );
+    assert_eq!(second.config.entrypoint, ["/bin/echo", "entrypoint"]);
+    assert_eq!(second.config.cmd, ["cmd-default"]);
+    assert_eq!(second.config.working_dir.as_deref(), Some("/tmp"));
+    assert_eq!(names(&store.root().join("layers/sha256")).len(), 1);
+}
+
+#[tokio::test]
+async fn zstd_layer() {
+    let reference = vmrun_tests::shared_busybox_zstd().await.unwrap();
+    let (_dir, store) = new_store();
+    let progress = Recorder::default();
+    let image = store.pull(&reference, &progress).await.unwrap();
+    check_busybox_rootfs(&image.layers[0]);
+    let expected = busybox_image(Compression::Zstd).unwrap();
+    assert_eq!(
+        *progress.started.lock().unwrap(),
+        [expected.layers[0].digest.clone()]
+    );
+    assert_eq!(
+        progress.bytes.lock().unwrap()[&expected.layers[0].digest],
+        expected.layers[0].blob.len() as u64
+    );
+    assert_eq!(
+        *progress.finished.lock().unwrap(),
+        [expected.layers[0].digest.clone()]
+    );
+}
+
+#[tokio::test]
+async fn docker_v2_manifest_and_index_resolution() {
+    let registry = vmrun_tests::shared_registry().await.unwrap();
+    let addr = registry.addr();
+    let mut spec = ImageSpec::new(busybox_image(Compression::Gzip).unwrap().layers);
+    spec.docker_media_types = true;
+    spec.labels.insert("flavour".into(), "docker".into());
+    let docker = spec.build();
+    // Something else for the arm64 slot of the index, so a wrong pick is detectable.
+    let arm = busybox_plus(vec![Entry::file("arch", b"arm64")]);
+    push_image(&addr, "test/multi:amd64", &docker)
+        .await
+        .unwrap();
+    push_image(&addr, "test/multi:arm64", &arm).await.unwrap();
+    let (reference, _) = push_index(
+        &addr,
+        "test/multi:latest",
+        &[(&arm, "linux", "arm64"), (&docker, "linux", "amd64")],
+    )
+    .await
+    .unwrap();
+    let (only_arm, _) = push_index(&addr, "test/multi:armonly", &[(&arm, "linux", "arm64")])
+        .await
+        .unwrap();
+
+    let (_dir, store) = new_store();
+    let image = store.pull(&reference, &NoProgress).await.unwrap();
+    assert_eq!(image.id, docker.config_digest);
+    assert_eq!(image.manifest_digest, docker.manifest_digest);
+    assert_eq!(image.config.labels["flavour"], "docker");
+
+    let err = store
+        .pull(&only_arm, &NoProgress)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!("pull {only_arm}: no linux/amd64 image in the index (has: linux/arm64)")
+    );
+}
+
+#[tokio::test]
+async fn import_oci_layout_oci_archive_and_docker_save() {
+    let img = busybox_image(Compression::Gzip).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    images::write_oci_layout(&layout, &img, Some("example.com/layout/busybox:1")).unwrap();
+    let archive = work.path().join("busybox.oci.tar");
+    images::write_oci_archive(&archive, &img, Some("example.com/archive/busybox:2")).unwrap();
+    let save = work.path().join("busybox.docker.tar");
+    images::write_docker_save(&save, &img, &["busybox:3", "me/busybox:latest"]).unwrap();
+
+    let (_dir, store) = new_store();
+    let cases: [(&Path, Vec<&str>); 3] = [
+        (&layout, vec!["example.com/layout/busybox:1"]),
+        (&archive, vec!["example.com/archive/busybox:2"]),
+        (
+            &save,
+            vec!["docker.io/library/busybox:3", "docker.io/me/busybox:latest"],
+        ),
+    ];
+    for (path, refs) in cases {
+        let imported = store.import(path, &NoProgress).unwrap();
+        assert_eq!(imported.len(), 1, "{}", path.display());
+        let image = &imported[0];
+        assert_eq!(image.id, img.config_digest, "{}", path.display());
+        for r in refs {
+            assert!(
+                image.references.iter().any(|x| x == r),
+                "{r} in {:?}",
+                image.references
+            );
+            assert_eq!(store.get(r).unwrap().unwrap().id, img.config_digest);
+        }
+        assert_eq!(image.config.cmd, ["sh"]);
+        check_busybox_rootfs(&image.layers[0]);
+    }
+    // Same diff_id everywhere: one unpacked layer; nothing left in tmp/ (the archives were
+    // extracted there).
+    assert_eq!(names(&store.root().join("layers/sha256")).len(), 1);
+    assert!(names(&store.root().join("tmp")).is_empty());
+    assert_eq!(store.list().unwrap().len(), 1);
+    // An untagged layout import is addressable by id.
+    let untagged = work.path().join("untagged");
+    let other = busybox_plus(vec![Entry::file("x", b"untagged")]);
+    images::write_oci_layout(&untagged, &other, Some("latest")).unwrap();
+    let imported = store.import(&untagged, &NoProgress).unwrap();
+    assert!(imported[0].references.is_empty());
+    assert_eq!(
+        store.get(&imported[0].id[7..19]).unwrap().unwrap().id,
+        other.config_digest
+    );
+}
+
+#[tokio::test]
+async fn import_refuses_bad_files() {
+    let work = tempfile::tempdir().unwrap();
+    let (_dir, store) = new_store();
+
+    let junk = work.path().join("junk");
+    std::fs::write(&junk, b"this is not a tar archive at all, just bytes").unwrap();
+    let err = store.import(&junk, &NoProgress).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("import {}:", junk.display())),
+        "{err}"
+    );
+
+    let missing = work.path().join("missing.tar");
+    let err = store.import(&missing, &NoProgress).unwrap_err().to_string();
+    assert!(err.contains("No such file"), "{err}");
+
+    // A layout whose layer blob was altered: digest mismatch, nothing kept.
+    let img = busybox_plus(vec![Entry::file("f", b"original")]);
+    let layout = work.path().join("layout");
+    images::write_oci_layout(&layout, &img, Some("example.com/x:1")).unwrap();
+    let blob = layout.join("blobs/sha256").join(hex(&img.layers[1].digest));
+    let mut data = std::fs::read(&blob).unwrap();
+    let last = data.len() - 1;
+    data[last] ^= 0xff;
+    std::fs::write(&blob, data).unwrap();
+    let err = store.import(&layout, &NoProgress).unwrap_err().to_string();
+    assert!(
+        err.contains(&img.layers[1].digest) && err.contains("refusing"),
+        "{err}"
+    );
+    assert_store_holds(&store, &[], &[]);
+
+    // A docker-save archive with broken manifest.json.
+    let bad = work.path().join("bad-save.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&bad).unwrap());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(3);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "manifest.json", &b"[{,"[..]).unwrap();
+    b.finish().unwrap();
+    let err = store.import(&bad, &NoProgress).unwrap_err().to_string();
+    assert!(err.contains("manifest.json"), "{err}");
+    assert!(store.list().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn rm_frees_unused_blobs_and_layers() {
+    let busybox = vmrun_tests::shared_busybox().await.unwrap();
+    let entrypoint = vmrun_tests::shared_entrypoint_image().await.unwrap();
+    let (_dir, store) = new_store();
+    let bb = store.pull(&busybox, &NoProgress).await.unwrap();
+    let ep = store.pull(&entrypoint, &NoProgress).await.unwrap();
+    let bb_expected = busybox_image(Compression::Gzip).unwrap();
+    let layer = &bb_expected.layers[0];
+
+    store.remove(&entrypoint).unwrap();
+    assert!(store.get(&entrypoint).unwrap().is_none());
+    assert!(store.get(&ep.id).unwrap().is_none());
+    // The shared layer stays for busybox; the entrypoint image's own blobs are gone.
+    assert_store_holds(
+        &store,
+        &[&bb.id, &bb.manifest_digest, &layer.digest],
+        &[&layer.diff_id],
+    );
+
+    // A second reference keeps the image alive until it is removed as well.
+    let by_digest = format!(
+        "{}@{}",
+        busybox.trim_end_matches(":latest"),
+        bb.manifest_digest
+    );
+    store.pull(&by_digest, &NoProgress).await.unwrap();
+    store.remove(&busybox).unwrap();
+    assert_eq!(
+        store.get(&bb.id).unwrap().unwrap().references,
+        std::slice::from_ref(&by_digest)
+    );
+    store.remove(&bb.id[..19]).unwrap(); // by id prefix: the image and all its references
+    assert!(store.list().unwrap().is_empty());
+    assert_store_holds(&store, &[], &[]);
+
+    let err = store.remove(&busybox).unwrap_err().to_string();
+    assert!(err.contains("no such image"), "{err}");
+}
+
+#[tokio::test]
+async fn missing_image_and_unreachable_registry_are_one_line_errors() {
+    let registry = vmrun_tests::shared_registry().await.unwrap();
+    let (_dir, store) = new_store();
+
+    let nope = format!("{}/nope:latest", registry.addr());
+    let err = store.pull(&nope, &NoProgress).await.unwrap_err();
+    assert!(matches!(err, PullError::Registry { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg == format!("pull {nope}: manifest unknown")
+            || msg.starts_with(&format!("pull {nope}: name unknown")),
+        "{msg}"
+    );
+
+    // A known repository with an unknown tag.
+    let busybox = vmrun_tests::shared_busybox().await.unwrap();
+    let tag = busybox.replace(":latest", ":nosuchtag");
+    let msg = store.pull(&tag, &NoProgress).await.unwrap_err().to_string();
+    assert_eq!(msg, format!("pull {tag}: manifest unknown"));
+
+    // Nothing listens on port 1.
+    let msg = store
+        .pull("127.0.0.1:1/x:latest", &NoProgress)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(msg.starts_with("pull 127.0.0.1:1/x:latest: "), "{msg}");
+    assert!(msg.to_lowercase().contains("connection refused"), "{msg}");
+    assert!(
+        !msg.contains('\n') && !msg.contains("{ "),
+        "not a debug dump: {msg}"
+    );
+
+    let msg = store
+        .pull("Bad Ref", &NoProgress)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with("invalid image reference \"Bad Ref\""),
+        "{msg}"
+    );
+    assert_store_holds(&store, &[], &[]);
+}
+
+#[tokio::test]
+async fn tampered_blob_and_wrong_diff_id_are_refused() {
+    // Own registry: its storage gets tampered with.
+    let registry = tokio::task::spawn_blocking(Registry::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let img = busybox_plus(vec![Entry::file("payload", b"genuine content")]);
+    let reference = push_image(&registry.addr(), "test/tamper:v1", &img)
+        .await
+        .unwrap();
+    let data_path = registry.blob_data_path(&img.layers[1].digest);
+    let mut data = std::fs::read(&data_path).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0x55;
+    std::fs::write(&data_path, data).unwrap();
+
+    let (_dir, store) = new_store();
+    let err = store.pull(&reference, &NoProgress).await.unwrap_err();
+    assert!(matches!(err, PullError::DigestMismatch { .. }), "{err:?}");
+    assert!(err.to_string().contains(&img.layers[1].digest), "{err}");
+    assert_store_holds(&store, &[], &[]);
+    assert!(store.list().unwrap().is_empty());
+
+    // Blobs intact, but the config claims a different uncompressed digest.
+    let layers = vec![
+        img.layers[0].clone(),
+        Layer::new(
+            layer_tar(&[Entry::file("payload", b"second image")]).unwrap(),
+            Compression::Gzip,
+        )
+        .unwrap(),
+    ];
+    let wrong = images::sha256(b"something else");
+    let fixed = ImageSpec::new(layers.clone())
+        .build_with_diff_ids(&[layers[0].diff_id.clone(), wrong.clone()]);
+    let reference = push_image(&registry.addr(), "test/tamper:v2", &fixed)
+        .await
+        .unwrap();
+    let err = store.pull(&reference, &NoProgress).await.unwrap_err();
+    match &err {
+        PullError::Layer {
+            source: LayerError::DiffIdMismatch { expected, .. },
+            ..
+        } => {
+            assert_eq!(*expected, wrong)
+        }
+        other => panic!("expected a diff_id mismatch, got {other:?}"),
+    }
+    assert!(
+        err.to_string().contains("uncompressed content is sha256:"),
+        "{err}"
+    );
+    assert_store_holds(&store, &[], &[]);
+}
+
+#[tokio::test]
+async fn malicious_layers_are_refused_and_leave_nothing_behind() {
+    let registry = vmrun_tests::shared_registry().await.unwrap();
+    let victim = tempfile::tempdir().unwrap();
+    let victim_path = victim.path().display().to_string();
+    let cases: Vec<(&str, Vec<Entry>, String)> = vec![
+        (
+            "dotdot",
+            vec![Entry::file("../x", b"escape")],
+            "\"../x\"".into(),
+        ),
+        (
+            "dotdot-nested",
+            vec![Entry::dir("a"), Entry::file("a/../../x", b"escape")],
+            "\"a/../../x\"".into(),
+        ),
+        (
+            "absolute",
+            vec![Entry::file("/abs", b"escape")],
+            "\"/abs\"".into(),
+        ),
+        (
+            "symlink-escape",
+            vec![
+                Entry::symlink("evil", &victim_path),
+                Entry::file("evil/passwd", b"owned"),
+            ],
+            "\"evil/passwd\": would be written through symlink \"evil\"".into(),
+        ),
+        (
+            "symlink-dir-escape",
+            vec![
+                Entry::dir("d"),
+                Entry::symlink("d/evil", &victim_path),
+                Entry::dir("d/evil/sub"),
+            ],
+            "through symlink \"d/evil\"".into(),
+        ),
+        (
+            "hardlink-outside",
+            vec![Entry::hardlink("passwd", "../../../../etc/passwd")],
+            "hardlink target \"../../../../etc/passwd\" is outside the layer".into(),
+        ),
+        (
+            "hardlink-through-symlink",
+            vec![
+                Entry::symlink("etc", "/etc"),
+                Entry::hardlink("passwd", "etc/passwd"),
+            ],
+            "hardlink target \"etc/passwd\" is outside the layer".into(),
+        ),
+        (
+            "hardlink-absolute",
+            vec![Entry::hardlink("passwd", "/etc/passwd")],
+            "is outside the layer".into(),
+        ),
+    ];
+    let (dir, store) = new_store();
+    for (name, entries, needle) in cases {
+        let img = busybox_plus(entries);
+        let reference = push_image(&registry.addr(), &format!("test/evil:{name}"), &img)
+            .await
+            .unwrap();
+        let err = store.pull(&reference, &NoProgress).await.unwrap_err();
+        assert!(matches!(err, PullError::Layer { .. }), "{name}: {err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(&needle), "{name}: {msg}");
+        assert!(msg.contains(&img.layers[1].digest), "{name}: {msg}");
+        assert!(store.list().unwrap().is_empty(), "{name}");
+        assert_store_holds(&store, &[], &[]);
+        assert!(
+            names(victim.path()).is_empty(),
+            "{name} wrote into the victim dir"
+        );
+        assert!(!dir.path().join("x").exists() && !dir.path().join("store/x").exists());
+        assert!(!Path::new("/abs").exists());
+    }
+}
+
+#[tokio::test]
+async fn truncated_gzip_layer_is_an_error() {
+    let registry = vmrun_tests::shared_registry().await.unwrap();
+    let mut img = busybox_plus(vec![Entry::file("big", &vec![7u8; 100_000])]);
+    let layer = &mut img.layers[1];
+    layer.blob.truncate(layer.blob.len() / 2);
+    layer.digest = images::sha256(&layer.blob);
+    let mut spec = ImageSpec::new(img.layers.clone());
+    spec.cmd = vec!["sh".into()];
+    let img = spec.build();
+    let reference = push_image(&registry.addr(), "test/truncated:v1", &img)
+        .await
+        .unwrap();
+    let (_dir, store) = new_store();
+    let err = store.pull(&reference, &NoProgress).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PullError::Layer {
+                source: LayerError::Archive(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_store_holds(&store, &[], &[]);
+}
+
+#[tokio::test]
+async fn pull_policies() {
+    let registry = tokio::task::spawn_blocking(Registry::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let img = busybox_plus(vec![Entry::file("policy", b"x")]);
+    let reference = push_image(&registry.addr(), "test/policy:v1", &img)
+        .await
+        .unwrap();
+    let (_dir, store) = new_store();
+
+    let err = store
+        .ensure(&reference, PullPolicy::Never, &NoProgress)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("image {reference} is not present locally and the pull policy is Never")
+    );
+    let pulled = store
+        .ensure(&reference, PullPolicy::IfNotPresent, &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(pulled.id, img.config_digest);
+
+    drop(registry); // from here on, only local content can satisfy a request
+    let progress = Recorder::default();
+    let local = store
+        .ensure(&reference, PullPolicy::IfNotPresent, &progress)
+        .await
+        .unwrap();
+    assert_eq!(local, pulled);
+    assert!(progress.started.lock().unwrap().is_empty());
+    assert_eq!(
+        store
+            .ensure(&reference, PullPolicy::Never, &NoProgress)
+            .await
+            .unwrap(),
+        pulled
+    );
+    let err = store
+        .ensure(&reference, PullPolicy::Always, &NoProgress)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PullError::Registry { .. }), "{err:?}");
+    assert!(
+        store.get(&reference).unwrap().is_some(),
+        "failed pull keeps the old image"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_pulls_of_the_same_image() {
+    let registry = vmrun_tests::shared_registry().await.unwrap();
+    let img = busybox_plus(vec![Entry::file("concurrent", b"x")]);
+    let reference = push_image(&registry.addr(), "test/concurrent:v1", &img)
+        .await
+        .unwrap();
+    let (_dir, store) = new_store();
+    // Separate handles behave like separate processes (own lock file descriptions).
+    let other = ImageStore::open(store.root(), RegistryConfig::default()).unwrap();
+    let (a, b, c) = tokio::join!(
+        store.pull(&reference, &NoProgress),
+        other.pull(&reference, &NoProgress),
+        store.pull(&reference, &NoProgress),
+    );
+    let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    assert_eq!((&a.id, &a.layers), (&b.id, &b.layers));
+    assert_eq!(a, c);
+    assert_store_holds(
+        &store,
+        &[
+            &img.config_digest,
+            &img.manifest_digest,
+            &img.layers[0].digest,
+            &img.layers[1].digest,
+        ],
+        &[&img.layers[0].diff_id, &img.layers[1].diff_id],
+    );
+    check_busybox_rootfs(&a.layers[0]);
+}
+
+#[tokio::test]
+async fn insecure_registry_config_for_a_non_localhost_address() {
+    // 127.0.0.2 is loopback too, but not one of the names the store speaks plain HTTP to
+    // unless configured.
+    let registry = match tokio::task::spawn_blocking(|| {
+        Registry::start_on(std::net::Ipv4Addr::new(127, 0, 0, 2))
+    })
+    .await
+    .unwrap()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            println!("skipping: cannot run a registry on 127.0.0.2: {e:#}");
+            return;
+        }
+    };
+    let img = busybox_plus(vec![Entry::file("insecure", b"x")]);
+    let reference = push_image(&registry.addr(), "test/insecure:v1", &img)
+        .await
+        .unwrap();
+
+    let (_dir, store) = new_store();
+    let err = store.pull(&reference, &NoProgress).await.unwrap_err();
+    assert!(
+        matches!(err, PullError::Registry { .. }),
+        "HTTPS to a plain-HTTP registry: {err:?}"
+    );
+
+    let config = RegistryConfig::from_config_toml(&format!(
+        "[registries]\ninsecure = [\"{}\"]\n[registries.auth.\"other:5000\"]\nusername = \"u\"\npassword = \"p\"\n",
+        registry.addr()
+    ))
+    .unwrap();
+    assert_eq!(config.insecure, [registry.addr()]);
+    let insecure = ImageStore::open(store.root(), config).unwrap();
+    let image = insecure.pull(&reference, &NoProgress).await.unwrap();
+    assert_eq!(image.id, img.config_digest);
+}
+
+#[test]
+fn open_creates_layout_and_discards_interrupted_work() {
+    let (_dir, store) = new_store();
+    for sub in ["blobs/sha256", "layers/sha256", "images/sha256", "tmp"] {
+        assert!(store.root().join(sub).is_dir(), "{sub}");
+    }
+    // What an interrupted pull leaves: a partial download and a half-unpacked layer.
+    std::fs::write(store.root().join("tmp/blob-partial"), b"half").unwrap();
+    std::fs::create_dir_all(store.root().join("tmp/layer-partial/etc")).unwrap();
+    let reopened = ImageStore::open(store.root(), RegistryConfig::default()).unwrap();
+    assert_store_holds(&reopened, &[], &[]);
+}
+
+#[tokio::test]
+async fn basic_auth_credentials_from_config() {
+    // bcrypt (cost 4, for speed) of "vmrun-pass" in htpasswd format, precomputed so no htpasswd tool is needed.
+    const HASH: &str = "$2b$04$eYzYOZlA2gMMYE.K5ieW1OBkFelcNlwErpMGH0PwE1W3HTZoOWbTW";
+    let registry = tokio::task::spawn_blocking(|| Registry::start_with_basic_auth("vmrun", HASH))
+        .await
+        .unwrap()
+        .unwrap();
+    let img = busybox_plus(vec![Entry::file("auth", b"x")]);
+    let creds = oci_client::secrets::RegistryAuth::Basic("vmrun".into(), "vmrun-pass".into());
+    let reference = images::push_image_as(&registry.addr(), "test/private:v1", &img, creds)
+        .await
+        .unwrap();
+
+    let (_dir, store) = new_store();
+    let msg = store
+        .pull(&reference, &NoProgress)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with(&format!("pull {reference}: unauthorized")),
+        "{msg}"
+    );
+
+    let mut config = RegistryConfig::default();
+    config.auth.insert(
+        registry.addr(),
+        vmrun_image::Credentials {
+            username: "vmrun".into(),
+            password: "wrong".into(),
+        },
+    );
+    let wrong = ImageStore::open(store.root(), config.clone()).unwrap();
+    let msg = wrong
+        .pull(&reference, &NoProgress)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with(&format!("pull {reference}: unauthorized")),
+        "{msg}"
+    );
+
+    config.auth.get_mut(&registry.addr()).unwrap().password = "vmrun-pass".into();
+    let authed = ImageStore::open(store.root(), config).unwrap();
+    assert_eq!(
+        authed.pull(&reference, &NoProgress).await.unwrap().id,
+        img.config_digest
+    );
+}

@@ -1,0 +1,697 @@
+//! End-to-end pod tests through the `vmrun` CLI: real namespaces, cgroups and
+//! mounts, images pulled from a registry on 127.0.0.1.
+//!
+//! Every case is a function of the runtime name and is instantiated per runtime
+//! by `runtime_cases!`, so a feature that works on one runtime and not another
+//! shows as a named failure (`native::oom_kill_is_reported`, ...).
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use vmrun_tests::pod::{describe, require_root, Vmrun};
+
+fn busybox() -> String {
+    vmrun_tests::busybox_reference()
+}
+
+fn pod(name: &str, spec: &str) -> String {
+    format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels:\n    app: demo\n    tier: test\n  annotations:\n    note: hello\nspec:\n{spec}")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn uid_of(record: &serde_json::Value) -> String {
+    record["uid"].as_str().expect("uid").to_string()
+}
+
+fn assert_clean(vm: &Vmrun, uid: &str, marker: &str) {
+    let left = vm.leftovers(uid, marker);
+    assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
+}
+
+/// Starts a detached pod and waits until every app container runs.
+fn start_detached(vm: &Vmrun, rt: &str, name: &str, yaml: &str) -> serde_json::Value {
+    let path = vm.manifest(name, yaml);
+    let out = vm.run(&["run", "-d", "--runtime", rt, path.to_str().unwrap()]);
+    assert!(out.status.success(), "run -d: {}", describe(&out));
+    assert_eq!(text(&out.stdout).trim(), name);
+    vm.wait_record(name, Duration::from_secs(60), |r| {
+        r["containers"]
+            .as_object()
+            .unwrap()
+            .values()
+            .filter(|c| c["init"] == false)
+            .all(|c| c["phase"] == "running")
+    })
+}
+
+fn exec(vm: &Vmrun, pod: &str, container: &str, cmd: &[&str]) -> std::process::Output {
+    let mut args = vec!["exec", pod, "-c", container, "--"];
+    args.extend_from_slice(cmd);
+    vm.run(&args)
+}
+
+fn stop_and_rm(vm: &Vmrun, pod: &str) {
+    let out = vm.run(&["stop", pod]);
+    assert!(out.status.success(), "stop: {}", describe(&out));
+    let out = vm.run(&["rm", pod]);
+    assert!(out.status.success(), "rm: {}", describe(&out));
+    assert!(!vm.pod_dir(pod).exists());
+}
+
+pub fn init_container_fills_empty_dir_served_by_main(rt: &str) {
+    require_root("init_container_fills_empty_dir_served_by_main");
+    let vm = Vmrun::new();
+    let image = busybox();
+    let yaml = pod(
+        "web",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  initContainers:
+  - name: init
+    image: {image}
+    command: ["sh", "-c", "echo served-from-init > /data/index.html"]
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  containers:
+  - name: server
+    image: {image}
+    command: ["httpd", "-f", "-p", "8080", "-h", "/data"]
+    volumeMounts: [{{name: data, mountPath: /data}}]
+    readinessProbe:
+      httpGet: {{port: 8080, path: /index.html}}
+      periodSeconds: 1
+  - name: client
+    image: {image}
+    command: ["sleep", "3600"]
+  volumes:
+  - name: data
+    emptyDir: {{}}
+"#
+        ),
+    );
+    let record = start_detached(&vm, rt, "web", &yaml);
+    let ready = vm.wait_record("web", Duration::from_secs(30), |r| {
+        r["containers"]["server"]["ready"] == true
+    });
+    assert_eq!(ready["containers"]["init"]["last_exit"]["code"], 0);
+    let out = exec(
+        &vm,
+        "web",
+        "client",
+        &["wget", "-qO-", "http://127.0.0.1:8080/index.html"],
+    );
+    assert!(out.status.success(), "wget: {}", describe(&out));
+    assert_eq!(text(&out.stdout).trim(), "served-from-init");
+    let ps = vm.run(&["ps"]);
+    assert!(text(&ps.stdout).contains("web"), "{}", describe(&ps));
+    let uid = uid_of(&record);
+    stop_and_rm(&vm, "web");
+    assert_clean(&vm, &uid, "sleep 3600");
+}
+
+pub fn containers_share_localhost_and_ipc(rt: &str) {
+    require_root("containers_share_localhost_and_ipc");
+    let vm = Vmrun::new();
+    let image = busybox();
+    let yaml = pod(
+        "pair",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 1
+  restartPolicy: Never
+  containers:
+  - name: server
+    image: {image}
+    command: ["sh", "-c", "echo shm-token > /dev/shm/token; echo net-ok | nc -l -p 9090; readlink /proc/self/ns/net /proc/self/ns/ipc"]
+  - name: client
+    image: {image}
+    command: ["sh", "-c", "until nc 127.0.0.1 9090 > /tmp/got 2>/dev/null && [ -s /tmp/got ]; do usleep 50000; done; cat /tmp/got; cat /dev/shm/token; readlink /proc/self/ns/net /proc/self/ns/ipc"]
+"#
+        ),
+    );
+    let path = vm.manifest("pair", &yaml);
+    let out = vm.run(&["run", "--runtime", rt, path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("[client] net-ok"), "{stdout}");
+    assert!(stdout.contains("[client] shm-token"), "{stdout}");
+    let ns = |c: &str, kind: &str| -> String {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("[{c}] {kind}:")))
+            .unwrap_or_else(|| panic!("no {kind} ns line for {c}: {stdout}"))
+            .to_string()
+    };
+    for kind in ["net", "ipc"] {
+        let server = ns("server", kind).replace("[server] ", "");
+        let client = ns("client", kind).replace("[client] ", "");
+        assert_eq!(server, client, "{kind} namespace differs");
+        let host = std::fs::read_link(format!("/proc/self/ns/{kind}")).unwrap();
+        assert_ne!(
+            server,
+            host.to_string_lossy(),
+            "{kind} namespace is the host's"
+        );
+    }
+}
+
+pub fn share_process_namespace_sees_other_containers(rt: &str) {
+    require_root("share_process_namespace_sees_other_containers");
+    let vm = Vmrun::new();
+    let image = busybox();
+    let yaml = pod(
+        "shared-pid",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 1
+  shareProcessNamespace: true
+  containers:
+  - name: sleeper
+    image: {image}
+    command: ["sleep", "4242"]
+  - name: looker
+    image: {image}
+    command: ["sleep", "3600"]
+"#
+        ),
+    );
+    let record = start_detached(&vm, rt, "shared-pid", &yaml);
+    let out = exec(&vm, "shared-pid", "looker", &["ps", "-o", "pid,args"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let ps = text(&out.stdout);
+    assert!(
+        ps.contains("sleep 4242"),
+        "looker cannot see the sleeper:\n{ps}"
+    );
+    // The pause process is PID 1 of the shared namespace, not a container process.
+    assert!(
+        !ps.lines()
+            .any(|l| l.trim_start().starts_with("1 ") && l.contains("sleep")),
+        "{ps}"
+    );
+    let uid = uid_of(&record);
+    stop_and_rm(&vm, "shared-pid");
+    assert_clean(&vm, &uid, "sleep 4242");
+
+    // Without it, each container has its own PID namespace.
+    let vm = Vmrun::new();
+    let record = start_detached(
+        &vm,
+        rt,
+        "own-pid",
+        &yaml
+            .replace(
+                "shareProcessNamespace: true",
+                "shareProcessNamespace: false",
+            )
+            .replace("shared-pid", "own-pid"),
+    );
+    let out = exec(&vm, "own-pid", "looker", &["ps", "-o", "pid,args"]);
+    assert!(
+        !text(&out.stdout).contains("sleep 4242"),
+        "{}",
+        describe(&out)
+    );
+    let uid = uid_of(&record);
+    stop_and_rm(&vm, "own-pid");
+    assert_clean(&vm, &uid, "sleep 4242");
+}
+
+pub fn oom_kill_is_reported(rt: &str) {
+    require_root("oom_kill_is_reported");
+    let vm = Vmrun::new();
+    let image = busybox();
+    let yaml = pod(
+        "hog",
+        &format!(
+            r#"  restartPolicy: Never
+  containers:
+  - name: hog
+    image: {image}
+    command: ["sh", "-c", "echo start; dd if=/dev/zero of=/dev/null bs=64M count=1; echo survived"]
+    resources:
+      limits: {{memory: 16Mi}}
+"#
+        ),
+    );
+    let path = vm.manifest("hog", &yaml);
+    let out = vm.run(&["run", "--keep", "--runtime", rt, path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("OOMKilled"), "{}", describe(&out));
+    assert!(
+        !text(&out.stdout).contains("survived"),
+        "{}",
+        describe(&out)
+    );
+    let record = vm.record("hog").expect("kept record");
+    let hog = &record["containers"]["hog"];
+    assert_eq!(hog["reason"], "OOMKilled", "{record}");
+    assert_eq!(hog["last_exit"]["oom_killed"], true);
+    assert_clean(&vm, &uid_of(&record), "");
+    let out = vm.run(&["rm", "hog"]);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+pub fn cpu_and_memory_limits_reach_the_cgroup(rt: &str) {
+    require_root("cpu_and_memory_limits_reach_the_cgroup");
+    let vm = Vmrun::new();
+    let image = busybox();
+    let yaml = pod(
+        "limits",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: {image}
+    command: ["sleep", "3600"]
+    resources:
+      requests: {{cpu: 250m, memory: 32Mi}}
+      limits: {{cpu: 500m, memory: 64Mi}}
+"#
+        ),
+    );
+    let record = start_detached(&vm, rt, "limits", &yaml);
+    let uid = uid_of(&record);
+    let cg = |controller: &str, file: &str| -> String {
+        let v1 = format!("/sys/fs/cgroup/{controller}/vmrun/{uid}/app/{file}");
+        std::fs::read_to_string(&v1)
+            .unwrap_or_else(|e| panic!("{v1}: {e}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(cg("cpu", "cpu.cfs_quota_us"), "50000");
+    assert_eq!(cg("cpu", "cpu.cfs_period_us"), "100000");
+    assert_eq!(cg("cpu", "cpu.shares"), "256");
+    assert_eq!(
+        cg("memory", "memory.limit_in_bytes"),
+        (64u64 << 20).to_string()
+    );
+    assert_eq!(cg("pids", "pids.max"), "1024");
+    let pid = record["containers"]["app"]["pid"].as_i64().unwrap();
+    let procs = cg("cpu", "cgroup.procs");
+    assert!(
+        procs.lines().any(|l| l == pid.to_string()),
+        "pid {pid} not in cgroup: {procs}"
+    );
+    stop_and_rm(&vm, "limits");
+    assert_clean(&vm, &uid, "");
+}
+
+pub fn config_secret_and_downward_files(rt: &str) {
+    require_root("config_secret_and_downward_files");
+    let vm = Vmrun::new();
+    let image = busybox();
+    let yaml = format!(
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+data:
+  color: blue
+  app.conf: |
+    mode=fast
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: creds
+type: Opaque
+data:
+  password: aHVudGVyMg==
+---
+{}"#,
+        pod(
+            "files",
+            &format!(
+                r#"  restartPolicy: Never
+  containers:
+  - name: app
+    image: {image}
+    command: ["sh", "-c", "cat /etc/cfg/color; echo; cat /etc/cfg/app.conf; cat /etc/creds/password; echo; ls -l /etc/creds/password; cat /etc/pod/labels; echo; cat /etc/pod/name; echo; cat /etc/proj/sub/color; echo; echo env=$COLOR/$PASSWORD/$POD_NAME/$POD_NS; touch /etc/cfg/x 2>/dev/null && echo writable || echo read-only"]
+    env:
+    - name: COLOR
+      valueFrom: {{configMapKeyRef: {{name: settings, key: color}}}}
+    - name: PASSWORD
+      valueFrom: {{secretKeyRef: {{name: creds, key: password}}}}
+    - name: POD_NAME
+      valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
+    - name: POD_NS
+      valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}
+    volumeMounts:
+    - {{name: cfg, mountPath: /etc/cfg, readOnly: true}}
+    - {{name: creds, mountPath: /etc/creds}}
+    - {{name: podinfo, mountPath: /etc/pod}}
+    - {{name: proj, mountPath: /etc/proj}}
+  volumes:
+  - name: cfg
+    configMap: {{name: settings}}
+  - name: creds
+    secret: {{secretName: creds, defaultMode: 256}}
+  - name: podinfo
+    downwardAPI:
+      items:
+      - {{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}
+      - {{path: name, fieldRef: {{fieldPath: metadata.name}}}}
+  - name: proj
+    projected:
+      sources:
+      - configMap:
+          name: settings
+          items: [{{key: color, path: sub/color}}]
+"#
+            )
+        )
+    );
+    let path = vm.manifest("files", &yaml);
+    let out = vm.run(&["run", "--runtime", rt, path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let lines: Vec<String> = text(&out.stdout)
+        .lines()
+        .map(|l| l.trim_start_matches("[app] ").to_string())
+        .collect();
+    let expect = ["blue", "mode=fast", "hunter2"];
+    assert_eq!(&lines[..3], &expect, "{lines:?}");
+    assert!(lines[3].starts_with("-r--------"), "secret mode: {lines:?}");
+    assert_eq!(lines[4], "app=\"demo\"");
+    assert_eq!(lines[5], "tier=\"test\"");
+    assert_eq!(lines[6], "files");
+    assert_eq!(lines[7], "blue");
+    assert_eq!(lines[8], "env=blue/hunter2/files/default");
+    assert_eq!(lines[9], "read-only");
+}
+
+pub fn lifecycle_hooks_run(rt: &str) {
+    require_root("lifecycle_hooks_run");
+    let vm = Vmrun::new();
+    let image = busybox();
+    let shared = tempfile::tempdir().unwrap();
+    let dir = shared.path().display();
+    let yaml = pod(
+        "hooks",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 5
+  containers:
+  - name: app
+    image: {image}
+    command: ["sh", "-c", "trap 'echo got-term >> /out/events; exit 0' TERM; while true; do usleep 20000; done"]
+    volumeMounts: [{{name: out, mountPath: /out}}]
+    lifecycle:
+      postStart:
+        exec: {{command: ["sh", "-c", "echo post-start >> /out/events"]}}
+      preStop:
+        exec: {{command: ["sh", "-c", "echo pre-stop >> /out/events"]}}
+  volumes:
+  - name: out
+    hostPath: {{path: "{dir}", type: Directory}}
+"#
+        ),
+    );
+    let record = start_detached(&vm, rt, "hooks", &yaml);
+    let events = shared.path().join("events");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&events)
+        .unwrap_or_default()
+        .contains("post-start")
+    {
+        assert!(Instant::now() < deadline, "postStart never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop_and_rm(&vm, "hooks");
+    let log = std::fs::read_to_string(&events).unwrap();
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        ["post-start", "pre-stop", "got-term"],
+        "hooks out of order: {log}"
+    );
+    assert_clean(&vm, &uid_of(&record), "");
+}
+
+pub fn on_failure_restarts_with_backoff(rt: &str) {
+    require_root("on_failure_restarts_with_backoff");
+    let vm = Vmrun::new();
+    let image = busybox();
+    let shared = tempfile::tempdir().unwrap();
+    let yaml = pod(
+        "flaky",
+        &format!(
+            r#"  restartPolicy: OnFailure
+  containers:
+  - name: app
+    image: {image}
+    command: ["sh", "-c", "n=$(cat /s/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /s/n; echo attempt $n $(date +%s.%N 2>/dev/null); [ $n -ge 3 ]"]
+    volumeMounts: [{{name: s, mountPath: /s}}]
+  volumes:
+  - name: s
+    hostPath: {{path: "{}"}}
+"#,
+            shared.path().display()
+        ),
+    );
+    let path = vm.manifest("flaky", &yaml);
+    let started = Instant::now();
+    let out = vm.run(&[
+        "run",
+        "--keep",
+        "--restart-backoff",
+        "300ms",
+        "--runtime",
+        rt,
+        path.to_str().unwrap(),
+    ]);
+    let elapsed = started.elapsed();
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    for n in 1..=3 {
+        assert!(stdout.contains(&format!("[app] attempt {n}")), "{stdout}");
+    }
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("restarting in 300ms"), "{stderr}");
+    assert!(
+        stderr.contains("restarting in 600ms"),
+        "back-off did not double: {stderr}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "restarted faster than the back-off: {elapsed:?}"
+    );
+    let record = vm.record("flaky").unwrap();
+    assert_eq!(record["containers"]["app"]["restarts"], 2);
+    assert_eq!(record["phase"], "succeeded");
+    // Each attempt has its own CRI log file, as the kubelet keeps them.
+    let logs = vm.run(&["logs", "flaky", "app"]);
+    assert_eq!(
+        text(&logs.stdout)
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>(),
+        ["attempt", "3"],
+        "{}",
+        describe(&logs)
+    );
+    let raw = std::fs::read_to_string(vm.pod_dir("flaky").join("logs/app/0.log")).unwrap();
+    assert!(raw.contains(" stdout F attempt 1"), "CRI format: {raw}");
+}
+
+pub fn ctrl_c_leaves_nothing_behind(rt: &str) {
+    require_root("ctrl_c_leaves_nothing_behind");
+    let vm = Vmrun::new();
+    let image = busybox();
+    let yaml = pod(
+        "interrupted",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  containers:
+  - name: a
+    image: {image}
+    command: ["sh", "-c", "echo up; exec sleep 31337"]
+    resources:
+      limits: {{memory: 32Mi}}
+    volumeMounts: [{{name: mem, mountPath: /mem}}]
+  - name: b
+    image: {image}
+    command: ["sleep", "31337"]
+  volumes:
+  - name: mem
+    emptyDir: {{medium: Memory}}
+"#
+        ),
+    );
+    let path = vm.manifest("interrupted", &yaml);
+    let mut child = vm
+        .cmd()
+        .args(["run", "--runtime", rt, path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "[a] up");
+    let record = vm.wait_record("interrupted", Duration::from_secs(30), |r| {
+        r["containers"]["b"]["phase"] == "running"
+    });
+    let uid = uid_of(&record);
+    assert!(
+        !vm.leftovers(&uid, "sleep 31337").is_empty(),
+        "the leak check must see a running pod"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert_clean(&vm, &uid, "sleep 31337");
+    assert!(
+        !vm.pod_dir("interrupted").exists(),
+        "pod directory left behind"
+    );
+}
+
+pub fn logs_and_exit_codes(rt: &str) {
+    require_root("logs_and_exit_codes");
+    let vm = Vmrun::new();
+    let image = busybox();
+    let yaml = pod(
+        "exit7",
+        &format!(
+            r#"  restartPolicy: Never
+  containers:
+  - name: ok
+    image: {image}
+    command: ["sh", "-c", "echo fine; echo warn >&2"]
+  - name: bad
+    image: {image}
+    command: ["sh", "-c", "exit 7"]
+"#
+        ),
+    );
+    let path = vm.manifest("exit7", &yaml);
+    let out = vm.run(&["run", "--runtime", rt, path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+    assert!(text(&out.stdout).contains("[ok] fine"));
+    assert!(text(&out.stderr).contains("[ok] warn"));
+    assert!(
+        text(&out.stderr).contains("container \"bad\" failed: exit code 7"),
+        "{}",
+        describe(&out)
+    );
+}
+
+/// Each bad input: non-zero exit, one clear `vmrun: error:` line naming the
+/// problem, and no pod directory, cgroup or mount left behind.
+pub fn bad_input_is_refused_cleanly(rt: &str) {
+    require_root("bad_input_is_refused_cleanly");
+    let image = busybox();
+    let registry = image.split('/').next().unwrap().to_string();
+    let c = |extra: &str| {
+        pod(
+            "bad",
+            &format!(
+                "  restartPolicy: Never\n  containers:\n  - name: c\n    image: {image}\n{extra}"
+            ),
+        )
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("yaml syntax", "kind: Pod\nmetadata: [unclosed\n".into(), "YAML error"),
+        ("wrong field type", c("    ports:\n    - containerPort: eighty\n"), "spec.containers[0].ports[0].containerPort"),
+        ("unknown field", c("    commandd: [sh]\n"), "spec.containers[0].commandd: unknown field"),
+        ("missing image", pod("bad", &format!("  containers:\n  - name: c\n    image: {registry}/nope/missing:1.0\n")), "nope/missing"),
+        ("missing configMap key", format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm\ndata:\n  a: b\n---\n{}", c("    env:\n    - name: X\n      valueFrom:\n        configMapKeyRef: {name: cm, key: nope}\n")), "configMap \"cm\" has no key \"nope\""),
+        ("command not found", c("    command: [\"no-such-binary\"]\n"), "no-such-binary"),
+        ("relative mountPath", c("    volumeMounts: [{name: v, mountPath: data}]\n  volumes:\n  - name: v\n    emptyDir: {}\n"), "spec.containers[0].volumeMounts[0].mountPath"),
+        ("hostPath escaping", c("    volumeMounts: [{name: v, mountPath: /data}]\n  volumes:\n  - name: v\n    hostPath: {path: /tmp/../etc}\n"), "spec.volumes[0].hostPath.path"),
+        ("hostPath missing", c("    volumeMounts: [{name: v, mountPath: /data}]\n  volumes:\n  - name: v\n    hostPath: {path: /nonexistent/vmrun-test, type: Directory}\n"), "/nonexistent/vmrun-test"),
+        ("unknown runtime class", pod("bad", &format!("  runtimeClassName: gvisor\n  containers:\n  - name: c\n    image: {image}\n")), "unknown runtime \"gvisor\""),
+    ];
+    for (what, yaml, needle) in cases {
+        let vm = Vmrun::new();
+        let path = vm.manifest("bad", &yaml);
+        let mut args = vec!["run"];
+        if what != "unknown runtime class" {
+            args.extend(["--runtime", rt]);
+        }
+        args.push(path.to_str().unwrap());
+        let out = vm.run(&args);
+        let stderr = text(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{what}: accepted\n{}",
+            describe(&out)
+        );
+        assert!(
+            stderr.contains(needle),
+            "{what}: error does not name {needle:?}:\n{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{what}: panic\n{stderr}");
+        let error_lines = stderr.lines().filter(|l| l.contains("error")).count();
+        assert!(
+            error_lines <= 2,
+            "{what}: expected one clear error, got:\n{stderr}"
+        );
+        assert!(
+            !vm.pod_dir("bad").exists(),
+            "{what}: pod directory left behind"
+        );
+        let left = vm.leftovers("", "");
+        assert!(
+            left.iter().all(|l| !l.starts_with("mount")),
+            "{what}: {left:?}"
+        );
+    }
+}
+
+pub fn vm_and_wasm_are_refused_until_available(_rt: &str) {
+    let vm = Vmrun::new();
+    let path = vm.manifest(
+        "later",
+        &pod("later", "  containers:\n  - name: c\n    image: busybox\n"),
+    );
+    for rt in ["vm", "wasm"] {
+        let out = vm.run(&["run", "--runtime", rt, path.to_str().unwrap()]);
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("not available yet"),
+            "{}",
+            describe(&out)
+        );
+    }
+}
+
+macro_rules! runtime_cases {
+    ($($rt:ident),*) => {$(
+        mod $rt {
+            macro_rules! case {
+                ($name:ident) => {
+                    #[test]
+                    fn $name() {
+                        super::$name(stringify!($rt));
+                    }
+                };
+            }
+            case!(init_container_fills_empty_dir_served_by_main);
+            case!(containers_share_localhost_and_ipc);
+            case!(share_process_namespace_sees_other_containers);
+            case!(oom_kill_is_reported);
+            case!(cpu_and_memory_limits_reach_the_cgroup);
+            case!(config_secret_and_downward_files);
+            case!(lifecycle_hooks_run);
+            case!(on_failure_restarts_with_backoff);
+            case!(ctrl_c_leaves_nothing_behind);
+            case!(logs_and_exit_codes);
+            case!(bad_input_is_refused_cleanly);
+        }
+    )*};
+}
+
+// The vm and wasm runtimes join this list when their issues land.
+runtime_cases!(native);
+
+#[test]
+fn vm_and_wasm_runtimes_say_not_available_yet() {
+    vm_and_wasm_are_refused_until_available("native");
+}

@@ -1,0 +1,259 @@
+//! virtio-blk: a disk image file as a block device with one request queue.
+//!
+//! Requests are served synchronously when the driver notifies the queue.
+//! A malformed request gets VIRTIO_BLK_S_IOERR (or, without a usable status
+//! byte, a used entry of length 0) and the device goes on; only a queue
+//! the device cannot even return buffers to makes it need a reset.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::block_request::{
+    collect_chain, parse, status_address, Request, RequestError, RequestType, SECTOR_SIZE,
+};
+use super::{read_config_bytes, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+
+pub const QUEUE_SIZE: u16 = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk image {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+}
+
+struct Active {
+    memory: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+pub struct Block {
+    disk: File,
+    read_only: bool,
+    capacity: u64,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    acked_features: u64,
+    active: Option<Active>,
+}
+
+/// Why a request failed after validation.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error(transparent)]
+    Invalid(#[from] RequestError),
+    #[error("write to a read-only disk")]
+    ReadOnly,
+    #[error("disk I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+impl Block {
+    /// Opens `path` as the disk; `id` is what GET_ID reports (serial number).
+    pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Block, BlockError> {
+        let open_error = |source| BlockError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let disk = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(open_error)?;
+        let size = disk.metadata().map_err(open_error)?.len();
+        let mut id_bytes = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let n = id.len().min(id_bytes.len());
+        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Ok(Block {
+            disk,
+            read_only,
+            // A trailing partial sector is not addressable.
+            capacity: size / SECTOR_SIZE,
+            id: id_bytes,
+            acked_features: 0,
+            active: None,
+        })
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Serves a validated request; returns the bytes written to guest buffers.
+    fn serve(&self, request: &Request, memory: &GuestMemoryMmap) -> Result<u32, ServeError> {
+        let mut offset = request.sector * SECTOR_SIZE;
+        let mut written = 0u32;
+        match request.kind {
+            RequestType::In => {
+                for segment in &request.data {
+                    let mut buffer = vec![0u8; segment.len as usize];
+                    self.disk.read_exact_at(&mut buffer, offset)?;
+                    memory.write_slice(&buffer, segment.addr)?;
+                    offset += u64::from(segment.len);
+                    written += segment.len;
+                }
+            }
+            RequestType::Out => {
+                if self.read_only {
+                    return Err(ServeError::ReadOnly);
+                }
+                for segment in &request.data {
+                    let mut buffer = vec![0u8; segment.len as usize];
+                    memory.read_slice(&mut buffer, segment.addr)?;
+                    self.disk.write_all_at(&buffer, offset)?;
+                    offset += u64::from(segment.len);
+                }
+            }
+            RequestType::Flush => self.disk.sync_data()?,
+            RequestType::GetId => {
+                let mut remaining: &[u8] = &self.id;
+                for segment in &request.data {
+                    let n = remaining.len().min(segment.len as usize);
+                    memory.write_slice(&remaining[..n], segment.addr)?;
+                    remaining = &remaining[n..];
+                    written += n as u32;
+                }
+            }
+            RequestType::Unsupported(_) => {}
+        }
+        Ok(written)
+    }
+
+    /// Handles one chain; returns the used length to report.
+    fn handle_chain(
+        &self,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        memory: &GuestMemoryMmap,
+    ) -> u32 {
+        let descriptors = match collect_chain(chain) {
+            Ok(descriptors) => descriptors,
+            // No trustworthy end of chain, so no status byte to write.
+            Err(_) => return 0,
+        };
+        let (status, written) = match parse(&descriptors, memory, self.capacity) {
+            Ok(request) => match request.kind {
+                RequestType::Unsupported(_) => (VIRTIO_BLK_S_UNSUPP, 0),
+                _ => match self.serve(&request, memory) {
+                    Ok(written) => (VIRTIO_BLK_S_OK, written),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+                },
+            },
+            Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+        };
+        match status_address(&descriptors, memory) {
+            Some(address) if memory.write_obj(status as u8, address).is_ok() => written + 1,
+            _ => 0,
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut features = VIRTIO_F_VERSION_1 | (1 << VIRTIO_BLK_F_FLUSH);
+        if self.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_blk_config starts with `capacity` (u64, sectors).
+        read_config_bytes(&self.capacity.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Nothing in our configuration space is writable.
+    }
+
+    fn activate(
+        &mut self,
+        memory: GuestMemoryMmap,
+        mut queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        let queue = queues.remove(0);
+        if !queue.is_valid(&memory) {
+            return Err(ActivateError::InvalidQueue(0));
+        }
+        self.active = Some(Active {
+            memory,
+            queue,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: u16) -> Result<(), String> {
+        if index != 0 {
+            return Ok(());
+        }
+        let Some(mut active) = self.active.take() else {
+            return Err("queue notified before activation".into());
+        };
+        let result = self.drain(&mut active);
+        self.active = Some(active);
+        result
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+}
+
+impl Block {
+    fn drain(&self, active: &mut Active) -> Result<(), String> {
+        let mut used = false;
+        while let Some(chain) = active.queue.pop_descriptor_chain(&active.memory) {
+            let head = chain.head_index();
+            let len = self.handle_chain(chain, &active.memory);
+            active
+                .queue
+                .add_used(&active.memory, head, len)
+                .map_err(|e| format!("cannot return descriptor {head}: {e}"))?;
+            used = true;
+        }
+        let notify = used
+            && active
+                .queue
+                .needs_notification(&active.memory)
+                .map_err(|e| format!("cannot read the used-event index: {e}"))?;
+        if notify {
+            active
+                .interrupt
+                .signal_used_queue()
+                .map_err(|e| format!("cannot raise the interrupt: {e}"))?;
+        }
+        Ok(())
+    }
+}

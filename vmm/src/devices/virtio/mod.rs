@@ -1,0 +1,105 @@
+//! Virtio devices and their MMIO transport.
+//!
+//! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] puts it on
+//! the MMIO bus with the virtio-mmio (version 2) register layout, hands it
+//! its queues when the driver is ready, and raises its interrupt line.
+//! One file per device: [`block`] now; vsock and net to come.
+
+pub mod block;
+pub mod block_request;
+pub mod mmio;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// The feature bit every modern (non-legacy) device offers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the device needs {expected} queues, the driver set up {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("queue {0} is not ready or does not fit in guest memory")]
+    InvalidQueue(usize),
+}
+
+/// A device's interrupt: the virtio-mmio InterruptStatus bits and the
+/// eventfd registered as the device's irqfd.
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    irq: EventFd,
+}
+
+impl VirtioInterrupt {
+    pub fn new(irq: EventFd) -> Self {
+        VirtioInterrupt {
+            status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// Tells the driver a queue has new used buffers.
+    pub fn signal_used_queue(&self) -> io::Result<()> {
+        self.signal(VIRTIO_MMIO_INT_VRING)
+    }
+
+    /// Tells the driver the configuration (or device status) changed.
+    pub fn signal_config_change(&self) -> io::Result<()> {
+        self.signal(VIRTIO_MMIO_INT_CONFIG)
+    }
+
+    fn signal(&self, bit: u32) -> io::Result<()> {
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        self.irq.write(1)
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// VIRTIO_ID_* of the device.
+    fn device_type(&self) -> u32;
+    /// The largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The feature bits the device offers.
+    fn features(&self) -> u64;
+    /// The feature bits the driver accepted (a subset of [`Self::features`]).
+    fn ack_features(&mut self, features: u64);
+    /// Reads the device-specific configuration space; bytes past its end read 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver is ready: start serving `queues`.
+    fn activate(
+        &mut self,
+        memory: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: std::sync::Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError>;
+    /// The driver notified queue `index`: process what it made available.
+    /// An error means the device is broken and needs a reset.
+    fn process_queue(&mut self, index: u16) -> Result<(), String>;
+    /// Back to the state before activation (the driver wrote status 0).
+    fn reset(&mut self);
+}
+
+/// Copies `source[offset..]` into `data`; bytes past the end read 0.
+pub fn read_config_bytes(source: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    if let Some(tail) = usize::try_from(offset).ok().and_then(|o| source.get(o..)) {
+        let n = tail.len().min(data.len());
+        data[..n].copy_from_slice(&tail[..n]);
+    }
+}

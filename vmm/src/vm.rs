@@ -1,0 +1,304 @@
+//! Building a microVM from its configuration, and running it to its end.
+
+use std::io::{self, Write};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use vm_memory::{GuestMemoryError, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::cpuid::vcpu_cpuid;
+use crate::arch::lapic::wire_local_interrupts;
+use crate::arch::layout::{KVM_TSS_ADDRESS, SERIAL_IRQ};
+use crate::arch::mptable::{self, MpTableError};
+use crate::arch::msrs::boot_msrs;
+use crate::arch::regs::{boot_fpu, boot_regs, boot_sregs, write_descriptor_tables, EntryPoint};
+use crate::boot::{self, BootError, BootSpec, LoadedKernel};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::bus::{Bus, BusInsertError};
+use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
+use crate::devices::i8042::{self, I8042};
+use crate::devices::serial::{SerialPort, COM1_PORT, COM1_PORT_COUNT};
+use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::VirtioDevice;
+use crate::hypervisor::{CpuidEntry, Hypervisor, HypervisorError, Vcpu, Vm};
+use crate::kick;
+use crate::memory::{self, MemoryError};
+use crate::stop::{GuestStop, StopSignal};
+use crate::vcpu_loop::{run_vcpu, VcpuContext};
+use crate::virtio_slots::{self, AttachError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{requested} vCPUs requested but the hypervisor allows {max}")]
+    TooManyVcpus { requested: u8, max: usize },
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    #[error("cannot write the boot page tables and descriptor tables: {0}")]
+    BootTables(GuestMemoryError),
+    #[error("cannot create the serial interrupt eventfd: {0}")]
+    EventFd(io::Error),
+    #[error("cannot place a device: {0}")]
+    Bus(#[from] BusInsertError),
+    #[error(transparent)]
+    Disk(#[from] BlockError),
+    #[error("cannot attach virtio devices: {0}")]
+    Virtio(#[from] AttachError),
+    #[error("vCPU {vcpu}: {source}")]
+    Vcpu { vcpu: u8, source: HypervisorError },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    KickHandler(io::Error),
+    #[error("cannot start the thread of vCPU {vcpu}: {source}")]
+    Spawn { vcpu: u8, source: io::Error },
+    #[error("cannot kick vCPU {vcpu}: {source}")]
+    Kick { vcpu: u8, source: io::Error },
+    #[error("the thread of vCPU {vcpu} panicked")]
+    Panicked { vcpu: u8 },
+}
+
+/// A VM ready to run: memory loaded, devices placed, vCPUs configured.
+pub struct MicroVm {
+    // Fields drop in this order: vCPUs and devices first, then the VM, then
+    // the guest memory the VM maps.
+    vcpus: Vec<Box<dyn Vcpu>>,
+    io_bus: Bus,
+    mmio_bus: Bus,
+    stop: Arc<StopSignal>,
+    vm: Arc<dyn Vm>,
+    memory: GuestMemoryMmap,
+    kernel: LoadedKernel,
+}
+
+impl MicroVm {
+    /// Creates the VM described by `config`; the serial console writes to
+    /// `console`.
+    pub fn build(
+        hypervisor: &dyn Hypervisor,
+        config: &VmConfig,
+        console: Box<dyn Write + Send>,
+    ) -> Result<MicroVm, BuildError> {
+        config.validate()?;
+        let max = hypervisor.max_vcpus();
+        if usize::from(config.vcpus) > max {
+            return Err(BuildError::TooManyVcpus {
+                requested: config.vcpus,
+                max,
+            });
+        }
+
+        let vm = hypervisor.create_vm()?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)?;
+        vm.create_irq_chip()?;
+        vm.create_pit()?;
+
+        let memory = memory::allocate(config.memory_bytes())?;
+        memory::register(vm.as_ref(), &memory)?;
+
+        let mut mmio_bus = Bus::new();
+        let disks = config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, disk)| {
+                Block::open(&disk.path, disk.read_only, &format!("vmrun-disk-{index}"))
+                    .map(|block| Box::new(block) as Box<dyn VirtioDevice>)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let slots = virtio_slots::attach(vm.as_ref(), &memory, &mut mmio_bus, disks)?;
+        let cmdline = std::iter::once(config.cmdline.trim().to_owned())
+            .chain(slots.iter().map(|slot| slot.cmdline_parameter()))
+            .filter(|part| !part.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+
+        let kernel = boot::load(
+            &memory,
+            &BootSpec {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &cmdline,
+                memory_size: config.memory_bytes(),
+            },
+        )?;
+        let cr3 = write_descriptor_tables(&memory, kernel.entry).map_err(BuildError::BootTables)?;
+        mptable::write(&memory, config.vcpus)?;
+
+        let stop = Arc::new(StopSignal::new());
+        let io_bus = legacy_devices(vm.as_ref(), &stop, console)?;
+
+        let supported = hypervisor.supported_cpuid()?;
+        let vcpus = (0..config.vcpus)
+            .map(|id| {
+                create_vcpu(vm.as_ref(), id, config.vcpus, &supported, kernel.entry, cr3)
+                    .map_err(|source| BuildError::Vcpu { vcpu: id, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        Ok(MicroVm {
+            vcpus,
+            io_bus,
+            mmio_bus,
+            stop,
+            vm,
+            memory,
+            kernel,
+        })
+    }
+
+    /// The port I/O bus, to add devices before [`MicroVm::run`].
+    pub fn io_bus_mut(&mut self) -> &mut Bus {
+        &mut self.io_bus
+    }
+
+    /// The MMIO bus, to add devices before [`MicroVm::run`].
+    pub fn mmio_bus_mut(&mut self) -> &mut Bus {
+        &mut self.mmio_bus
+    }
+
+    /// The signal devices use to end the VM.
+    pub fn stop_signal(&self) -> Arc<StopSignal> {
+        self.stop.clone()
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub fn vm(&self) -> &Arc<dyn Vm> {
+        &self.vm
+    }
+
+    pub fn kernel(&self) -> LoadedKernel {
+        self.kernel
+    }
+
+    /// Runs every vCPU on its own thread until the guest stops; joins them
+    /// all before returning why it stopped.
+    pub fn run(self) -> Result<GuestStop, RunError> {
+        kick::install_handler().map_err(RunError::KickHandler)?;
+        let MicroVm {
+            vcpus,
+            io_bus,
+            mmio_bus,
+            stop,
+            vm,
+            memory,
+            kernel: _,
+        } = self;
+        let io_bus = Arc::new(io_bus);
+        let mmio_bus = Arc::new(mmio_bus);
+        let running = Arc::new(AtomicUsize::new(vcpus.len()));
+
+        let mut threads = Vec::with_capacity(vcpus.len());
+        let mut spawn_error = None;
+        for vcpu in vcpus {
+            let id = vcpu.id();
+            let context = VcpuContext {
+                io_bus: io_bus.clone(),
+                mmio_bus: mmio_bus.clone(),
+                stop: stop.clone(),
+                running: running.clone(),
+            };
+            let spawned = kick::spawn_with_kick_blocked(|| {
+                thread::Builder::new()
+                    .name(format!("vcpu{id}"))
+                    .spawn(move || run_vcpu(vcpu, context))
+            });
+            match spawned {
+                Ok(handle) => threads.push((id, handle)),
+                Err(source) => {
+                    // Not all vCPUs can run: stop those already started.
+                    stop.request(GuestStop::VcpuFailed {
+                        vcpu: id,
+                        reason: format!("thread not started: {source}"),
+                    });
+                    spawn_error = Some(RunError::Spawn { vcpu: id, source });
+                    break;
+                }
+            }
+        }
+
+        let reason = stop.wait();
+        let mut error = spawn_error;
+        for (id, handle) in &threads {
+            if let Err(source) = kick::kick(handle) {
+                error.get_or_insert(RunError::Kick { vcpu: *id, source });
+            }
+        }
+        for (id, handle) in threads {
+            if handle.join().is_err() {
+                error.get_or_insert(RunError::Panicked { vcpu: id });
+            }
+        }
+        drop((io_bus, mmio_bus));
+        drop(vm);
+        drop(memory);
+        match error {
+            Some(error) => Err(error),
+            None => Ok(reason),
+        }
+    }
+}
+
+/// The serial port on IRQ 4, the i8042 reset line and the debug-exit port.
+fn legacy_devices(
+    vm: &dyn Vm,
+    stop: &Arc<StopSignal>,
+    console: Box<dyn Write + Send>,
+) -> Result<Bus, BuildError> {
+    let mut bus = Bus::new();
+    let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&interrupt, SERIAL_IRQ)?;
+    bus.insert(
+        u64::from(COM1_PORT),
+        COM1_PORT_COUNT,
+        Arc::new(Mutex::new(SerialPort::new(interrupt, console))),
+    )?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(stop.clone())));
+    bus.insert(u64::from(i8042::DATA_PORT), 1, i8042.clone())?;
+    bus.insert(u64::from(i8042::COMMAND_PORT), 1, i8042)?;
+    bus.insert(
+        u64::from(DEBUG_EXIT_PORT),
+        1,
+        Arc::new(Mutex::new(DebugExit::new(stop.clone()))),
+    )?;
+    Ok(bus)
+}
+
+/// Creates vCPU `id` of `count` with its CPUID, MSRs and LAPIC wiring; the
+/// boot vCPU (0) also gets the entry register state. The others wait in
+/// the in-kernel LAPIC for the boot CPU's startup IPI.
+fn create_vcpu(
+    vm: &dyn Vm,
+    id: u8,
+    count: u8,
+    supported_cpuid: &[CpuidEntry],
+    entry: EntryPoint,
+    cr3: Option<u64>,
+) -> Result<Box<dyn Vcpu>, HypervisorError> {
+    let vcpu = vm.create_vcpu(id)?;
+    vcpu.set_cpuid(&vcpu_cpuid(supported_cpuid, id, count))?;
+    vcpu.set_msrs(&boot_msrs())?;
+    vcpu.set_fpu(&boot_fpu())?;
+    let lapic = vcpu.get_lapic()?;
+    vcpu.set_lapic(&wire_local_interrupts(lapic))?;
+    if id == 0 {
+        vcpu.set_regs(&boot_regs(entry))?;
+        let sregs = vcpu.get_sregs()?;
+        vcpu.set_sregs(&boot_sregs(sregs, entry, cr3))?;
+    }
+    Ok(vcpu)
+}

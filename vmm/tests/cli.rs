@@ -1,0 +1,238 @@
+//! The `vmrun-vmm` binary: exit status and messages for guest outcomes and
+//! bad configurations. Guests run on the real /dev/kvm.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use support::{guests, require_kvm, temp_file};
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmrun-vmm"))
+        .args(args)
+        .output()
+        .expect("run vmrun-vmm")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn guest_output_goes_to_the_console_file_and_status_is_zero() {
+    require_kvm();
+    let (_k, kernel) = temp_file(&support::elf_image(guests::PVH_HELLO, true));
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let output = vmm(&[
+        "--kernel",
+        path_str(&kernel),
+        "--cmdline",
+        "console=ttyS0",
+        "--memory",
+        "64",
+        "--console",
+        path_str(&console),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        "PVH console=ttyS0\n"
+    );
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn stdio_console_prints_to_stdout() {
+    require_kvm();
+    let (_k, kernel) = temp_file(&support::elf_image(guests::PVH_HELLO, true));
+    let output = vmm(&[
+        "--kernel",
+        path_str(&kernel),
+        "--cmdline",
+        "hi",
+        "--memory",
+        "64",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "PVH hi\n");
+}
+
+#[test]
+fn console_off_prints_nothing() {
+    require_kvm();
+    let (_k, kernel) = temp_file(&support::elf_image(guests::PVH_HELLO, true));
+    let output = vmm(&[
+        "--kernel",
+        path_str(&kernel),
+        "--console",
+        "off",
+        "--memory",
+        "64",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn guest_debug_exit_status_becomes_the_exit_status() {
+    require_kvm();
+    // Without the test MMIO device the guest's read-back check fails: status 4.
+    let (_k, kernel) = temp_file(&support::elf_image(guests::LINUX64_MMIO, false));
+    let output = vmm(&[
+        "--kernel",
+        path_str(&kernel),
+        "--console",
+        "off",
+        "--memory",
+        "64",
+    ]);
+    assert_eq!(output.status.code(), Some(4), "stderr: {}", stderr(&output));
+    assert!(stderr(&output).contains("guest exited with status 4"));
+}
+
+#[test]
+fn triple_fault_exits_non_zero_with_one_clear_line() {
+    require_kvm();
+    let (_k, kernel) = temp_file(&support::elf_image(guests::TRIPLE_FAULT, true));
+    let output = vmm(&[
+        "--kernel",
+        path_str(&kernel),
+        "--console",
+        "off",
+        "--memory",
+        "64",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let message: Vec<String> = stderr(&output)
+        .lines()
+        .filter(|l| !l.contains("kvm_pvm"))
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        message,
+        ["vmrun-vmm: guest crashed: triple fault on vCPU 0"]
+    );
+}
+
+#[test]
+fn reset_request_exits_zero_with_smp() {
+    require_kvm();
+    let (_k, kernel) = temp_file(&support::elf_image(guests::I8042_RESET, true));
+    let output = vmm(&[
+        "--kernel",
+        path_str(&kernel),
+        "--vcpus",
+        "2",
+        "--console",
+        "off",
+        "--memory",
+        "64",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+}
+
+#[test]
+fn json_config_file_is_accepted() {
+    require_kvm();
+    let (_k, kernel) = temp_file(&support::elf_image(guests::PVH_HELLO, true));
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let config = serde_json::json!({
+        "kernel": kernel, "cmdline": "from json", "memory_mib": 64, "console": {"file": console}
+    });
+    let config_path = dir.path().join("vm.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let output = vmm(&["--config", path_str(&config_path)]);
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        "PVH from json\n"
+    );
+}
+
+#[test]
+fn kvm_pvm_host_is_named_in_one_line() {
+    require_kvm();
+    let (_k, kernel) = temp_file(&support::elf_image(guests::PVH_HELLO, true));
+    let output = vmm(&[
+        "--kernel",
+        path_str(&kernel),
+        "--console",
+        "off",
+        "--memory",
+        "64",
+    ]);
+    let pvm_lines = stderr(&output)
+        .lines()
+        .filter(|l| l.contains("kvm_pvm"))
+        .count();
+    let expected = usize::from(Path::new("/sys/module/kvm_pvm").exists());
+    assert_eq!(pvm_lines, expected, "stderr: {}", stderr(&output));
+}
+
+/// Bad configurations fail before any VM exists: status 2, one line.
+fn assert_bad_config(args: &[&str], message: &str) {
+    let output = vmm(args);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{args:?}: {}",
+        stderr(&output)
+    );
+    let text = stderr(&output);
+    assert!(text.contains(message), "{args:?}: {text}");
+    assert_eq!(text.lines().count(), 1, "{args:?}: {text}");
+}
+
+#[test]
+fn bad_configurations_are_refused() {
+    let (_k, kernel) = temp_file(&support::elf_image(guests::PVH_HELLO, true));
+    let kernel = path_str(&kernel);
+    assert_bad_config(
+        &["--kernel", "/nonexistent/vmlinux"],
+        "kernel /nonexistent/vmlinux: No such file",
+    );
+    assert_bad_config(
+        &["--kernel", kernel, "--vcpus", "0"],
+        "vcpus must be between 1 and 32, not 0",
+    );
+    assert_bad_config(
+        &["--kernel", kernel, "--vcpus", "33"],
+        "vcpus must be between 1 and 32, not 33",
+    );
+    assert_bad_config(
+        &["--kernel", kernel, "--memory", "8"],
+        "memory must be between 32 and",
+    );
+    assert_bad_config(
+        &["--kernel", kernel, "--initrd", "/nonexistent/initrd"],
+        "initrd /nonexistent/initrd",
+    );
+    assert_bad_config(&["--kernel", "/"], "kernel / is not a regular file");
+}
+
+#[test]
+fn missing_kernel_option_is_a_usage_error() {
+    let output = vmm(&[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--kernel"));
+}
+
+#[test]
+fn a_file_that_is_no_kernel_is_refused() {
+    require_kvm();
+    let (_k, kernel) = temp_file(b"this is not a kernel");
+    let output = vmm(&["--kernel", path_str(&kernel), "--memory", "64"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("is neither an ELF vmlinux nor a bzImage"),
+        "{}",
+        stderr(&output)
+    );
+}
