@@ -23,6 +23,9 @@ pub struct Config {
     pub state: PathBuf,
     pub pids_limit: Option<i64>,
     pub registries: RegistryConfig,
+    /// The file this was read from, handed on to a detached supervisor.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -32,6 +35,7 @@ impl Default for Config {
             state: PathBuf::from("/run/vmrun"),
             pids_limit: Some(4096),
             registries: RegistryConfig::default(),
+            source: None,
         }
     }
 }
@@ -45,7 +49,10 @@ impl Config {
         };
         match std::fs::read_to_string(&path) {
             Ok(text) => {
-                toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+                let mut config: Self = toml::from_str(&text)
+                    .with_context(|| format!("config file {}", path.display()))?;
+                config.source = Some(path);
+                Ok(config)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
             Err(e) => Err(e).with_context(|| format!("config file {}", path.display())),

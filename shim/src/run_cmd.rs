@@ -297,7 +297,7 @@ fn detach(
         .arg(&config.root)
         .arg("--state")
         .arg(&config.state);
-    if let Ok(path) = std::env::var("VMRUN_CONFIG") {
+    if let Some(path) = &config.source {
         cmd.arg("--config").arg(path);
     }
     cmd.arg("supervise")

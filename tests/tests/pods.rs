@@ -85,7 +85,7 @@ pub fn init_container_fills_empty_dir_served_by_main(rt: &str) {
       periodSeconds: 1
   - name: client
     image: {image}
-    command: ["sleep", "3600"]
+    command: ["sleep", "3601"]
   volumes:
   - name: data
     emptyDir: {{}}
@@ -109,7 +109,7 @@ pub fn init_container_fills_empty_dir_served_by_main(rt: &str) {
     assert!(text(&ps.stdout).contains("web"), "{}", describe(&ps));
     let uid = uid_of(&record);
     stop_and_rm(&vm, "web");
-    assert_clean(&vm, &uid, "sleep 3600");
+    assert_clean(&vm, &uid, "sleep 3601");
 }
 
 pub fn containers_share_localhost_and_ipc(rt: &str) {
@@ -124,10 +124,10 @@ pub fn containers_share_localhost_and_ipc(rt: &str) {
   containers:
   - name: server
     image: {image}
-    command: ["sh", "-c", "echo shm-token > /dev/shm/token; echo net-ok | nc -l -p 9090; readlink /proc/self/ns/net /proc/self/ns/ipc"]
+    command: ["sh", "-c", "echo shm-token > /dev/shm/token; echo net-ok | nc -l -p 9090; readlink /proc/self/ns/net; readlink /proc/self/ns/ipc"]
   - name: client
     image: {image}
-    command: ["sh", "-c", "until nc 127.0.0.1 9090 > /tmp/got 2>/dev/null && [ -s /tmp/got ]; do usleep 50000; done; cat /tmp/got; cat /dev/shm/token; readlink /proc/self/ns/net /proc/self/ns/ipc"]
+    command: ["sh", "-c", "until nc 127.0.0.1 9090 > /tmp/got 2>/dev/null && [ -s /tmp/got ]; do usleep 50000; done; cat /tmp/got; cat /dev/shm/token; readlink /proc/self/ns/net; readlink /proc/self/ns/ipc"]
 "#
         ),
     );
@@ -172,7 +172,7 @@ pub fn share_process_namespace_sees_other_containers(rt: &str) {
     command: ["sleep", "4242"]
   - name: looker
     image: {image}
-    command: ["sleep", "3600"]
+    command: ["sleep", "3603"]
 "#
         ),
     );
@@ -229,7 +229,7 @@ pub fn oom_kill_is_reported(rt: &str) {
   containers:
   - name: hog
     image: {image}
-    command: ["sh", "-c", "echo start; dd if=/dev/zero of=/dev/null bs=64M count=1; echo survived"]
+    command: ["tail", "-c", "67108864", "/dev/zero"]
     resources:
       limits: {{memory: 16Mi}}
 "#
@@ -237,7 +237,7 @@ pub fn oom_kill_is_reported(rt: &str) {
     );
     let path = vm.manifest("hog", &yaml);
     let out = vm.run(&["run", "--keep", "--runtime", rt, path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(137), "{}", describe(&out));
     let stderr = text(&out.stderr);
     assert!(stderr.contains("OOMKilled"), "{}", describe(&out));
     assert!(
@@ -265,7 +265,7 @@ pub fn cpu_and_memory_limits_reach_the_cgroup(rt: &str) {
   containers:
   - name: app
     image: {image}
-    command: ["sleep", "3600"]
+    command: ["sleep", "3602"]
     resources:
       requests: {{cpu: 250m, memory: 32Mi}}
       limits: {{cpu: 500m, memory: 64Mi}}
