@@ -77,12 +77,19 @@ fn main() -> anyhow::Result<()> {
         let mut samples = Vec::new();
         for i in 0..runs {
             let mut cmd = Command::new(runtime);
-            cmd.arg("--root").arg(&state_dir).args(["run", "--bundle"]).arg(&bundle).arg(format!("bench-{i}"));
+            cmd.arg("--root")
+                .arg(&state_dir)
+                .args(["run", "--bundle"])
+                .arg(&bundle)
+                .arg(format!("bench-{i}"));
             match time_to_first_line(&mut cmd) {
                 Ok(d) => samples.push(d),
                 Err(e) => {
                     // Said by name, never silently dropped: e.g. crun refuses hybrid cgroup hosts.
-                    println!("{runtime}: not measured on this host: {}", e.to_string().trim());
+                    println!(
+                        "{runtime}: not measured on this host: {}",
+                        e.to_string().trim()
+                    );
                     break;
                 }
             }
