@@ -71,6 +71,24 @@ pub use reaper::{ExitStatus, SignalError, WaitError};
 pub use sandbox::{create_sandbox, Sandbox, SandboxConfig, SandboxError};
 pub use syscall::{LinuxSyscall, Syscall};
 
+/// The capabilities a container gets by default: containerd's and Docker's set.
+pub const DEFAULT_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
 #[cfg(test)]
 mod tests {
     /// The pod layer shares these across tokio `spawn_blocking` threads.

@@ -60,22 +60,7 @@ pub enum SpecError {
 }
 
 /// Default capabilities of a container (containerd's and Docker's set).
-pub const DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
+pub use vmrun_container::DEFAULT_CAPABILITIES as DEFAULT_CAPS;
 
 const ALL_CAPS: &[&str] = &[
     "CAP_CHOWN",

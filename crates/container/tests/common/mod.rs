@@ -155,22 +155,7 @@ impl Drop for Fixture {
     }
 }
 
-const CAPS: [&str; 14] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
+use vmrun_container::DEFAULT_CAPABILITIES as CAPS;
 
 pub fn to_spec(v: Value) -> Spec {
     serde_json::from_value(v).expect("spec json")
