@@ -73,6 +73,12 @@ fn main() -> anyhow::Result<()> {
     write_bundle_config(&bundle)?;
     let mut results: Vec<(&str, Summary)> = vec![("vmrun native", summarize(&vmrun_samples))];
     for runtime in ["runc", "crun"] {
+        if runtime == "crun" && hide_hybrid_cgroup2()? {
+            println!(
+                "crun: this host mounts cgroup v2 beside v1 (hybrid), which crun refuses; \
+                 measuring it in a private mount namespace without /sys/fs/cgroup/unified"
+            );
+        }
         let state_dir = work.path().join(format!("{runtime}-state"));
         let mut samples = Vec::new();
         for i in 0..runs {
@@ -121,6 +127,33 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+const HYBRID_CGROUP2: &str = "/sys/fs/cgroup/unified";
+
+/// crun refuses hosts with cgroup v2 mounted beside v1 ("hybrid mode") as
+/// long as v2 has any controller. Hiding the v2 mount from this process
+/// alone (runc and vmrun were measured before) lets crun use plain v1, as it
+/// would on a pure v1 host. Returns whether anything was hidden.
+fn hide_hybrid_cgroup2() -> anyhow::Result<bool> {
+    let hybrid = std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(HYBRID_CGROUP2));
+    if !hybrid {
+        return Ok(false);
+    }
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare mount namespace")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("make / private")?;
+    umount2(HYBRID_CGROUP2, MntFlags::MNT_DETACH).context("hide the cgroup v2 mount")?;
+    Ok(true)
 }
 
 /// Layer directories of the imported image, bottom first.

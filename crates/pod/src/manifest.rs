@@ -103,6 +103,8 @@ pub fn parse(file: &str, text: &str) -> Result<Manifest, ManifestError> {
             .unwrap_or("")
             .to_string();
         kinds_seen.push(kind.clone());
+        let mut value = value;
+        octal_file_modes(&mut value);
         match kind.as_str() {
             "Pod" => {
                 let parsed: Pod = typed(file, &kind, &name, value)?;
@@ -143,6 +145,37 @@ pub fn parse(file: &str, text: &str) -> Result<Manifest, ManifestError> {
         config_maps,
         secrets,
     })
+}
+
+/// Kubernetes reads manifests as YAML 1.1, where `defaultMode: 0400` is the
+/// octal 256; serde_yaml follows YAML 1.2 and hands back the string "0400".
+/// File modes are the only integer fields written in octal, so those keys
+/// (`mode`, `defaultMode`) get YAML 1.1's reading back.
+fn octal_file_modes(value: &mut serde_yaml::Value) {
+    use serde_yaml::Value;
+    match value {
+        Value::Mapping(map) => {
+            for (key, item) in map.iter_mut() {
+                let is_mode = matches!(key.as_str(), Some("mode" | "defaultMode"));
+                let octal = match item {
+                    Value::String(s) if is_mode => yaml11_octal(s),
+                    _ => None,
+                };
+                match octal {
+                    Some(n) => *item = Value::Number(n.into()),
+                    None => octal_file_modes(item),
+                }
+            }
+        }
+        Value::Sequence(items) => items.iter_mut().for_each(octal_file_modes),
+        _ => {}
+    }
+}
+
+/// `0[0-7]+` as YAML 1.1 reads it.
+fn yaml11_octal(s: &str) -> Option<u64> {
+    let digits = s.strip_prefix('0').filter(|d| !d.is_empty())?;
+    u64::from_str_radix(digits, 8).ok()
 }
 
 fn require_name(file: &str, doc: usize, kind: &str, name: &str) -> Result<String, ManifestError> {
@@ -250,6 +283,26 @@ mod tests {
         assert_eq!(m.pod.metadata.name.as_deref(), Some("web"));
         assert_eq!(m.config_maps["cm"].data.as_ref().unwrap()["k"], "v");
         assert_eq!(m.secrets["s"].data.as_ref().unwrap()["pw"].0, b"hunter2");
+    }
+
+    #[test]
+    fn file_modes_in_octal_read_as_kubernetes_does() {
+        let text = POD.to_string()
+            + "  volumes:\n  - name: s\n    secret:\n      secretName: s\n      defaultMode: 0400\n      items:\n      - key: a\n        path: a\n        mode: 0644\n  - name: d\n    configMap:\n      name: d\n      defaultMode: 420\n";
+        let m = parse("t.yaml", &text).unwrap();
+        let volumes = m.pod.spec.unwrap().volumes.unwrap();
+        let secret = volumes[0].secret.as_ref().unwrap();
+        assert_eq!(secret.default_mode, Some(0o400));
+        assert_eq!(secret.items.as_ref().unwrap()[0].mode, Some(0o644));
+        assert_eq!(
+            volumes[1].config_map.as_ref().unwrap().default_mode,
+            Some(420)
+        );
+        // Not octal: still a type error naming the field.
+        let bad = POD.to_string()
+            + "  volumes:\n  - name: s\n    secret:\n      secretName: s\n      defaultMode: 0999\n";
+        let err = parse("t.yaml", &bad).unwrap_err().to_string();
+        assert!(err.contains("spec.volumes[0].secret.defaultMode"), "{err}");
     }
 
     #[test]
