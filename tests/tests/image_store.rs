@@ -190,8 +190,9 @@ async fn pull_by_tag_then_by_digest() {
     assert_eq!(store.list().unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn whiteouts_opaque_dirs_and_metadata() {
+/// Two layers: the upper one deletes a file (whiteout), replaces a directory
+/// (opaque) and adds an owned setuid file with an xattr, a hardlink and a symlink.
+async fn push_whiteout_image(tag: &str) -> String {
     let registry = vmrun_tests::shared_registry().await.unwrap();
     let lower = Layer::new(
         layer_tar(&[
@@ -228,9 +229,12 @@ async fn whiteouts_opaque_dirs_and_metadata() {
     )
     .unwrap();
     let img = ImageSpec::new(vec![lower, upper]).build();
-    let reference = push_image(&registry.addr(), "test/whiteouts:v1", &img)
-        .await
-        .unwrap();
+    push_image(&registry.addr(), tag, &img).await.unwrap()
+}
+
+#[tokio::test]
+async fn whiteouts_opaque_dirs_and_metadata() {
+    let reference = push_whiteout_image("test/whiteouts:v1").await;
     let (dir, store) = new_store();
     let image = store.pull(&reference, &NoProgress).await.unwrap();
     let (lo, up) = (&image.layers[0], &image.layers[1]);
@@ -266,25 +270,87 @@ async fn whiteouts_opaque_dirs_and_metadata() {
     let merged = dir.path().join("merged");
     std::fs::create_dir(&merged).unwrap();
     let opts = format!("lowerdir={}:{}", up.display(), lo.display());
-    match nix::mount::mount(
+    assert_eq!(
+        overlay_view(&merged, &opts),
+        (true, false, false, true),
+        "keep, gone, old, new"
+    );
+}
+
+/// Mounts a read-only overlay at `merged` and reports whether a/keep, a/gone,
+/// o/old and o/new are visible.
+fn overlay_view(merged: &Path, opts: &str) -> (bool, bool, bool, bool) {
+    nix::mount::mount(
         Some("overlay"),
-        &merged,
+        merged,
         Some("overlay"),
         nix::mount::MsFlags::MS_RDONLY,
-        Some(opts.as_str()),
-    ) {
-        Ok(()) => {
-            let seen = (
-                merged.join("a/keep").exists(),
-                merged.join("a/gone").exists(),
-                merged.join("o/old").exists(),
-                merged.join("o/new").exists(),
-            );
-            nix::mount::umount(&merged).unwrap();
-            assert_eq!(seen, (true, false, false, true), "keep, gone, old, new");
-        }
-        Err(e) => println!("skipping overlay mount check: mount failed: {e}"),
-    }
+        Some(opts),
+    )
+    .unwrap_or_else(|e| panic!("overlay mount {opts}: {e}"));
+    let seen = (
+        merged.join("a/keep").exists(),
+        merged.join("a/gone").exists(),
+        merged.join("o/old").exists(),
+        merged.join("o/new").exists(),
+    );
+    nix::mount::umount(merged).unwrap();
+    seen
+}
+
+#[tokio::test]
+async fn block_image_is_an_erofs_of_the_layers_that_overlays_the_same() {
+    let reference = push_whiteout_image("test/whiteouts:block").await;
+    let (dir, store) = new_store();
+    let image = store.pull(&reference, &NoProgress).await.unwrap();
+    let erofs = store.block_image(&image).unwrap();
+    assert!(
+        erofs.starts_with(store.root().join("block/sha256")),
+        "{erofs:?}"
+    );
+    let built = std::fs::metadata(&erofs).unwrap().modified().unwrap();
+    assert_eq!(store.block_image(&image).unwrap(), erofs, "cached path");
+    assert_eq!(
+        std::fs::metadata(&erofs).unwrap().modified().unwrap(),
+        built,
+        "the second call must not rebuild"
+    );
+
+    // What the guest does: mount the disk, overlay its numbered layers.
+    let mnt = dir.path().join("erofs");
+    std::fs::create_dir(&mnt).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "erofs", "-o", "loop,ro"])
+        .arg(&erofs)
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount -t erofs {erofs:?}");
+    let layers = mnt.join(vmrun_image::BLOCK_LAYERS_DIR);
+    let owned = std::fs::metadata(layers.join("1/owned"));
+    let owned_xattr = get_xattr(&layers.join("1/owned"), "user.vmrun");
+    let merged = dir.path().join("merged");
+    std::fs::create_dir(&merged).unwrap();
+    let opts = format!(
+        "lowerdir={}:{}",
+        layers.join("1").display(),
+        layers.join("0").display()
+    );
+    let seen = overlay_view(&merged, &opts);
+    let umount = std::process::Command::new("umount")
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(umount.success());
+    assert_eq!(seen, (true, false, false, true), "keep, gone, old, new");
+    let owned = owned.unwrap();
+    assert_eq!((owned.uid(), owned.gid()), (1000, 2000));
+    assert_eq!(owned.permissions().mode() & 0o7777, 0o4750);
+    assert_eq!(owned_xattr.as_deref(), Some(&b"hello"[..]));
+
+    // Removing the image removes its block image.
+    store.remove(&reference).unwrap();
+    assert!(!erofs.exists(), "block image left after rm");
 }
 
 #[tokio::test]

@@ -8,11 +8,13 @@
 //! layers/sha256/<diff-id-hex>/  unpacked layers, shared between images (overlayfs lowerdirs)
 //! images/sha256/<hex>.json      one record per image, keyed by image id (config digest)
 //! images/index.json             normalized reference -> image id
+//! block/sha256/<id-hex>.erofs  read-only EROFS image of an image's layers, for microVMs
 //! tmp/                          downloads and unpacks in progress (renamed into place when done)
 //! lock                          store lock: shared while writing content, exclusive for GC
 //! images/index.lock             serializes read-modify-write of images/index.json
 //! ```
 
+mod block;
 mod error;
 mod import;
 mod manifest;
@@ -26,6 +28,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use block::{BlockImageError, BLOCK_LAYERS_DIR};
 pub use error::{ImportError, LayerError, OpenError, PullError, ReferenceError, StoreError};
 pub use reference::normalize_reference;
 pub use store::ImageStore;

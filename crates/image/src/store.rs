@@ -302,7 +302,11 @@ impl ImageStore {
         Ok(dest)
     }
 
-    fn lock_file(&self, name: &str, arg: FlockArg) -> Result<Option<Flock<File>>, StoreError> {
+    pub(crate) fn lock_file(
+        &self,
+        name: &str,
+        arg: FlockArg,
+    ) -> Result<Option<Flock<File>>, StoreError> {
         let path = self.root.join(name);
         let file = OpenOptions::new()
             .create(true)
@@ -591,6 +595,13 @@ impl ImageStore {
         sweep(&self.root.join("layers/sha256"), |name| {
             live_layers.contains(&format!("sha256:{name}"))
         })?;
+        let block_dir = self.root.join(crate::block::BLOCK_DIR);
+        if block_dir.is_dir() {
+            sweep(&block_dir, |name| {
+                name.strip_suffix(crate::block::BLOCK_SUFFIX)
+                    .is_some_and(|hex| live_blobs.contains(&format!("sha256:{hex}")))
+            })?;
+        }
         sweep(&self.root.join("tmp"), |_| false)?;
         Ok(true)
     }
