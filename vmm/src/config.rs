@@ -69,6 +69,54 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// The guest's vsock device, bridged to host unix sockets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or more: 0-2 are reserved).
+    #[serde(default = "default_guest_cid")]
+    pub guest_cid: u64,
+    /// Host clients connect here; guest connects to host port P reach
+    /// `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+pub const DEFAULT_GUEST_CID: u64 = 3;
+/// sizeof(sun_path) minus the terminating NUL.
+const MAX_UDS_PATH: usize = 107;
+
+fn default_guest_cid() -> u64 {
+    DEFAULT_GUEST_CID
+}
+
+impl std::str::FromStr for VsockConfig {
+    type Err = String;
+
+    /// `PATH` or `PATH,cid=N`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err("empty vsock socket path".into());
+        }
+        let mut guest_cid = DEFAULT_GUEST_CID;
+        for option in parts {
+            match option.split_once('=') {
+                Some(("cid", value)) => {
+                    guest_cid = value
+                        .parse()
+                        .map_err(|_| format!("invalid vsock cid {value:?}"))?
+                }
+                _ => return Err(format!("unknown vsock option {option:?} (cid=N)")),
+            }
+        }
+        Ok(VsockConfig {
+            guest_cid,
+            uds_path: PathBuf::from(path),
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
@@ -86,6 +134,11 @@ pub struct VmConfig {
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// The control socket (line-delimited JSON), if any.
+    #[serde(default)]
+    pub api: Option<PathBuf>,
 }
 
 fn default_cmdline() -> String {
@@ -111,6 +164,8 @@ impl VmConfig {
             memory_mib: DEFAULT_MEMORY_MIB,
             console: ConsoleConfig::default(),
             disks: Vec::new(),
+            vsock: None,
+            api: None,
         }
     }
 
@@ -142,8 +197,18 @@ impl VmConfig {
         if let Some(initrd) = &self.initrd {
             check_file(initrd, "initrd")?;
         }
-        if self.disks.len() > MAX_VIRTIO_DEVICES {
-            return Err(ConfigError::TooManyDevices(self.disks.len()));
+        let devices = self.disks.len() + usize::from(self.vsock.is_some());
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
+        if let Some(api) = &self.api {
+            let len = api.as_os_str().len();
+            if len == 0 || len > MAX_UDS_PATH {
+                return Err(ConfigError::ApiPath(api.clone()));
+            }
         }
         for disk in &self.disks {
             check_file(&disk.path, "disk")?;
@@ -155,6 +220,20 @@ impl VmConfig {
             if path.as_os_str().is_empty() {
                 return Err(ConfigError::EmptyConsolePath);
             }
+        }
+        Ok(())
+    }
+}
+
+impl VsockConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        // 0-2 are the hypervisor, local and host; u32::MAX is VMADDR_CID_ANY.
+        if self.guest_cid < 3 || self.guest_cid >= u64::from(u32::MAX) {
+            return Err(ConfigError::VsockCid(self.guest_cid));
+        }
+        let len = self.uds_path.as_os_str().len();
+        if len == 0 || len > MAX_UDS_PATH {
+            return Err(ConfigError::VsockPath(self.uds_path.clone()));
         }
         Ok(())
     }
@@ -180,6 +259,12 @@ pub enum ConfigError {
     TooManyDevices(usize),
     #[error("console file path is empty")]
     EmptyConsolePath,
+    #[error("vsock guest cid must be between 3 and 4294967294, not {0}")]
+    VsockCid(u64),
+    #[error("vsock socket path {0:?} must be 1 to 107 bytes long")]
+    VsockPath(PathBuf),
+    #[error("control socket path {0:?} must be 1 to 107 bytes long")]
+    ApiPath(PathBuf),
 }
 
 #[cfg(test)]
@@ -254,6 +339,29 @@ mod tests {
             config.validate(),
             Err(ConfigError::Missing { what: "disk", .. })
         ));
+    }
+
+    #[test]
+    fn vsock_parses_a_path_and_an_optional_cid() {
+        let vsock: VsockConfig = "/run/v.sock".parse().unwrap();
+        assert_eq!(vsock.guest_cid, DEFAULT_GUEST_CID);
+        assert_eq!(vsock.uds_path, PathBuf::from("/run/v.sock"));
+        let vsock: VsockConfig = "/run/v.sock,cid=42".parse().unwrap();
+        assert_eq!(vsock.guest_cid, 42);
+        assert!("/run/v.sock,port=1".parse::<VsockConfig>().is_err());
+        assert!("/run/v.sock,cid=x".parse::<VsockConfig>().is_err());
+        assert!("".parse::<VsockConfig>().is_err());
+        let (_kernel, mut config) = with_kernel();
+        config.vsock = Some("/run/v.sock,cid=2".parse().unwrap());
+        assert!(matches!(config.validate(), Err(ConfigError::VsockCid(2))));
+        config.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: PathBuf::from("x".repeat(108)),
+        });
+        assert!(matches!(config.validate(), Err(ConfigError::VsockPath(_))));
+        let json: VmConfig =
+            serde_json::from_str(r#"{"kernel": "/k", "vsock": {"uds_path": "/v"}}"#).unwrap();
+        assert_eq!(json.vsock.unwrap().guest_cid, 3);
     }
 
     #[test]

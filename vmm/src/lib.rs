@@ -5,6 +5,7 @@
 //! [`vm::MicroVm`] builds a VM from a [`config::VmConfig`] and runs it until
 //! the guest stops, reporting a [`stop::GuestStop`].
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod devices;
 pub mod hypervisor;
 pub mod kick;
 pub mod memory;
+pub mod pause;
 pub mod stop;
 pub mod vcpu_loop;
 pub mod virtio_slots;

@@ -1,18 +1,22 @@
 //! `vmrun-vmm`: boots one microVM and exits with the guest's outcome.
 //!
-//! Exit status: 0 when the guest powers off or asks for a reset, the
-//! guest's own status when it writes the debug-exit port, 1 when the guest
-//! crashes or the VMM fails, 2 for a bad configuration.
+//! Exit status: 0 when the guest powers off or asks for a reset (our
+//! guests stop with `reboot=k`), the guest's own status when it writes the
+//! debug-exit port, 1 when the guest crashes (triple fault, a kernel panic
+//! line before the reset, a hypervisor error) or the VMM fails, 2 for a
+//! bad configuration.
 
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
 use vmrun_vmm::config::{
-    ConfigError, ConsoleConfig, DiskConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
-    DEFAULT_VCPUS,
+    ConfigError, ConsoleConfig, DiskConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
+    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
+use vmrun_vmm::devices::console_input::RawTerminal;
 use vmrun_vmm::devices::serial::console_writer;
 use vmrun_vmm::hypervisor::kvm::{HostKvm, KvmHypervisor};
 use vmrun_vmm::vm::{BuildError, MicroVm};
@@ -45,8 +49,18 @@ struct Args {
     /// A disk image as a virtio-blk device: PATH or PATH,ro (repeatable).
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<DiskConfig>,
+    /// A hybrid vsock device: host clients connect to the unix socket PATH
+    /// and write `CONNECT <port>\n`; guest connects to host port P reach
+    /// `PATH_P`. The guest CID defaults to 3.
+    #[arg(long, value_name = "PATH[,cid=N]")]
+    vsock: Option<VsockConfig>,
+    /// A control socket: line-delimited JSON requests such as
+    /// {"action":"status"}, pause, resume, stop, and
+    /// {"action":"shutdown","graceful_timeout_ms":N}.
+    #[arg(long, value_name = "PATH")]
+    api: Option<PathBuf>,
     /// A JSON VM configuration instead of the options above.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "disks"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "disks", "vsock", "api"])]
     config: Option<PathBuf>,
 }
 
@@ -67,6 +81,8 @@ fn config_from(args: Args) -> anyhow::Result<VmConfig> {
         memory_mib: args.memory,
         console: args.console,
         disks: args.disks,
+        vsock: args.vsock,
+        api: args.api,
     })
 }
 
@@ -100,13 +116,27 @@ fn main() -> ExitCode {
 fn run(config: &VmConfig) -> anyhow::Result<u8> {
     if HostKvm::detect() == HostKvm::Pvm {
         eprintln!(
-            "vmrun-vmm: host KVM is kvm_pvm (no hardware virtualization): only a PVM-enabled guest kernel boots here"
+            "vmrun-vmm: note: host KVM is kvm_pvm (no hardware virtualization): stock kernels do not boot at usable speed here, a PVM-enabled guest kernel is needed"
         );
     }
     let hypervisor = KvmHypervisor::new()?;
     let console = console_writer(&config.console)
         .with_context(|| format!("cannot open the console {:?}", config.console))?;
-    let vm = MicroVm::build(&hypervisor, config, console)?;
+    let mut vm = MicroVm::build(&hypervisor, config, console)?;
+    // With the console on stdio, stdin is the guest's keyboard; a terminal
+    // goes raw (the guest echoes and edits lines) until the VM ends.
+    let _raw_terminal = if config.console == ConsoleConfig::Stdio {
+        let stdin = std::io::stdin();
+        vm.set_console_input(
+            stdin
+                .as_fd()
+                .try_clone_to_owned()
+                .context("cannot duplicate stdin")?,
+        );
+        RawTerminal::enable_if_tty(stdin.as_raw_fd()).context("cannot make the terminal raw")?
+    } else {
+        None
+    };
     let stop = vm.run()?;
     if !stop.is_clean() {
         eprintln!("vmrun-vmm: {stop}");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::devices::bus::Bus;
 use crate::hypervisor::{SystemEvent, Vcpu, VmExit};
 use crate::kick::kick_signal;
+use crate::pause::PauseGate;
 use crate::stop::{GuestStop, StopSignal};
 
 /// What a vCPU thread shares with the rest of the VM.
@@ -17,6 +18,8 @@ pub struct VcpuContext {
     /// vCPU threads still running; the last one to leave reports
     /// [`GuestStop::AllVcpusHalted`] if nobody reported anything else.
     pub running: Arc<AtomicUsize>,
+    /// Where the thread parks while the VM is paused.
+    pub pause: Arc<PauseGate>,
 }
 
 /// What one exit means for the loop.
@@ -43,6 +46,11 @@ pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, context: VcpuContext) {
         context: &context,
     };
     while !context.stop.is_requested() {
+        // A pause kicks us out of the guest; park here until resumed.
+        context.pause.park_if_paused();
+        if context.stop.is_requested() {
+            break;
+        }
         let next = match vcpu.run() {
             Ok(exit) => handle_exit(id, exit, &context),
             Err(e) => Next::Fail(e.to_string()),
@@ -86,6 +94,8 @@ impl Drop for LeaveGuard<'_> {
         if self.context.running.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.context.stop.request(GuestStop::AllVcpusHalted);
         }
+        // A pause waiting for every vCPU to park must stop counting us.
+        self.context.pause.notify();
     }
 }
 

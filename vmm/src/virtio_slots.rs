@@ -12,7 +12,8 @@ use crate::arch::layout::{IOAPIC_PINS, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_SIZE, VIRTI
 use crate::devices::bus::{Bus, BusInsertError};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
-use crate::hypervisor::{HypervisorError, Vm};
+use crate::hypervisor::{HypervisorError, IoEventAddress, Vm};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 
 /// How many virtio devices fit on the IOAPIC's remaining lines.
 pub const MAX_VIRTIO_DEVICES: usize = (IOAPIC_PINS - VIRTIO_FIRST_IRQ) as usize;
@@ -74,6 +75,12 @@ pub fn attach(
         let irq = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|source| AttachError::EventFd { index, source })?;
         vm.register_irqfd(&irq, slot.irq)?;
+        // A QueueNotify write of queue n signals the device's n-th eventfd
+        // without leaving the guest.
+        let notify = IoEventAddress::Mmio(slot.base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
+        for (queue, event) in device.queue_events().iter().enumerate() {
+            vm.register_ioevent(event, notify, Some(queue as u32))?;
+        }
         let interrupt = Arc::new(VirtioInterrupt::new(irq));
         let transport = MmioTransport::new(device, memory.clone(), interrupt);
         mmio_bus.insert(slot.base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;

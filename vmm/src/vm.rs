@@ -1,13 +1,18 @@
 //! Building a microVM from its configuration, and running it to its end.
 
 use std::io::{self, Write};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
-use vm_memory::{GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::server::{ApiError, ApiSocket};
+use crate::api::{ActionReply, OwnerEvent, RunState, VmmAction};
 use crate::arch::cpuid::vcpu_cpuid;
 use crate::arch::lapic::wire_local_interrupts;
 use crate::arch::layout::{KVM_TSS_ADDRESS, SERIAL_IRQ};
@@ -17,14 +22,18 @@ use crate::arch::regs::{boot_fpu, boot_regs, boot_sregs, write_descriptor_tables
 use crate::boot::{self, BootError, BootSpec, LoadedKernel};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::bus::{Bus, BusInsertError};
+use crate::devices::console_input::ConsoleInput;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{self, I8042};
+use crate::devices::panic_watch::{PanicLine, PanicWatch};
 use crate::devices::serial::{SerialPort, COM1_PORT, COM1_PORT_COUNT};
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::hypervisor::{CpuidEntry, Hypervisor, HypervisorError, Vcpu, Vm};
 use crate::kick;
 use crate::memory::{self, MemoryError};
+use crate::pause::PauseGate;
 use crate::stop::{GuestStop, StopSignal};
 use crate::vcpu_loop::{run_vcpu, VcpuContext};
 use crate::virtio_slots::{self, AttachError};
@@ -51,6 +60,10 @@ pub enum BuildError {
     Bus(#[from] BusInsertError),
     #[error(transparent)]
     Disk(#[from] BlockError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
     #[error("cannot attach virtio devices: {0}")]
     Virtio(#[from] AttachError),
     #[error("vCPU {vcpu}: {source}")]
@@ -67,6 +80,10 @@ pub enum RunError {
     Kick { vcpu: u8, source: io::Error },
     #[error("the thread of vCPU {vcpu} panicked")]
     Panicked { vcpu: u8 },
+    #[error("cannot start the console input thread: {0}")]
+    ConsoleInput(io::Error),
+    #[error(transparent)]
+    Api(#[from] ApiError),
 }
 
 /// A VM ready to run: memory loaded, devices placed, vCPUs configured.
@@ -77,6 +94,10 @@ pub struct MicroVm {
     io_bus: Bus,
     mmio_bus: Bus,
     stop: Arc<StopSignal>,
+    panic_line: PanicLine,
+    serial: Arc<Mutex<SerialPort>>,
+    console_input: Option<OwnedFd>,
+    api: Option<ApiSocket>,
     vm: Arc<dyn Vm>,
     memory: GuestMemoryMmap,
     kernel: LoadedKernel,
@@ -117,7 +138,11 @@ impl MicroVm {
                     .map(|block| Box::new(block) as Box<dyn VirtioDevice>)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let slots = virtio_slots::attach(vm.as_ref(), &memory, &mut mmio_bus, disks)?;
+        let mut devices = disks;
+        if let Some(vsock) = &config.vsock {
+            devices.push(Box::new(Vsock::new(vsock.guest_cid, &vsock.uds_path)?));
+        }
+        let slots = virtio_slots::attach(vm.as_ref(), &memory, &mut mmio_bus, devices)?;
         let cmdline = std::iter::once(config.cmdline.trim().to_owned())
             .chain(slots.iter().map(|slot| slot.cmdline_parameter()))
             .filter(|part| !part.is_empty())
@@ -136,8 +161,11 @@ impl MicroVm {
         let cr3 = write_descriptor_tables(&memory, kernel.entry).map_err(BuildError::BootTables)?;
         mptable::write(&memory, config.vcpus)?;
 
+        let api = config.api.as_deref().map(ApiSocket::bind).transpose()?;
         let stop = Arc::new(StopSignal::new());
-        let io_bus = legacy_devices(vm.as_ref(), &stop, console)?;
+        let panic_line = PanicLine::default();
+        let console = Box::new(PanicWatch::new(console, panic_line.clone()));
+        let (io_bus, serial) = legacy_devices(vm.as_ref(), &stop, console)?;
 
         let supported = hypervisor.supported_cpuid()?;
         let vcpus = (0..config.vcpus)
@@ -152,6 +180,10 @@ impl MicroVm {
             io_bus,
             mmio_bus,
             stop,
+            panic_line,
+            serial,
+            console_input: None,
+            api,
             vm,
             memory,
             kernel,
@@ -166,6 +198,12 @@ impl MicroVm {
     /// The MMIO bus, to add devices before [`MicroVm::run`].
     pub fn mmio_bus_mut(&mut self) -> &mut Bus {
         &mut self.mmio_bus
+    }
+
+    /// Bytes read from `input` go to the guest's serial port while the VM
+    /// runs (a thread polls it; it is closed when the VM ends).
+    pub fn set_console_input(&mut self, input: OwnedFd) {
+        self.console_input = Some(input);
     }
 
     /// The signal devices use to end the VM.
@@ -194,6 +232,10 @@ impl MicroVm {
             io_bus,
             mmio_bus,
             stop,
+            panic_line,
+            serial,
+            console_input,
+            api,
             vm,
             memory,
             kernel: _,
@@ -201,6 +243,29 @@ impl MicroVm {
         let io_bus = Arc::new(io_bus);
         let mmio_bus = Arc::new(mmio_bus);
         let running = Arc::new(AtomicUsize::new(vcpus.len()));
+        let vcpu_count = vcpus.len() as u8;
+        // Started first, so failing to start it needs no vCPU stopped.
+        let input = console_input
+            .map(|fd| ConsoleInput::spawn(fd, serial))
+            .transpose()
+            .map_err(RunError::ConsoleInput)?;
+        // Stops, and control API actions, all reach this thread here.
+        let (events_tx, events) = mpsc::channel();
+        let notify = events_tx.clone();
+        stop.on_request(move || {
+            let _ = notify.send(OwnerEvent::Stopped);
+        });
+        let server = match api.map(|socket| socket.serve(events_tx)).transpose() {
+            Ok(server) => server,
+            Err(e) => {
+                if let Some(input) = input {
+                    input.stop();
+                }
+                return Err(RunError::Api(e));
+            }
+        };
+        let pause = Arc::new(PauseGate::new());
+        let started = Instant::now();
 
         let mut threads = Vec::with_capacity(vcpus.len());
         let mut spawn_error = None;
@@ -211,6 +276,7 @@ impl MicroVm {
                 mmio_bus: mmio_bus.clone(),
                 stop: stop.clone(),
                 running: running.clone(),
+                pause: pause.clone(),
             };
             let spawned = kick::spawn_with_kick_blocked(|| {
                 thread::Builder::new()
@@ -231,8 +297,27 @@ impl MicroVm {
             }
         }
 
-        let reason = stop.wait();
         let mut error = spawn_error;
+        let owner = Owner {
+            stop: &stop,
+            pause: &pause,
+            threads: &threads,
+            running: &running,
+            started,
+            vcpus: vcpu_count,
+            memory_mib: memory_mib(&memory),
+        };
+        owner.serve(events);
+        let reason = stop.reason().unwrap_or(GuestStop::HostStop);
+        // The event receiver is gone, so a request still queued gets its
+        // "stopped" answer and the server thread can end.
+        if let Some(server) = server {
+            server.stop();
+        }
+        if let Some(input) = input {
+            input.stop();
+        }
+        pause.end();
         for (id, handle) in &threads {
             if let Err(source) = kick::kick(handle) {
                 error.get_or_insert(RunError::Kick { vcpu: *id, source });
@@ -248,25 +333,144 @@ impl MicroVm {
         drop(memory);
         match error {
             Some(error) => Err(error),
-            None => Ok(reason),
+            None => Ok(reason.after_panic(panic_line.get())),
         }
     }
 }
 
-/// The serial port on IRQ 4, the i8042 reset line and the debug-exit port.
+fn memory_mib(memory: &GuestMemoryMmap) -> u64 {
+    memory.iter().map(|region| region.len()).sum::<u64>() >> 20
+}
+
+/// The thread that owns the running VM: it alone acts on it, for the
+/// control API's typed actions, until the VM stops.
+struct Owner<'a> {
+    stop: &'a StopSignal,
+    pause: &'a PauseGate,
+    threads: &'a [(u8, JoinHandle<()>)],
+    running: &'a AtomicUsize,
+    started: Instant,
+    vcpus: u8,
+    memory_mib: u64,
+}
+
+/// A `shutdown` waiting for the guest to power off.
+struct PendingShutdown {
+    deadline: Instant,
+    reply: Sender<ActionReply>,
+}
+
+impl Owner<'_> {
+    /// Handles events until the VM stops.
+    fn serve(&self, events: Receiver<OwnerEvent>) {
+        let mut shutdown: Option<PendingShutdown> = None;
+        loop {
+            let event = match &shutdown {
+                Some(pending) => {
+                    let left = pending.deadline.saturating_duration_since(Instant::now());
+                    match events.recv_timeout(left) {
+                        Ok(event) => event,
+                        Err(RecvTimeoutError::Timeout) => {
+                            // The grace period is over: stop it ourselves.
+                            self.stop.request(GuestStop::HostStop);
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                None => match events.recv() {
+                    Ok(event) => event,
+                    Err(_) => return,
+                },
+            };
+            let request = match event {
+                OwnerEvent::Stopped => {
+                    if let Some(pending) = shutdown.take() {
+                        let outcome = match self.stop.reason() {
+                            Some(GuestStop::HostStop) => "forced",
+                            _ => "guest stopped",
+                        };
+                        let _ = pending.reply.send(ActionReply::Done {
+                            ok: true,
+                            outcome: Some(outcome),
+                        });
+                    }
+                    return;
+                }
+                OwnerEvent::Action(request) => request,
+            };
+            let reply = match request.action {
+                VmmAction::Shutdown { .. } if shutdown.is_some() => {
+                    ActionReply::error("a shutdown is already in progress")
+                }
+                VmmAction::Shutdown {
+                    graceful_timeout_ms,
+                } => {
+                    shutdown = Some(PendingShutdown {
+                        deadline: Instant::now() + Duration::from_millis(graceful_timeout_ms),
+                        reply: request.reply,
+                    });
+                    continue; // answered when the VM stops
+                }
+                action => self.act(action),
+            };
+            let _ = request.reply.send(reply);
+        }
+    }
+
+    fn act(&self, action: VmmAction) -> ActionReply {
+        match action {
+            VmmAction::Status => ActionReply::Status {
+                ok: true,
+                state: if self.pause.is_paused() {
+                    RunState::Paused
+                } else {
+                    RunState::Running
+                },
+                vcpus: self.vcpus,
+                memory_mib: self.memory_mib,
+                uptime_ms: self.started.elapsed().as_millis() as u64,
+            },
+            VmmAction::Pause => {
+                self.pause.pause();
+                for (_, handle) in self.threads {
+                    if let Err(e) = kick::kick(handle) {
+                        self.pause.resume();
+                        return ActionReply::error(format!("cannot kick a vCPU: {e}"));
+                    }
+                }
+                self.pause
+                    .wait_parked(|| self.running.load(std::sync::atomic::Ordering::Acquire));
+                ActionReply::done()
+            }
+            VmmAction::Resume => {
+                self.pause.resume();
+                ActionReply::done()
+            }
+            VmmAction::Stop => {
+                self.stop.request(GuestStop::HostStop);
+                ActionReply::done()
+            }
+            // Needs the event loop's deadline: handled in `serve`.
+            VmmAction::Shutdown { .. } => ActionReply::error("shutdown is not handled here"),
+        }
+    }
+}
+
+/// The serial port on IRQ 4 (also returned, for console input), the i8042
+/// reset line and the debug-exit port.
 fn legacy_devices(
     vm: &dyn Vm,
     stop: &Arc<StopSignal>,
     console: Box<dyn Write + Send>,
-) -> Result<Bus, BuildError> {
+) -> Result<(Bus, Arc<Mutex<SerialPort>>), BuildError> {
     let mut bus = Bus::new();
     let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&interrupt, SERIAL_IRQ)?;
-    bus.insert(
-        u64::from(COM1_PORT),
-        COM1_PORT_COUNT,
-        Arc::new(Mutex::new(SerialPort::new(interrupt, console))),
-    )?;
+    let serial = Arc::new(Mutex::new(
+        SerialPort::new(interrupt, console).map_err(BuildError::EventFd)?,
+    ));
+    bus.insert(u64::from(COM1_PORT), COM1_PORT_COUNT, serial.clone())?;
     let i8042 = Arc::new(Mutex::new(I8042::new(stop.clone())));
     bus.insert(u64::from(i8042::DATA_PORT), 1, i8042.clone())?;
     bus.insert(u64::from(i8042::COMMAND_PORT), 1, i8042)?;
@@ -275,7 +479,7 @@ fn legacy_devices(
         1,
         Arc::new(Mutex::new(DebugExit::new(stop.clone()))),
     )?;
-    Ok(bus)
+    Ok((bus, serial))
 }
 
 /// Creates vCPU `id` of `count` with its CPUID, MSRs and LAPIC wiring; the
@@ -301,4 +505,50 @@ fn create_vcpu(
         vcpu.set_sregs(&boot_sregs(sregs, entry, cr3))?;
     }
     Ok(vcpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shutdown waiting for its grace period is answered "guest stopped"
+    /// when the guest powers off first; actions arrive in channel order.
+    #[test]
+    fn a_pending_shutdown_is_answered_when_the_guest_stops() {
+        let stop = StopSignal::new();
+        let pause = PauseGate::new();
+        let running = AtomicUsize::new(0);
+        let owner = Owner {
+            stop: &stop,
+            pause: &pause,
+            threads: &[],
+            running: &running,
+            started: Instant::now(),
+            vcpus: 1,
+            memory_mib: 64,
+        };
+        let (events_tx, events) = mpsc::channel();
+        let notify = events_tx.clone();
+        stop.on_request(move || {
+            let _ = notify.send(OwnerEvent::Stopped);
+        });
+        let (reply, answer) = mpsc::channel();
+        events_tx
+            .send(OwnerEvent::Action(crate::api::ActionRequest {
+                action: VmmAction::Shutdown {
+                    graceful_timeout_ms: 60_000,
+                },
+                reply,
+            }))
+            .unwrap();
+        stop.request(GuestStop::PowerOff);
+        owner.serve(events);
+        assert_eq!(
+            answer.recv().unwrap(),
+            ActionReply::Done {
+                ok: true,
+                outcome: Some("guest stopped")
+            }
+        );
+    }
 }

@@ -236,3 +236,41 @@ fn all_vcpus_halting_ends_the_vm() {
     let (_kernel, vm) = build(&hypervisor, 2, Capture::default());
     assert_eq!(vm.run().unwrap(), GuestStop::AllVcpusHalted);
 }
+
+/// The guest prints Linux's panic line, then resets (`panic=-1` with
+/// `reboot=k`): the VM ends as a kernel panic quoting the line, even with
+/// the console off; the same reset without the line is a clean stop.
+#[test]
+fn a_reset_after_a_kernel_panic_line_is_a_panic() {
+    for (console, panics) in [
+        (
+            &b"[ 1.0] Kernel panic - not syncing: VFS: Unable to mount root fs\n"[..],
+            true,
+        ),
+        (&b"[ 1.0] reboot: Restarting system\n"[..], false),
+    ] {
+        let hypervisor = FakeHypervisor::new();
+        let mut script: Vec<ScriptedExit> = console.iter().map(|b| out(0x3f8, &[*b])).collect();
+        script.push(out(0x64, &[0xfe]));
+        hypervisor.script(0, script);
+        let (guard, path) = temp_file(&support::elf_image(guests::PVH_HELLO, true));
+        let mut config = VmConfig::new(&path);
+        config.memory_mib = 64;
+        config.console = vmrun_vmm::config::ConsoleConfig::Off;
+        let vm = MicroVm::build(&hypervisor, &config, Box::new(std::io::sink())).unwrap();
+        let stop = vm.run().unwrap();
+        drop(guard);
+        if panics {
+            assert_eq!(
+                stop,
+                GuestStop::KernelPanic {
+                    line: "Kernel panic - not syncing: VFS: Unable to mount root fs".into()
+                }
+            );
+            assert_eq!(stop.exit_code(), 1);
+        } else {
+            assert_eq!(stop, GuestStop::Reset);
+            assert_eq!(stop.exit_code(), 0);
+        }
+    }
+}

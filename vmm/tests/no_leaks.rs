@@ -1,5 +1,5 @@
-//! A VM that ran to its end leaves no thread and no file descriptor
-//! behind. Alone in its test binary, so no other test's VM is counted.
+//! A VM that ran to its end leaves no thread, file descriptor or socket
+//! file behind. Alone in its test binary, so no other test's VM is counted.
 
 mod support;
 
@@ -18,6 +18,8 @@ fn running_vms_leaks_no_threads_or_fds() {
     require_kvm();
     let (_k, kernel) = temp_file(&support::elf_image(guests::SMP, true));
     let (_d, disk) = temp_file(&[0u8; 4096]);
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
     let run_once = || {
         let hypervisor = KvmHypervisor::new().unwrap();
         let mut config = VmConfig::new(&kernel);
@@ -27,8 +29,13 @@ fn running_vms_leaks_no_threads_or_fds() {
             path: disk.clone(),
             read_only: false,
         }];
+        config.vsock = Some(vmrun_vmm::config::VsockConfig {
+            guest_cid: 3,
+            uds_path: uds.clone(),
+        });
         let vm = MicroVm::build(&hypervisor, &config, Box::new(std::io::sink())).unwrap();
         assert_eq!(vm.run().unwrap(), GuestStop::DebugExit(0));
+        assert!(!uds.exists(), "the vsock socket file is removed");
     };
     // The first run installs process-wide state (the kick signal handler).
     run_once();

@@ -4,6 +4,7 @@
 
 use std::io::{self, Write};
 
+use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -49,16 +50,51 @@ pub fn console_writer(console: &ConsoleConfig) -> io::Result<Box<dyn Write + Sen
     })
 }
 
+/// Signals an eventfd when the guest has read every input byte, so the
+/// console input thread knows there is room again.
+pub struct InputRoom(EventFd);
+
+impl SerialEvents for InputRoom {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        // A failed write means the counter is already non-zero: the waiter
+        // will wake anyway.
+        let _ = self.0.write(1);
+    }
+}
+
 pub struct SerialPort {
-    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, FlushingWriter>,
+    uart: Serial<IrqTrigger, InputRoom, FlushingWriter>,
+    room: EventFd,
 }
 
 impl SerialPort {
     /// `interrupt` must already be registered as the irqfd of IRQ 4.
-    pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> Self {
-        SerialPort {
-            uart: Serial::new(IrqTrigger(interrupt), FlushingWriter(out)),
-        }
+    pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> io::Result<Self> {
+        let room = EventFd::new(libc::EFD_NONBLOCK)?;
+        Ok(SerialPort {
+            uart: Serial::with_events(
+                IrqTrigger(interrupt),
+                InputRoom(room.try_clone()?),
+                FlushingWriter(out),
+            ),
+            room,
+        })
+    }
+
+    /// Queues `input` for the guest to read (raising the receive interrupt
+    /// if the guest enabled it); returns how many bytes fit in the FIFO.
+    pub fn enqueue(&mut self, input: &[u8]) -> usize {
+        // Full FIFO or a failed interrupt: the caller retries what did not fit.
+        self.uart.enqueue_raw_bytes(input).unwrap_or(0)
+    }
+
+    /// An eventfd that becomes readable when the guest emptied the input
+    /// FIFO.
+    pub fn room_event(&self) -> io::Result<EventFd> {
+        self.room.try_clone()
     }
 }
 
@@ -100,7 +136,8 @@ mod tests {
     fn transmits_bytes_and_raises_the_interrupt_when_enabled() {
         let interrupt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let buffer = Buffer::default();
-        let mut serial = SerialPort::new(interrupt.try_clone().unwrap(), Box::new(buffer.clone()));
+        let mut serial =
+            SerialPort::new(interrupt.try_clone().unwrap(), Box::new(buffer.clone())).unwrap();
         // Enable the "transmitter holding register empty" interrupt (IER bit 1).
         serial.write(0x3f8, 1, &[0x02]);
         serial.write(0x3f8, 0, b"OK\n");

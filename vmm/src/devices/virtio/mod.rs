@@ -3,11 +3,12 @@
 //! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] puts it on
 //! the MMIO bus with the virtio-mmio (version 2) register layout, hands it
 //! its queues when the driver is ready, and raises its interrupt line.
-//! One file per device: [`block`] now; vsock and net to come.
+//! One module per device: [`block`], [`vsock`].
 
 pub mod block;
 pub mod block_request;
 pub mod mmio;
+pub mod vsock;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -26,6 +27,8 @@ pub enum ActivateError {
     QueueCount { expected: usize, got: usize },
     #[error("queue {0} is not ready or does not fit in guest memory")]
     InvalidQueue(usize),
+    #[error("the device cannot start: {0}")]
+    Unavailable(&'static str),
 }
 
 /// A device's interrupt: the virtio-mmio InterruptStatus bits and the
@@ -81,6 +84,13 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space.
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// One eventfd per queue, in queue order, for a device that serves its
+    /// queues on its own thread: the VMM registers each as the ioeventfd
+    /// of a QueueNotify write of that queue's index. Empty (the default)
+    /// for devices served on the vCPU thread.
+    fn queue_events(&self) -> &[EventFd] {
+        &[]
+    }
     /// The driver is ready: start serving `queues`.
     fn activate(
         &mut self,

@@ -1,0 +1,180 @@
+//! The control API: line-delimited JSON over a unix socket.
+//!
+//! [`server`] only parses and validates requests into typed [`VmmAction`]s
+//! and sends them to the one thread that owns the VM (the one in
+//! [`crate::vm::MicroVm::run`]), which answers each with an
+//! [`ActionReply`]. Requests, one JSON object per line:
+//! `{"action":"status"}`, `{"action":"pause"}`, `{"action":"resume"}`,
+//! `{"action":"shutdown","graceful_timeout_ms":N}` (wait up to N ms for the
+//! guest to power off by itself, then stop it) and `{"action":"stop"}`.
+
+pub mod server;
+
+use std::sync::mpsc::Sender;
+
+use serde::{Deserialize, Serialize};
+
+/// What the host asks of the VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmmAction {
+    Status,
+    Pause,
+    Resume,
+    Shutdown { graceful_timeout_ms: u64 },
+    Stop,
+}
+
+/// A request line as sent. Parsed into this flat shape first because
+/// serde's internally tagged enums accept unknown fields on unit variants
+/// (`{"action":"stop","now":true}` would stop the VM).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequest {
+    action: String,
+    graceful_timeout_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+/// The owner's answer, sent back as one JSON line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ActionReply {
+    Status {
+        ok: bool,
+        state: RunState,
+        vcpus: u8,
+        memory_mib: u64,
+        uptime_ms: u64,
+    },
+    Done {
+        ok: bool,
+        /// What happened, for `shutdown`: "guest stopped" or "forced".
+        #[serde(skip_serializing_if = "Option::is_none")]
+        outcome: Option<&'static str>,
+    },
+    Error {
+        ok: bool,
+        error: String,
+    },
+}
+
+impl ActionReply {
+    pub fn done() -> Self {
+        ActionReply::Done {
+            ok: true,
+            outcome: None,
+        }
+    }
+
+    pub fn error(error: impl Into<String>) -> Self {
+        ActionReply::Error {
+            ok: false,
+            error: error.into(),
+        }
+    }
+}
+
+/// What wakes the VM's owner thread.
+pub enum OwnerEvent {
+    /// A stop was requested (by the guest, a device or the API).
+    Stopped,
+    Action(ActionRequest),
+}
+
+/// An action on its way to the owner, with where to send the answer.
+pub struct ActionRequest {
+    pub action: VmmAction,
+    pub reply: Sender<ActionReply>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("request is not valid JSON for a known action: {0}")]
+    Invalid(String),
+    #[error("unknown action {0:?} (status, pause, resume, shutdown, stop) is not a known action")]
+    UnknownAction(String),
+    #[error("graceful_timeout_ms is only valid for shutdown, which is a known action")]
+    UnexpectedTimeout,
+}
+
+/// Parses one request line.
+pub fn parse_request(line: &str) -> Result<VmmAction, ParseError> {
+    let raw: RawRequest =
+        serde_json::from_str(line).map_err(|e| ParseError::Invalid(e.to_string()))?;
+    let action = match raw.action.as_str() {
+        "status" => VmmAction::Status,
+        "pause" => VmmAction::Pause,
+        "resume" => VmmAction::Resume,
+        "stop" => VmmAction::Stop,
+        "shutdown" => {
+            return Ok(VmmAction::Shutdown {
+                graceful_timeout_ms: raw.graceful_timeout_ms.unwrap_or(0),
+            })
+        }
+        _ => return Err(ParseError::UnknownAction(raw.action)),
+    };
+    match raw.graceful_timeout_ms {
+        Some(_) => Err(ParseError::UnexpectedTimeout),
+        None => Ok(action),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_into_typed_actions() {
+        assert_eq!(
+            parse_request(r#"{"action":"status"}"#),
+            Ok(VmmAction::Status)
+        );
+        assert_eq!(
+            parse_request(r#"{"action":"shutdown","graceful_timeout_ms":500}"#),
+            Ok(VmmAction::Shutdown {
+                graceful_timeout_ms: 500
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"action":"shutdown"}"#),
+            Ok(VmmAction::Shutdown {
+                graceful_timeout_ms: 0
+            })
+        );
+        for bad in [
+            r#"{"action":"reboot"}"#,
+            r#"{"action":"stop","force":true}"#,
+            r#"{"action":"stop","graceful_timeout_ms":5}"#,
+            r#"{"action":"shutdown","graceful_timeout_ms":-1}"#,
+            "status",
+            "",
+        ] {
+            assert!(parse_request(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn replies_serialize_flat() {
+        let status = ActionReply::Status {
+            ok: true,
+            state: RunState::Paused,
+            vcpus: 2,
+            memory_mib: 128,
+            uptime_ms: 5,
+        };
+        assert_eq!(
+            serde_json::to_string(&status).unwrap(),
+            r#"{"ok":true,"state":"paused","vcpus":2,"memory_mib":128,"uptime_ms":5}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&ActionReply::error("x")).unwrap(),
+            r#"{"ok":false,"error":"x"}"#
+        );
+    }
+}
