@@ -6,6 +6,10 @@
 //! pids_limit = 4096           # per container
 //! [registries]
 //! insecure = ["registry.lan:5000"]
+//! [vm]                        # the vm runtime; defaults shown
+//! vmm = "<dir of vmrun>/vmrun-vmm"
+//! kernel = "<root>/guest/vmlinux"            # installed by scripts/build-guest
+//! initramfs = "<root>/guest/initramfs.cpio"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -23,6 +27,7 @@ pub struct Config {
     pub state: PathBuf,
     pub pids_limit: Option<i64>,
     pub registries: RegistryConfig,
+    pub vm: VmConfig,
     /// The file this was read from, handed on to a detached supervisor.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -35,12 +40,46 @@ impl Default for Config {
             state: PathBuf::from("/run/vmrun"),
             pids_limit: Some(4096),
             registries: RegistryConfig::default(),
+            vm: VmConfig::default(),
             source: None,
         }
     }
 }
 
+/// Where the vm runtime finds its VMM and guest; unset means the defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmConfig {
+    pub vmm: Option<PathBuf>,
+    pub kernel: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+}
+
 impl Config {
+    /// The vm runtime's files, defaults filled in.
+    pub fn vm_assets(&self) -> vmrun_pod::vm::VmAssets {
+        let guest = self.root.join("guest");
+        let vmm = self.vm.vmm.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|dir| dir.join("vmrun-vmm")))
+                .unwrap_or_else(|| PathBuf::from("vmrun-vmm"))
+        });
+        vmrun_pod::vm::VmAssets {
+            vmm,
+            kernel: self
+                .vm
+                .kernel
+                .clone()
+                .unwrap_or_else(|| guest.join("vmlinux")),
+            initramfs: self
+                .vm
+                .initramfs
+                .clone()
+                .unwrap_or_else(|| guest.join("initramfs.cpio")),
+        }
+    }
+
     /// Reads the file; a missing default file means defaults, a missing explicit one is an error.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
         let (path, explicit) = match path {

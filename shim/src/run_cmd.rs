@@ -18,6 +18,7 @@ use vmrun_pod::plan::{PodPlan, PullPolicy};
 use vmrun_pod::runtime::Runtime;
 use vmrun_pod::spec::ImageDefaults;
 use vmrun_pod::state::{self, ContainerPhase, ContainerRecord, PodPhase, PodRecord, StateStore};
+use vmrun_pod::vm::VmRuntime;
 
 use crate::config::Config;
 
@@ -97,7 +98,8 @@ fn select_runtime(flag: Option<&str>, class: Option<&str>) -> anyhow::Result<&'s
     };
     match name {
         "native" | "runc" => Ok("native"),
-        "vm" | "wasm" => bail!(
+        "vm" => Ok("vm"),
+        "wasm" => bail!(
             "{source}: runtime {name:?} is not available yet in this version of vmrun (use native)"
         ),
         other => bail!("{source}: unknown runtime {other:?} (expected native, vm or wasm)"),
@@ -124,6 +126,7 @@ async fn prepare(
         Box::new(vmrun_image::NoProgress)
     };
     let mut images = HashMap::new();
+    let mut image_disks = std::collections::BTreeMap::new();
     for c in plan.all_containers() {
         if images.contains_key(&c.image) {
             continue;
@@ -137,6 +140,13 @@ async fn prepare(
             .ensure(&c.image, policy, progress.as_ref())
             .await
             .with_context(|| format!("container {:?}: image {:?}", c.name, c.image))?;
+        if runtime_name == "vm" {
+            // A guest reads the image from a block device: built once per image.
+            let disk = store
+                .block_image(&image)
+                .with_context(|| format!("container {:?}: image {:?}", c.name, c.image))?;
+            image_disks.insert(c.image.clone(), disk);
+        }
         let cfg = &image.config;
         images.insert(
             c.image.clone(),
@@ -156,6 +166,13 @@ async fn prepare(
         "native" => Arc::new(NativeRuntime {
             state_root: config.state.clone(),
             pids_limit: config.pids_limit,
+        }),
+        "vm" => Arc::new(VmRuntime {
+            state_root: config.state.clone(),
+            assets: config.vm_assets(),
+            image_disks,
+            pids_limit: config.pids_limit,
+            boot_timeout: VmRuntime::boot_timeout_from_env(),
         }),
         other => bail!("runtime {other:?} is not available yet"),
     };

@@ -645,13 +645,13 @@ pub fn bad_input_is_refused_cleanly(rt: &str) {
     }
 }
 
-pub fn vm_and_wasm_are_refused_until_available(_rt: &str) {
+pub fn wasm_is_refused_until_available(_rt: &str) {
     let vm = Vmrun::new();
     let path = vm.manifest(
         "later",
         &pod("later", "  containers:\n  - name: c\n    image: busybox\n"),
     );
-    for rt in ["vm", "wasm"] {
+    for rt in ["wasm"] {
         let out = vm.run(&["run", "--runtime", rt, path.to_str().unwrap()]);
         assert!(!out.status.success());
         assert!(
@@ -688,10 +688,10 @@ macro_rules! runtime_cases {
     )*};
 }
 
-// The vm and wasm runtimes join this list when their issues land.
+// The vm runtime joins this list once its end-to-end tests pass in the nested setup; wasm with its issue.
 runtime_cases!(native);
 
 #[test]
-fn vm_and_wasm_runtimes_say_not_available_yet() {
-    vm_and_wasm_are_refused_until_available("native");
+fn wasm_runtime_says_not_available_yet() {
+    wasm_is_refused_until_available("native");
 }

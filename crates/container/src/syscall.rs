@@ -265,13 +265,13 @@ impl Syscall for LinuxSyscall {
         }
         let raw = std::os::fd::AsRawFd::as_raw_fd(&sock);
         // SAFETY: `req` is a valid ifreq that lives across the call.
-        if unsafe { libc::ioctl(raw, libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        if unsafe { libc::ioctl(raw, libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
         unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
         // SAFETY: as above.
-        if unsafe { libc::ioctl(raw, libc::SIOCSIFFLAGS, &req) } < 0 {
+        if unsafe { libc::ioctl(raw, libc::SIOCSIFFLAGS as _, &req) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())

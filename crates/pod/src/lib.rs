@@ -12,3 +12,4 @@ pub mod quantity;
 pub mod runtime;
 pub mod spec;
 pub mod state;
+pub mod vm;

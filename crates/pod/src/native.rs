@@ -167,25 +167,7 @@ impl NativeSandbox {
         let etc = self.dir.join("etc");
         create_dir(&etc, 0o755)?;
         let pod = &self.pod;
-        let (hosts, hostname) = if pod.host_network {
-            (
-                std::fs::read_to_string("/etc/hosts").unwrap_or_default(),
-                nix::unistd::gethostname()
-                    .map(|h| h.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            )
-        } else {
-            (
-                format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n", pod.hostname),
-                pod.hostname.clone(),
-            )
-        };
-        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        for (name, content) in [
-            ("hosts", hosts),
-            ("hostname", format!("{hostname}\n")),
-            ("resolv.conf", resolv),
-        ] {
+        for (name, content) in etc_contents(pod) {
             let path = etc.join(name);
             std::fs::write(&path, content).map_err(|e| sandbox_err(path.display(), e))?;
             self.etc_files.push((format!("/etc/{name}"), path));
@@ -255,6 +237,33 @@ impl NativeSandbox {
             layers: &[],
         }
     }
+}
+
+/// The pod's /etc/hosts, /etc/hostname and /etc/resolv.conf, by file name.
+/// The host's own with hostNetwork, else a loopback-only hosts file.
+pub(crate) fn etc_contents(pod: &PodPlan) -> [(&'static str, String); 3] {
+    let (hosts, hostname) = if pod.host_network {
+        (
+            std::fs::read_to_string("/etc/hosts").unwrap_or_default(),
+            nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        )
+    } else {
+        (
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+                pod.hostname
+            ),
+            pod.hostname.clone(),
+        )
+    };
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    [
+        ("hosts", hosts),
+        ("hostname", format!("{hostname}\n")),
+        ("resolv.conf", resolv),
+    ]
 }
 
 fn remove_tree(path: &Path) -> std::io::Result<()> {

@@ -1,0 +1,250 @@
+//! A container inside the pod VM, as [`Running`]: every operation is an
+//! agent call; its output is pumped from the agent into the log pipes.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::runtime::Handle;
+use tonic::transport::Channel;
+use vmrun_proto::v1;
+use vmrun_proto::AgentClient;
+
+use super::sandbox::{call, status_msg, VmSandbox};
+use super::vmm_process::VmmProcess;
+use crate::runtime::{ExecOutput, ExitInfo, Running, RuntimeError};
+
+/// Output kept from an exec (probes, hooks), like the native runtime.
+const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
+
+pub(super) struct VmContainer {
+    name: String,
+    id: String,
+    pid: i32,
+    process: serde_json::Value,
+    vsock: std::path::PathBuf,
+    agent: AgentClient<Channel>,
+    rt: Handle,
+    vmm: Arc<VmmProcess>,
+    /// Copies the container's output into its log pipes until both close.
+    pump: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl VmContainer {
+    pub(super) fn new(
+        name: String,
+        id: String,
+        pid: i32,
+        process: serde_json::Value,
+        sandbox: &VmSandbox,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> Self {
+        let pump = spawn_pump(
+            sandbox.rt.clone(),
+            sandbox.agent.clone(),
+            id.clone(),
+            File::from(stdout),
+            File::from(stderr),
+        );
+        VmContainer {
+            name,
+            id,
+            pid,
+            process,
+            vsock: sandbox.vmm.files.vsock.clone(),
+            agent: sandbox.agent.clone(),
+            rt: sandbox.rt.clone(),
+            vmm: sandbox.vmm.clone(),
+            pump: Mutex::new(Some(pump)),
+        }
+    }
+
+    fn control_err(&self, message: String) -> RuntimeError {
+        RuntimeError::Control {
+            container: self.name.clone(),
+            message,
+        }
+    }
+
+    fn finish_pump(&self) {
+        let pump = self.pump.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(pump) = pump {
+            let _ = pump.join();
+        }
+    }
+}
+
+/// Streams `ReadOutput` of the container's init into the two log pipes.
+fn spawn_pump(
+    rt: Handle,
+    mut agent: AgentClient<Channel>,
+    container_id: String,
+    mut stdout: File,
+    mut stderr: File,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let result: Result<(), tonic::Status> = rt.block_on(async {
+            let request = v1::ReadOutputRequest {
+                container_id: container_id.clone(),
+                exec_id: String::new(),
+            };
+            let mut stream = agent.read_output(request).await?.into_inner();
+            while let Some(chunk) = stream.message().await? {
+                let out = if chunk.stream == v1::output_chunk::Stream::Stderr as i32 {
+                    &mut stderr
+                } else {
+                    &mut stdout
+                };
+                // A closed log pipe means the pod is going away: stop quietly.
+                if out.write_all(&chunk.data).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        if let Err(status) = result {
+            tracing::debug!(container = %container_id, "output stream ended: {status}");
+        }
+    })
+}
+
+impl Running for VmContainer {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    fn signal(&self, signal: Signal) -> Result<(), RuntimeError> {
+        let mut agent = self.agent.clone();
+        let request = v1::SignalProcessRequest {
+            container_id: self.id.clone(),
+            exec_id: String::new(),
+            signal: signal as i32,
+        };
+        call(&self.rt, &self.vmm, "signal", agent.signal_process(request))
+            .map(|_| ())
+            .map_err(|e| self.control_err(e))
+    }
+
+    fn wait(&self) -> Result<ExitInfo, RuntimeError> {
+        let mut agent = self.agent.clone();
+        let request = v1::WaitProcessRequest {
+            container_id: self.id.clone(),
+            exec_id: String::new(),
+        };
+        // No timeout: a container may run for as long as it likes.
+        let result = self.rt.block_on(agent.wait_process(request));
+        // The exit is only reported once all output is in the logs.
+        self.finish_pump();
+        match result {
+            Ok(done) => {
+                let done = done.into_inner();
+                Ok(ExitInfo {
+                    code: done.exit_code,
+                    signal: (done.signal != 0).then_some(done.signal),
+                    oom_killed: done.oom_killed,
+                })
+            }
+            Err(status) => Err(self.control_err(match self.vmm.try_exit() {
+                Some(exit) => format!("the pod VM died: {}", self.vmm.exit_reason(Some(exit))),
+                None => status_msg("waiting in the guest", &status),
+            })),
+        }
+    }
+
+    fn remove(&self) -> Result<(), RuntimeError> {
+        if self.vmm.try_exit().is_some() {
+            self.finish_pump();
+            return Ok(()); // the guest, and the container with it, is gone
+        }
+        let mut agent = self.agent.clone();
+        let request = v1::RemoveContainerRequest {
+            container_id: self.id.clone(),
+        };
+        let removed = call(
+            &self.rt,
+            &self.vmm,
+            "remove",
+            agent.remove_container(request),
+        );
+        self.finish_pump();
+        removed.map(|_| ()).map_err(|e| self.control_err(e))
+    }
+
+    fn exec_target(&self) -> serde_json::Value {
+        serde_json::json!({
+            "runtime": "vm",
+            "vsock": self.vsock,
+            "container_id": self.id,
+            "process": self.process,
+        })
+    }
+}
+
+/// Runs a process in a container and collects its output (stdout and stderr
+/// together) and exit, killing it after `timeout`.
+pub(super) fn exec_collect(
+    rt: &Handle,
+    vmm: &VmmProcess,
+    mut agent: AgentClient<Channel>,
+    container_id: &str,
+    exec_id: &str,
+    process: &serde_json::Value,
+    timeout: Duration,
+) -> Result<ExecOutput, String> {
+    let argv = process["args"].clone();
+    let request = v1::ExecProcessRequest {
+        container_id: container_id.to_string(),
+        exec_id: exec_id.to_string(),
+        process_json: serde_json::to_vec(process).map_err(|e| e.to_string())?,
+        stdin: false,
+    };
+    call(rt, vmm, "exec in the guest", agent.exec_process(request))?;
+    let ids = (container_id.to_string(), exec_id.to_string());
+    let collect = async {
+        let mut output = Vec::new();
+        let request = v1::ReadOutputRequest {
+            container_id: ids.0.clone(),
+            exec_id: ids.1.clone(),
+        };
+        let mut stream = agent.clone().read_output(request).await?.into_inner();
+        while let Some(chunk) = stream.message().await? {
+            let room = EXEC_OUTPUT_LIMIT.saturating_sub(output.len());
+            output.extend_from_slice(&chunk.data[..chunk.data.len().min(room)]);
+        }
+        let request = v1::WaitProcessRequest {
+            container_id: ids.0.clone(),
+            exec_id: ids.1.clone(),
+        };
+        let done = agent.clone().wait_process(request).await?.into_inner();
+        Ok::<_, tonic::Status>((output, done))
+    };
+    match rt.block_on(tokio::time::timeout(timeout, collect)) {
+        Ok(Ok((output, done))) => Ok(ExecOutput {
+            exit: ExitInfo {
+                code: done.exit_code,
+                signal: (done.signal != 0).then_some(done.signal),
+                oom_killed: false,
+            },
+            output,
+        }),
+        Ok(Err(status)) => Err(status_msg(&format!("{argv}"), &status)),
+        Err(_) => {
+            let request = v1::SignalProcessRequest {
+                container_id: ids.0.clone(),
+                exec_id: ids.1.clone(),
+                signal: Signal::SIGKILL as i32,
+            };
+            let _ = call(rt, vmm, "kill", agent.signal_process(request));
+            Err(format!("{argv} timed out after {timeout:?}"))
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! A pod's microVM as a [`Sandbox`]: boots the VM, waits for the agent, and
+//! has the agent build the sandbox, volumes and containers inside.
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+use tonic::transport::Channel;
+use vmrun_proto::v1;
+use vmrun_proto::AgentClient;
+
+use super::container::{self, VmContainer};
+use super::sizing::vm_size;
+use super::vmm_process::{VmFiles, VmmProcess};
+use super::VmRuntime;
+use crate::plan::{PodPlan, VolumeSource};
+use crate::runtime::{ExecOutput, Launch, Running, RuntimeError, Sandbox};
+use crate::spec::{container_spec, SpecContext};
+
+/// How long one control call to the agent may take (not `WaitProcess`).
+pub(super) const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a guest gets to power off after `Shutdown` before the VMM is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Interval of the boot-time readiness poll.
+const BOOT_POLL: Duration = Duration::from_millis(5);
+
+pub(super) struct VmSandbox {
+    pod: PodPlan,
+    pub(super) vmm: Arc<VmmProcess>,
+    pub(super) agent: AgentClient<Channel>,
+    pub(super) rt: Handle,
+    /// Guest block device of each image, by image reference.
+    disks: BTreeMap<String, String>,
+    ns_dir: Option<PathBuf>,
+    volume_dirs: BTreeMap<String, PathBuf>,
+    etc_files: Vec<(String, PathBuf)>,
+    shm: Option<PathBuf>,
+    pids_limit: Option<i64>,
+    running: Mutex<Vec<Arc<VmContainer>>>,
+    exec_ids: AtomicU64,
+    destroyed: AtomicBool,
+}
+
+pub(super) fn status_msg(what: &str, status: &tonic::Status) -> String {
+    format!("{what}: {} ({:?})", status.message(), status.code())
+}
+
+/// `/dev/vda`, `/dev/vdb`, ...: the guest's names for the VMM's `--disk`s, in order.
+fn guest_disk(index: usize) -> Result<String, RuntimeError> {
+    let letter = u8::try_from(index)
+        .ok()
+        .filter(|i| *i < 26)
+        .ok_or_else(|| {
+            RuntimeError::Sandbox(format!(
+                "a pod VM takes at most 26 images, not {}",
+                index + 1
+            ))
+        })?;
+    Ok(format!("/dev/vd{}", char::from(b'a' + letter)))
+}
+
+impl VmSandbox {
+    pub(super) fn create(
+        runtime: &VmRuntime,
+        pod: &PodPlan,
+        rt: Handle,
+    ) -> Result<Self, RuntimeError> {
+        let sandbox_err = RuntimeError::Sandbox;
+        // One disk per distinct image, in the order containers name them.
+        let mut disk_paths = Vec::new();
+        let mut disks = BTreeMap::new();
+        for c in pod.all_containers() {
+            if disks.contains_key(&c.image) {
+                continue;
+            }
+            let path = runtime.image_disks.get(&c.image).ok_or_else(|| {
+                sandbox_err(format!(
+                    "container {:?}: no block image was prepared for image {:?}",
+                    c.name, c.image
+                ))
+            })?;
+            disks.insert(c.image.clone(), guest_disk(disk_paths.len())?);
+            disk_paths.push(path.clone());
+        }
+        for v in &pod.volumes {
+            if let VolumeSource::HostPath { path, .. } = &v.source {
+                return Err(sandbox_err(format!(
+                    "volume {:?}: hostPath {path:?} is not supported by the vm runtime yet \
+                     (the guest cannot see host directories; use the native runtime)",
+                    v.name
+                )));
+            }
+        }
+        let dir = crate::state::pod_dir(&runtime.state_root, &pod.name).join("vm");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| sandbox_err(format!("{}: {e}", dir.display())))?;
+        let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let size = vm_size(pod, host_cpus);
+        tracing::info!(pod = %pod.name, vcpus = size.vcpus, memory_mib = size.memory_mib, disks = disk_paths.len(), "starting the pod VM");
+        let vmm = Arc::new(
+            VmmProcess::spawn(&runtime.assets, size, &disk_paths, VmFiles::new(&dir))
+                .map_err(sandbox_err)?,
+        );
+        let agent = match rt.block_on(wait_for_agent(&vmm, runtime.boot_timeout)) {
+            Ok(agent) => agent,
+            Err(e) => {
+                vmm.kill();
+                return Err(sandbox_err(e));
+            }
+        };
+        let mut sandbox = VmSandbox {
+            pod: pod.clone(),
+            vmm,
+            agent,
+            rt,
+            disks,
+            ns_dir: None,
+            volume_dirs: BTreeMap::new(),
+            etc_files: Vec::new(),
+            shm: None,
+            pids_limit: runtime.pids_limit,
+            running: Mutex::new(Vec::new()),
+            exec_ids: AtomicU64::new(0),
+            destroyed: AtomicBool::new(false),
+        };
+        if let Err(e) = sandbox.prepare() {
+            let _ = sandbox.teardown();
+            return Err(e);
+        }
+        Ok(sandbox)
+    }
+
+    /// Runs one agent call with the control timeout.
+    pub(super) fn call<T, F>(&self, what: &str, f: F) -> Result<T, String>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        call(&self.rt, &self.vmm, what, f)
+    }
+
+    fn prepare(&mut self) -> Result<(), RuntimeError> {
+        let err = RuntimeError::Sandbox;
+        let pod = self.pod.clone();
+        let etc: BTreeMap<&str, String> = crate::native::etc_contents(&pod).into_iter().collect();
+        let request = v1::CreateSandboxRequest {
+            sandbox_id: pod.name.clone(),
+            hostname: pod.hostname.clone(),
+            hosts: etc["hosts"].clone().into_bytes(),
+            resolv_conf: etc["resolv.conf"].clone().into_bytes(),
+            sysctls: pod.sysctls.iter().cloned().collect(),
+            // hostNetwork/hostIPC/hostPID mean the guest's own namespaces:
+            // the VM is the pod's host.
+            new_network: !pod.host_network,
+            new_ipc: !pod.host_ipc,
+            new_uts: !pod.host_network,
+            new_pid: pod.share_process_namespace && !pod.host_pid,
+            shm_size_bytes: 64 << 20,
+        };
+        let mut agent = self.agent.clone();
+        let created = self
+            .call(
+                "creating the sandbox in the guest",
+                agent.create_sandbox(request),
+            )
+            .map_err(err)?;
+        if !created.namespace_dir.is_empty() {
+            self.ns_dir = Some(PathBuf::from(&created.namespace_dir));
+        }
+        for (name, path) in &created.etc_files {
+            self.etc_files
+                .push((format!("/etc/{name}"), PathBuf::from(path)));
+        }
+        self.shm = (!created.shm_dir.is_empty()).then(|| PathBuf::from(&created.shm_dir));
+        for volume in &pod.volumes {
+            let base = format!("volumes/{}", volume.name);
+            let dir = self.copy_file(&base, 0o777, Vec::new(), true)?;
+            if let VolumeSource::Files(files) = &volume.source {
+                for f in files {
+                    self.copy_file(&format!("{base}/{}", f.path), f.mode, f.data.clone(), false)?;
+                }
+                // Like a kubelet-written volume: readable, not world-writable.
+                self.copy_file(&base, 0o755, Vec::new(), true)?;
+            }
+            self.volume_dirs.insert(volume.name.clone(), dir);
+        }
+        Ok(())
+    }
+
+    /// Writes a file or makes a directory under the guest's sandbox directory.
+    fn copy_file(
+        &self,
+        path: &str,
+        mode: u32,
+        data: Vec<u8>,
+        directory: bool,
+    ) -> Result<PathBuf, RuntimeError> {
+        let mut agent = self.agent.clone();
+        let request = v1::CopyFileRequest {
+            path: path.to_string(),
+            mode,
+            data,
+            directory,
+            uid: None,
+            gid: None,
+        };
+        let done = self
+            .call(
+                &format!("writing {path} in the guest"),
+                agent.copy_file(request),
+            )
+            .map_err(RuntimeError::Sandbox)?;
+        Ok(PathBuf::from(done.guest_path))
+    }
+
+    fn spec_context<'a>(&'a self, layers: &'a [PathBuf]) -> SpecContext<'a> {
+        SpecContext {
+            pod: &self.pod,
+            sandbox_ns_dir: self.ns_dir.clone(),
+            cgroup_path: String::new(),
+            pids_limit: self.pids_limit,
+            volume_dirs: &self.volume_dirs,
+            shm_dir: self.shm.as_deref(),
+            etc_files: &self.etc_files,
+            // The guest kernel mounts only cgroup v2.
+            cgroup2: true,
+            layers,
+        }
+    }
+
+    fn teardown(&self) -> Result<(), RuntimeError> {
+        if self.destroyed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let running: Vec<_> =
+            std::mem::take(&mut *self.running.lock().unwrap_or_else(|p| p.into_inner()));
+        let alive = self.vmm.try_exit().is_none();
+        if alive {
+            for c in &running {
+                let _ = c.remove();
+            }
+            let mut agent = self.agent.clone();
+            // The agent answers, then powers the guest off; the VMM exits 0.
+            let _ = self.call(
+                "shutting the guest down",
+                agent.shutdown(v1::ShutdownRequest {}),
+            );
+            if self.vmm.wait_exit(SHUTDOWN_GRACE).is_none() {
+                tracing::warn!(pod = %self.pod.name, "the guest did not power off in {SHUTDOWN_GRACE:?}; killing its VMM");
+            }
+        }
+        self.vmm.kill();
+        // The VM's logs stay beside the container logs until `vmrun rm`.
+        let _ = std::fs::remove_file(&self.vmm.files.vsock);
+        Ok(())
+    }
+
+    fn next_exec_id(&self) -> String {
+        format!("exec-{}", self.exec_ids.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Runs one agent call with the control timeout, naming the VM's end if it died.
+pub(super) fn call<T, F>(rt: &Handle, vmm: &VmmProcess, what: &str, f: F) -> Result<T, String>
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    match rt.block_on(tokio::time::timeout(RPC_TIMEOUT, f)) {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => match vmm.try_exit() {
+            Some(exit) => Err(format!(
+                "{what}: the VM is gone: {}",
+                vmm.exit_reason(Some(exit))
+            )),
+            None => Err(status_msg(what, &status)),
+        },
+        Err(_) => Err(format!(
+            "{what}: the guest agent did not answer in {RPC_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// Polls the hybrid vsock until the agent answers `Health`, the VMM exits,
+/// or `timeout` passes.
+async fn wait_for_agent(
+    vmm: &VmmProcess,
+    timeout: Duration,
+) -> Result<AgentClient<Channel>, String> {
+    let started = Instant::now();
+    let port = vmrun_proto::AGENT_VSOCK_PORT;
+    loop {
+        if let Some(exit) = vmm.try_exit() {
+            return Err(format!(
+                "the VM stopped before its agent answered: {}",
+                vmm.exit_reason(Some(exit))
+            ));
+        }
+        match vmrun_proto::connect_hybrid_vsock(&vmm.files.vsock, port).await {
+            Ok(mut agent) => match agent.health(v1::HealthRequest {}).await {
+                Ok(health) => {
+                    let h = health.into_inner();
+                    if h.protocol_version != vmrun_proto::PROTOCOL_VERSION {
+                        return Err(format!(
+                            "guest agent {} speaks protocol {}, this host {}: rebuild the guest (scripts/build-guest)",
+                            h.agent_version, h.protocol_version, vmrun_proto::PROTOCOL_VERSION
+                        ));
+                    }
+                    tracing::info!(agent = %h.agent_version, kernel = %h.kernel_release, after = ?started.elapsed(), "guest agent ready");
+                    return Ok(agent);
+                }
+                Err(status) => tracing::debug!("agent health: {status}"),
+            },
+            Err(e) if e.is_retryable() => {}
+            Err(e) => tracing::debug!("agent connect: {e}"),
+        }
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "the guest agent did not answer within {timeout:?} ({})",
+                vmm.exit_reason(None)
+            ));
+        }
+        tokio::time::sleep(BOOT_POLL).await;
+    }
+}
+
+impl Sandbox for VmSandbox {
+    fn start(&self, launch: Launch) -> Result<Arc<dyn Running>, RuntimeError> {
+        let c = &launch.container;
+        let start_err = |message: String| RuntimeError::Start {
+            container: c.name.clone(),
+            message,
+        };
+        let id = format!("{}-{}", c.name, launch.attempt);
+        for m in &c.mounts {
+            if let Some(sub) = &m.sub_path {
+                // Kubernetes creates a missing subPath as a directory.
+                self.copy_file(
+                    &format!("volumes/{}/{sub}", m.volume),
+                    0o755,
+                    Vec::new(),
+                    true,
+                )
+                .map_err(|e| start_err(e.to_string()))?;
+            }
+        }
+        let mut ctx = self.spec_context(&launch.layers);
+        ctx.cgroup_path = format!("/vmrun/{id}");
+        let spec = container_spec(&ctx, c, &launch.image).map_err(|e| start_err(e.to_string()))?;
+        let process = serde_json::to_value(spec.process()).unwrap_or_default();
+        let spec_json = serde_json::to_vec(&spec).map_err(|e| start_err(e.to_string()))?;
+        let device = self
+            .disks
+            .get(&c.image)
+            .ok_or_else(|| start_err(format!("image {:?} has no disk in this VM", c.image)))?;
+        let request = v1::CreateContainerRequest {
+            container_id: id.clone(),
+            oci_spec_json: spec_json,
+            rootfs: Some(v1::create_container_request::Rootfs::Image(v1::ImageDisk {
+                device: device.clone(),
+                fstype: "erofs".into(),
+                layers: (0..launch.layers.len())
+                    .map(|i| format!("{BLOCK_LAYERS_DIR}/{i}"))
+                    .collect(),
+            })),
+            stdin: false,
+        };
+        let mut agent = self.agent.clone();
+        let created = self
+            .call(
+                "creating the container in the guest",
+                agent.create_container(request),
+            )
+            .map_err(start_err)?;
+        let running = Arc::new(VmContainer::new(
+            c.name.clone(),
+            id.clone(),
+            created.pid,
+            process,
+            self,
+            launch.stdout,
+            launch.stderr,
+        ));
+        let mut agent = self.agent.clone();
+        let started = self.call(
+            "starting the container in the guest",
+            agent.start_container(v1::StartContainerRequest {
+                container_id: id.clone(),
+            }),
+        );
+        if let Err(e) = started {
+            let _ = running.remove();
+            return Err(start_err(e));
+        }
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(running.clone());
+        Ok(running)
+    }
+
+    fn exec(
+        &self,
+        target: &dyn Running,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        let exec_err = |message: String| RuntimeError::Exec {
+            container: target.name().to_string(),
+            message,
+        };
+        let t = target.exec_target();
+        let container_id = t["container_id"].as_str().unwrap_or_default().to_string();
+        let mut process = t["process"].clone();
+        process["args"] = serde_json::json!(argv);
+        container::exec_collect(
+            &self.rt,
+            &self.vmm,
+            self.agent.clone(),
+            &container_id,
+            &self.next_exec_id(),
+            &process,
+            timeout,
+        )
+        .map_err(exec_err)
+    }
+
+    fn connect(&self, port: u16, _timeout: Duration) -> Result<TcpStream, RuntimeError> {
+        Err(RuntimeError::Connect {
+            port,
+            message: "httpGet and tcpSocket probes and hooks are not available on the vm runtime yet (use exec)".into(),
+        })
+    }
+
+    fn destroy(&self) -> Result<(), RuntimeError> {
+        self.teardown()
+    }
+}
+
+/// The layer directory inside image disks (`vmrun_image::BLOCK_LAYERS_DIR`).
+const BLOCK_LAYERS_DIR: &str = "layers";

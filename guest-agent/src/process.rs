@@ -1,0 +1,211 @@
+//! What the agent keeps per process (a container's init or an exec'd
+//! process): the host's ends of its stdio pipes and its exit status.
+
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::Status;
+use vmrun_container::Stdio;
+use vmrun_proto::v1::{output_chunk, OutputChunk};
+
+/// Bytes per `OutputChunk`.
+const CHUNK: usize = 32 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StdioError {
+    #[error("create stdio pipes: {0}")]
+    Pipe(std::io::Error),
+    #[error("{0}: the output already has a reader")]
+    Busy(String),
+    #[error("{0}: stdin was not requested or is closed")]
+    NoStdin(String),
+    #[error("{what}: write stdin: {source}")]
+    Write {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl From<StdioError> for Status {
+    fn from(e: StdioError) -> Self {
+        match e {
+            StdioError::Pipe(_) | StdioError::Write { .. } => Status::internal(e.to_string()),
+            StdioError::Busy(_) | StdioError::NoStdin(_) => {
+                Status::failed_precondition(e.to_string())
+            }
+        }
+    }
+}
+
+/// The host-facing ends of a process's pipes.
+#[derive(Debug)]
+pub(crate) struct ProcessIo {
+    stdin: tokio::sync::Mutex<Option<pipe::Sender>>,
+    /// `None` while a `ReadOutput` call holds the pipes.
+    output: Mutex<Option<Output>>,
+}
+
+#[derive(Debug, Default)]
+struct Output {
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
+}
+
+/// A pipe whose write end is blocking (for the process) and whose read end
+/// is async (for the agent). Both are close-on-exec: the container library
+/// dups the process's end onto 0-2.
+fn pipe_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
+}
+
+/// Makes the pipes for a new process: what the process gets, and what the
+/// agent keeps. Must run inside the tokio runtime (the async ends register
+/// with its reactor).
+pub(crate) fn make_stdio(with_stdin: bool) -> Result<(Stdio, ProcessIo), StdioError> {
+    let (out_r, out_w) = pipe_pair().map_err(StdioError::Pipe)?;
+    let (err_r, err_w) = pipe_pair().map_err(StdioError::Pipe)?;
+    let (stdin_child, stdin_ours) = if with_stdin {
+        let (r, w) = pipe_pair().map_err(StdioError::Pipe)?;
+        (
+            Some(r),
+            Some(pipe::Sender::from_owned_fd(w).map_err(StdioError::Pipe)?),
+        )
+    } else {
+        (None, None)
+    };
+    let output = Output {
+        stdout: Some(pipe::Receiver::from_owned_fd(out_r).map_err(StdioError::Pipe)?),
+        stderr: Some(pipe::Receiver::from_owned_fd(err_r).map_err(StdioError::Pipe)?),
+    };
+    let stdio = Stdio {
+        stdin: stdin_child,
+        stdout: Some(out_w),
+        stderr: Some(err_w),
+    };
+    let io = ProcessIo {
+        stdin: tokio::sync::Mutex::new(stdin_ours),
+        output: Mutex::new(Some(output)),
+    };
+    Ok((stdio, io))
+}
+
+pub(crate) type OutputStream = Pin<Box<dyn Stream<Item = Result<OutputChunk, Status>> + Send>>;
+
+impl ProcessIo {
+    /// Streams stdout and stderr until both reach EOF. When the reader goes
+    /// away first, the pipes are put back for the next `ReadOutput`.
+    pub(crate) fn read_output(self: &Arc<Self>, what: &str) -> Result<OutputStream, StdioError> {
+        let mut output = self
+            .output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| StdioError::Busy(what.to_string()))?;
+        let (tx, rx) = mpsc::channel(4);
+        let io = self.clone();
+        tokio::spawn(async move {
+            pump(&mut output, &tx).await;
+            *io.output.lock().unwrap_or_else(|e| e.into_inner()) = Some(output);
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    pub(crate) async fn write_stdin(
+        &self,
+        what: &str,
+        data: &[u8],
+        close: bool,
+    ) -> Result<(), StdioError> {
+        let mut stdin = self.stdin.lock().await;
+        let pipe = stdin
+            .as_mut()
+            .ok_or_else(|| StdioError::NoStdin(what.to_string()))?;
+        if !data.is_empty() {
+            pipe.write_all(data)
+                .await
+                .map_err(|source| StdioError::Write {
+                    what: what.to_string(),
+                    source,
+                })?;
+        }
+        if close {
+            *stdin = None;
+        }
+        Ok(())
+    }
+}
+
+/// Reads one pipe into a chunk; `None` (and the pipe dropped) at EOF or on
+/// a read error.
+async fn read_chunk(pipe: &mut Option<pipe::Receiver>) -> Option<Vec<u8>> {
+    let p = pipe.as_mut()?;
+    let mut buf = vec![0u8; CHUNK];
+    match p.read(&mut buf).await {
+        Ok(n) if n > 0 => {
+            buf.truncate(n);
+            Some(buf)
+        }
+        _ => {
+            *pipe = None;
+            None
+        }
+    }
+}
+
+/// Forwards output until both pipes are at EOF or the receiver is gone.
+/// `read` on a pipe is cancel-safe, so losing a `select!` race drops nothing.
+async fn pump(out: &mut Output, tx: &mpsc::Sender<Result<OutputChunk, Status>>) {
+    use output_chunk::Stream as Kind;
+    while out.stdout.is_some() || out.stderr.is_some() {
+        let (kind, data) = tokio::select! {
+            d = read_chunk(&mut out.stdout), if out.stdout.is_some() => (Kind::Stdout, d),
+            d = read_chunk(&mut out.stderr), if out.stderr.is_some() => (Kind::Stderr, d),
+            _ = tx.closed() => return,
+        };
+        // None: that pipe reached EOF and is now closed.
+        let Some(data) = data else { continue };
+        let chunk = OutputChunk {
+            stream: kind as i32,
+            data,
+        };
+        if tx.send(Ok(chunk)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// How a process ended, as the protocol reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ExitInfo {
+    pub code: i32,
+    pub signal: i32,
+    pub oom_killed: bool,
+}
+
+/// Set once by the thread that reaps the process; awaited by `WaitProcess`.
+#[derive(Debug)]
+pub(crate) struct ExitCell(watch::Sender<Option<ExitInfo>>);
+
+impl ExitCell {
+    pub(crate) fn new() -> Self {
+        Self(watch::channel(None).0)
+    }
+
+    pub(crate) fn set(&self, info: ExitInfo) {
+        self.0.send_replace(Some(info));
+    }
+
+    /// The exit status once set. `None` cannot happen in practice: the
+    /// sender lives in `self`, so the channel stays open while we wait.
+    pub(crate) async fn wait(&self) -> Option<ExitInfo> {
+        let mut rx = self.0.subscribe();
+        let info = rx.wait_for(Option::is_some).await.map(|v| *v);
+        info.ok().flatten()
+    }
+}

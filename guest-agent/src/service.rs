@@ -1,0 +1,308 @@
+//! The `vmrun.agent.v1.Agent` gRPC service.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status};
+use vmrun_proto::v1::agent_server::{Agent, AgentServer};
+use vmrun_proto::v1::*;
+
+use crate::containers::Containers;
+use crate::process::OutputStream;
+use crate::sandbox::PodSandbox;
+
+/// How long in-flight calls may take to finish once Shutdown was asked for
+/// (their containers are dead by then, so this only bounds a stuck client).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Agent-owned files: `pod/` (etc files, volumes, shm), `containers/`
+    /// (overlay upper/work dirs), `images/` (image disk mount points).
+    pub state_dir: PathBuf,
+    /// Cgroup under which containers (`<parent>/<id>`) and the pause process
+    /// (`<parent>/pause`) go.
+    pub cgroup_parent: String,
+    /// CLOCK_BOOTTIME when the agent started, reported by Health.
+    pub boot_timestamp_ns: u64,
+}
+
+impl AgentConfig {
+    /// The layout inside a guest.
+    pub fn guest(boot_timestamp_ns: u64) -> Self {
+        Self {
+            state_dir: PathBuf::from("/run/vmrun"),
+            cgroup_parent: "/vmrun".into(),
+            boot_timestamp_ns,
+        }
+    }
+
+    fn pod_dir(&self) -> PathBuf {
+        self.state_dir.join("pod")
+    }
+}
+
+struct Inner {
+    cfg: AgentConfig,
+    containers: Containers,
+    sandbox: tokio::sync::Mutex<Option<PodSandbox>>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// The service; cheap to clone (shared state).
+#[derive(Clone)]
+pub struct AgentService {
+    inner: Arc<Inner>,
+}
+
+/// Logs a failed call (the guest's log is where one looks first) and turns
+/// it into the status the host sees.
+fn fail(rpc: &str, e: impl Into<Status> + std::fmt::Display) -> Status {
+    tracing::warn!("{rpc}: {e}");
+    e.into()
+}
+
+impl AgentService {
+    pub fn new(cfg: AgentConfig) -> Self {
+        let containers = Containers::new(&cfg.state_dir, &cfg.cgroup_parent);
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                containers,
+                sandbox: tokio::sync::Mutex::new(None),
+                shutdown: watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// Resolves once a Shutdown call has torn everything down.
+    pub async fn shutdown_requested(&self) {
+        let mut rx = self.inner.shutdown.subscribe();
+        // The sender lives in `self`; an error cannot happen while we hold it.
+        let _ = rx.wait_for(|requested| *requested).await;
+    }
+
+    /// Removes every container, the sandbox and the image mounts.
+    pub async fn teardown(&self) {
+        self.inner.containers.remove_all().await;
+        if let Some(mut sandbox) = self.inner.sandbox.lock().await.take() {
+            let _ = tokio::task::spawn_blocking(move || sandbox.destroy()).await;
+        }
+        self.inner.containers.unmount_images();
+        let parent = &self.inner.cfg.cgroup_parent;
+        if let Err(e) = vmrun_container::cgroups::remove_path(parent) {
+            tracing::warn!("remove cgroup {parent}: {e}");
+        }
+    }
+
+    /// Serves the service on `incoming` until Shutdown (then lets in-flight
+    /// calls finish, for at most a few seconds).
+    pub async fn serve<I, IO, IE>(self, incoming: I) -> Result<(), tonic::transport::Error>
+    where
+        I: Stream<Item = Result<IO, IE>>,
+        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let stop = self.clone();
+        let server = tonic::transport::Server::builder()
+            .add_service(AgentServer::new(self.clone()))
+            .serve_with_incoming_shutdown(incoming, async move { stop.shutdown_requested().await });
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => r,
+            _ = async { self.shutdown_requested().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+                tracing::warn!("calls still open {SHUTDOWN_GRACE:?} after Shutdown; stopping anyway");
+                Ok(())
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        Ok(Response::new(crate::sysinfo::health(
+            self.inner.cfg.boot_timestamp_ns,
+        )))
+    }
+
+    async fn shutdown(
+        &self,
+        _: Request<ShutdownRequest>,
+    ) -> Result<Response<ShutdownResponse>, Status> {
+        tracing::info!("shutdown requested");
+        self.teardown().await;
+        nix::unistd::sync();
+        self.inner.shutdown.send_replace(true);
+        Ok(Response::new(ShutdownResponse {}))
+    }
+
+    async fn create_sandbox(
+        &self,
+        request: Request<CreateSandboxRequest>,
+    ) -> Result<Response<CreateSandboxResponse>, Status> {
+        let req = request.into_inner();
+        let mut slot = self.inner.sandbox.lock().await;
+        if let Some(existing) = slot.as_ref() {
+            let e = crate::sandbox::CreateSandboxError::Exists {
+                id: req.sandbox_id,
+                existing: existing.id.clone(),
+            };
+            return Err(fail("CreateSandbox", e));
+        }
+        let pod_dir = self.inner.cfg.pod_dir();
+        let parent = self.inner.cfg.cgroup_parent.clone();
+        let created =
+            tokio::task::spawn_blocking(move || PodSandbox::create(&pod_dir, &parent, &req))
+                .await
+                .map_err(|_| Status::internal("create sandbox: the worker thread failed"))?;
+        let (sandbox, response) = created.map_err(|e| fail("CreateSandbox", e))?;
+        *slot = Some(sandbox);
+        Ok(Response::new(response))
+    }
+
+    async fn copy_file(
+        &self,
+        request: Request<CopyFileRequest>,
+    ) -> Result<Response<CopyFileResponse>, Status> {
+        let req = request.into_inner();
+        let path = crate::files::copy_file(&self.inner.cfg.pod_dir(), &req)
+            .map_err(|e| fail("CopyFile", e))?;
+        Ok(Response::new(CopyFileResponse {
+            guest_path: path.to_string_lossy().into_owned(),
+        }))
+    }
+
+    async fn create_container(
+        &self,
+        request: Request<CreateContainerRequest>,
+    ) -> Result<Response<CreateContainerResponse>, Status> {
+        let req = request.into_inner();
+        let pid = self
+            .inner
+            .containers
+            .create(&req.container_id, &req.oci_spec_json, req.rootfs, req.stdin)
+            .await
+            .map_err(|e| fail("CreateContainer", e))?;
+        Ok(Response::new(CreateContainerResponse { pid }))
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<StartContainerRequest>,
+    ) -> Result<Response<StartContainerResponse>, Status> {
+        let req = request.into_inner();
+        self.inner
+            .containers
+            .start(&req.container_id)
+            .await
+            .map_err(|e| fail("StartContainer", e))?;
+        Ok(Response::new(StartContainerResponse {}))
+    }
+
+    async fn exec_process(
+        &self,
+        request: Request<ExecProcessRequest>,
+    ) -> Result<Response<ExecProcessResponse>, Status> {
+        let req = request.into_inner();
+        let pid = self
+            .inner
+            .containers
+            .exec(
+                &req.container_id,
+                &req.exec_id,
+                &req.process_json,
+                req.stdin,
+            )
+            .await
+            .map_err(|e| fail("ExecProcess", e))?;
+        Ok(Response::new(ExecProcessResponse { pid }))
+    }
+
+    async fn signal_process(
+        &self,
+        request: Request<SignalProcessRequest>,
+    ) -> Result<Response<SignalProcessResponse>, Status> {
+        let req = request.into_inner();
+        self.inner
+            .containers
+            .signal(&req.container_id, &req.exec_id, req.signal)?;
+        Ok(Response::new(SignalProcessResponse {}))
+    }
+
+    async fn wait_process(
+        &self,
+        request: Request<WaitProcessRequest>,
+    ) -> Result<Response<WaitProcessResponse>, Status> {
+        let req = request.into_inner();
+        let exit = self
+            .inner
+            .containers
+            .wait(&req.container_id, &req.exec_id)
+            .await?;
+        Ok(Response::new(WaitProcessResponse {
+            exit_code: exit.code,
+            signal: exit.signal,
+            oom_killed: exit.oom_killed,
+        }))
+    }
+
+    type ReadOutputStream = OutputStream;
+
+    async fn read_output(
+        &self,
+        request: Request<ReadOutputRequest>,
+    ) -> Result<Response<Self::ReadOutputStream>, Status> {
+        let req = request.into_inner();
+        let (io, what) = self
+            .inner
+            .containers
+            .process_io(&req.container_id, &req.exec_id)?;
+        Ok(Response::new(io.read_output(&what)?))
+    }
+
+    async fn write_stdin(
+        &self,
+        request: Request<WriteStdinRequest>,
+    ) -> Result<Response<WriteStdinResponse>, Status> {
+        let req = request.into_inner();
+        let (io, what) = self
+            .inner
+            .containers
+            .process_io(&req.container_id, &req.exec_id)?;
+        io.write_stdin(&what, &req.data, req.close).await?;
+        Ok(Response::new(WriteStdinResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<RemoveContainerRequest>,
+    ) -> Result<Response<RemoveContainerResponse>, Status> {
+        let req = request.into_inner();
+        self.inner
+            .containers
+            .remove(&req.container_id)
+            .await
+            .map_err(|e| fail("RemoveContainer", e))?;
+        Ok(Response::new(RemoveContainerResponse {}))
+    }
+
+    async fn stats(
+        &self,
+        request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
+        let req = request.into_inner();
+        let (s, oom_kills) = self.inner.containers.stats(&req.container_id)?;
+        Ok(Response::new(StatsResponse {
+            cpu_usage_ns: s.cpu_usage_ns,
+            memory_usage_bytes: s.memory_usage_bytes,
+            pids: s.pids,
+            oom_kills,
+        }))
+    }
+}

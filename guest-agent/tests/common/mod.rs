@@ -1,0 +1,140 @@
+//! Serving the agent in-process on a unix socket (non-PID-1 mode) and a
+//! busybox rootfs for container tests.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::{UnixListener, UnixStream};
+use tonic::transport::{Channel, Endpoint, Uri};
+use vmrun_agent::{AgentConfig, AgentService};
+use vmrun_proto::AgentClient;
+
+pub struct Agent {
+    pub tmp: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub cgroup_parent: String,
+    pub server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Agent {
+    pub fn state_dir(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+}
+
+/// Starts an agent on `<tmp>/agent.sock` with its state and cgroups private
+/// to the test.
+pub fn start_agent(name: &str) -> Agent {
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("vmrun-agent-{name}-"))
+        .tempdir()
+        .unwrap();
+    let cgroup_parent = format!("/vmrun-agent-test-{}-{name}", std::process::id());
+    let socket = tmp.path().join("agent.sock");
+    let service = AgentService::new(AgentConfig {
+        state_dir: tmp.path().join("state"),
+        cgroup_parent: cgroup_parent.clone(),
+        boot_timestamp_ns: vmrun_agent::boottime_ns(),
+    });
+    let listener = UnixListener::bind(&socket).unwrap();
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let server = tokio::spawn(service.serve(incoming));
+    Agent {
+        tmp,
+        socket,
+        cgroup_parent,
+        server,
+    }
+}
+
+/// A client speaking gRPC straight over the unix socket.
+pub async fn unix_client(socket: &Path) -> AgentClient<Channel> {
+    let socket = socket.to_path_buf();
+    let channel = Endpoint::from_static("http://agent.test")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+        }))
+        .await
+        .unwrap();
+    AgentClient::new(channel)
+}
+
+pub fn require_root(test: &str) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "{test}: needs root (namespaces, mounts, cgroups)"
+    );
+    assert!(
+        Path::new("/usr/bin/busybox").exists(),
+        "{test}: needs /usr/bin/busybox (apt-get install busybox-static)"
+    );
+}
+
+/// bin/busybox plus a symlink per applet.
+pub fn busybox_rootfs(dir: &Path) {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    for d in ["proc", "dev", "sys", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::copy("/usr/bin/busybox", dir.join("bin/busybox")).unwrap();
+    let list = std::process::Command::new("/usr/bin/busybox")
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
+            continue;
+        }
+        let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(dir.join("etc/group"), "root:x:0:\n").unwrap();
+}
+
+const CAPS: &[&str] = vmrun_container::DEFAULT_CAPABILITIES;
+
+/// A CRI-like spec joining the sandbox's namespaces at `ns_dir` and
+/// bind-mounting its /etc/hosts. `root.path` is a placeholder: the agent
+/// sets it.
+pub fn spec(args: &[&str], ns_dir: &str, hosts: &str) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "root": {"path": "ignored-by-the-agent", "readonly": false},
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"],
+            "cwd": "/",
+            "capabilities": {"bounding": CAPS, "effective": CAPS, "permitted": CAPS},
+            "noNewPrivileges": true
+        },
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid","noexec","nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid","strictatime","mode=755","size=65536k"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid","noexec","nodev","ro"]},
+            {"destination": "/etc/hosts", "type": "bind", "source": hosts, "options": ["rbind","ro"]}
+        ],
+        "linux": {
+            "namespaces": [
+                {"type": "pid"}, {"type": "mount"}, {"type": "cgroup"},
+                {"type": "network", "path": format!("{ns_dir}/net")},
+                {"type": "ipc", "path": format!("{ns_dir}/ipc")},
+                {"type": "uts", "path": format!("{ns_dir}/uts")}
+            ],
+            "maskedPaths": ["/proc/kcore"],
+            "readonlyPaths": ["/proc/sys"]
+        }
+    })
+}
+
+/// Checks nothing of the agent's cgroups is left in any hierarchy.
+pub fn assert_no_cgroups(parent: &str) {
+    for entry in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let p = entry.path().join(parent.trim_start_matches('/'));
+        assert!(!p.exists(), "cgroup left behind: {}", p.display());
+    }
+}
