@@ -15,7 +15,9 @@ use serde_json::json;
 use vmrun_container::{cgroups, LinuxSyscall, Rootfs, Stdio};
 
 use crate::plan::{PodPlan, VolumeSource};
-use crate::runtime::{ExecOutput, ExitInfo, Launch, Running, Runtime, RuntimeError, Sandbox};
+use crate::runtime::{
+    ExecOutput, ExitInfo, Launch, PodStream, Running, Runtime, RuntimeError, Sandbox,
+};
 use crate::spec::{container_spec, SpecContext};
 
 /// Parent of every pod's cgroup, in each controller.
@@ -418,11 +420,13 @@ impl Sandbox for NativeSandbox {
         })
     }
 
-    fn connect(&self, port: u16, timeout: Duration) -> Result<TcpStream, RuntimeError> {
+    fn connect(&self, port: u16, timeout: Duration) -> Result<Box<dyn PodStream>, RuntimeError> {
         let err = move |message: String| RuntimeError::Connect { port, message };
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let Some(pause) = self.pause.as_ref().filter(|_| !self.pod.host_network) else {
-            return TcpStream::connect_timeout(&addr, timeout).map_err(|e| err(e.to_string()));
+            return TcpStream::connect_timeout(&addr, timeout)
+                .map(|s| Box::new(s) as Box<dyn PodStream>)
+                .map_err(|e| err(e.to_string()));
         };
         let netns = std::fs::File::open(pause.namespace_path("net"))
             .map_err(|e| err(format!("pod network namespace: {e}")))?;
@@ -431,7 +435,9 @@ impl Sandbox for NativeSandbox {
         std::thread::spawn(move || {
             nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| err(format!("entering the pod network: {e}")))?;
-            TcpStream::connect_timeout(&addr, timeout).map_err(|e| err(e.to_string()))
+            TcpStream::connect_timeout(&addr, timeout)
+                .map(|s| Box::new(s) as Box<dyn PodStream>)
+                .map_err(|e| err(e.to_string()))
         })
         .join()
         .map_err(|_| RuntimeError::Connect {

@@ -1,11 +1,10 @@
 //! Probes and lifecycle hooks: exec, httpGet, tcpSocket (and sleep for hooks).
 
-use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::plan::Handler;
-use crate::runtime::{Running, Sandbox};
+use crate::runtime::{PodStream, Running, Sandbox};
 
 /// Runs a handler once; `Ok` means it succeeded, `Err` says why not.
 pub async fn run_handler(
@@ -43,7 +42,7 @@ pub async fn run_handler(
             headers,
         } => tokio::task::spawn_blocking(move || {
             let mut stream = sandbox.connect(port, timeout).map_err(|e| e.to_string())?;
-            http_get(&mut stream, &path, host.as_deref(), &headers, timeout)
+            http_get(stream.as_mut(), &path, host.as_deref(), &headers, timeout)
         })
         .await
         .map_err(|e| e.to_string())?,
@@ -56,18 +55,13 @@ pub async fn run_handler(
 
 /// A minimal HTTP/1.1 GET: success is a status in 200..400, as the kubelet judges it.
 fn http_get(
-    stream: &mut std::net::TcpStream,
+    stream: &mut dyn PodStream,
     path: &str,
     host: Option<&str>,
     headers: &[(String, String)],
     timeout: Duration,
 ) -> Result<(), String> {
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+    stream.set_timeouts(timeout).map_err(|e| e.to_string())?;
     let mut request = format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: vmrun-probe\r\nConnection: close\r\n",
         host.unwrap_or("localhost")
@@ -109,6 +103,7 @@ fn http_get(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
 
     fn serve_once(response: &'static str) -> u16 {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

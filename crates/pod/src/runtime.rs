@@ -3,8 +3,10 @@
 //!
 //! Calls are blocking; the controller runs them on tokio's blocking pool.
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +36,28 @@ impl ExitInfo {
         } else {
             "Error"
         }
+    }
+}
+
+/// A byte stream to a TCP port inside the pod, for probes and hooks: a TCP
+/// socket in the pod's network namespace (native), or a stream the guest
+/// agent forwards to it (vm).
+pub trait PodStream: Read + Write + Send {
+    /// Read and write timeouts for everything after connecting.
+    fn set_timeouts(&self, timeout: Duration) -> std::io::Result<()>;
+}
+
+impl PodStream for TcpStream {
+    fn set_timeouts(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))?;
+        self.set_write_timeout(Some(timeout))
+    }
+}
+
+impl PodStream for UnixStream {
+    fn set_timeouts(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))?;
+        self.set_write_timeout(Some(timeout))
     }
 }
 
@@ -90,7 +114,7 @@ pub trait Sandbox: Send + Sync {
         timeout: Duration,
     ) -> Result<ExecOutput, RuntimeError>;
     /// A TCP connection to `port` on the pod's loopback, for probes and hooks.
-    fn connect(&self, port: u16, timeout: Duration) -> Result<TcpStream, RuntimeError>;
+    fn connect(&self, port: u16, timeout: Duration) -> Result<Box<dyn PodStream>, RuntimeError>;
     /// Removes everything the sandbox made; idempotent.
     fn destroy(&self) -> Result<(), RuntimeError>;
 }

@@ -2,7 +2,6 @@
 //! has the agent build the sandbox, volumes and containers inside.
 
 use std::collections::BTreeMap;
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +17,7 @@ use super::sizing::vm_size;
 use super::vmm_process::{VmFiles, VmmProcess};
 use super::VmRuntime;
 use crate::plan::{PodPlan, VolumeSource};
-use crate::runtime::{ExecOutput, Launch, Running, RuntimeError, Sandbox};
+use crate::runtime::{ExecOutput, Launch, PodStream, Running, RuntimeError, Sandbox};
 use crate::spec::{container_spec, SpecContext};
 
 /// How long one control call to the agent may take (not `WaitProcess`).
@@ -428,7 +427,7 @@ impl Sandbox for VmSandbox {
         .map_err(exec_err)
     }
 
-    fn connect(&self, port: u16, _timeout: Duration) -> Result<TcpStream, RuntimeError> {
+    fn connect(&self, port: u16, _timeout: Duration) -> Result<Box<dyn PodStream>, RuntimeError> {
         Err(RuntimeError::Connect {
             port,
             message: "httpGet and tcpSocket probes and hooks are not available on the vm runtime yet (use exec)".into(),
