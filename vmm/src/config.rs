@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::mptable::MAX_CPUS;
+use crate::devices::virtio::net::mac::MacAddr;
+use crate::devices::virtio::net::tap::valid_interface_name;
 use crate::virtio_slots::MAX_VIRTIO_DEVICES;
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
@@ -117,6 +119,78 @@ impl std::str::FromStr for VsockConfig {
     }
 }
 
+/// A virtio-net device on a tap device: named (created or attached by the
+/// VMM, which needs CAP_NET_ADMIN to create one) or inherited as an open
+/// file descriptor. Exactly one of `tap` and `fd`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    #[serde(default)]
+    pub tap: Option<String>,
+    #[serde(default)]
+    pub fd: Option<i32>,
+    /// The guest's MAC; by default a locally administered one derived from
+    /// the tap's name.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    /// `TAPNAME`, `tap=TAPNAME` or `fd=N`, then optionally `,mac=MAC`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut config = NetConfig {
+            tap: None,
+            fd: None,
+            mac: None,
+        };
+        for (index, option) in s.split(',').enumerate() {
+            match option.split_once('=') {
+                Some(("tap", name)) => config.tap = Some(name.to_owned()),
+                Some(("fd", fd)) => {
+                    config.fd = Some(
+                        fd.parse()
+                            .map_err(|_| format!("invalid net fd {fd:?}: a number is needed"))?,
+                    )
+                }
+                Some(("mac", mac)) => config.mac = Some(mac.parse().map_err(|e| format!("{e}"))?),
+                None if index == 0 => config.tap = Some(option.to_owned()),
+                _ => {
+                    return Err(format!(
+                        "unknown net option {option:?} (TAPNAME, tap=NAME, fd=N, mac=MAC)"
+                    ))
+                }
+            }
+        }
+        Ok(config)
+    }
+}
+
+impl NetConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.tap, self.fd) {
+            (None, None) => return Err(ConfigError::NetBackendMissing),
+            (Some(tap), Some(fd)) => {
+                return Err(ConfigError::NetBackendTwice {
+                    tap: tap.clone(),
+                    fd,
+                })
+            }
+            (Some(tap), None) if !valid_interface_name(tap) => {
+                return Err(ConfigError::NetTapName(tap.clone()))
+            }
+            (None, Some(fd)) if fd < 0 => return Err(ConfigError::NetFd(fd)),
+            _ => {}
+        }
+        if let Some(mac) = self.mac {
+            mac.check_unicast()
+                .map_err(|e| ConfigError::NetMac(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
@@ -136,6 +210,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// virtio-net devices, in the order the guest sees them (eth0, ...).
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
     /// The control socket (line-delimited JSON), if any.
     #[serde(default)]
     pub api: Option<PathBuf>,
@@ -165,6 +242,7 @@ impl VmConfig {
             console: ConsoleConfig::default(),
             disks: Vec::new(),
             vsock: None,
+            nets: Vec::new(),
             api: None,
         }
     }
@@ -197,12 +275,26 @@ impl VmConfig {
         if let Some(initrd) = &self.initrd {
             check_file(initrd, "initrd")?;
         }
-        let devices = self.disks.len() + usize::from(self.vsock.is_some());
+        let devices = self.disks.len() + usize::from(self.vsock.is_some()) + self.nets.len();
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
+        }
+        for (index, net) in self.nets.iter().enumerate() {
+            net.validate()?;
+            let earlier = &self.nets[..index];
+            if let Some(tap) = &net.tap {
+                if earlier.iter().any(|n| n.tap.as_ref() == Some(tap)) {
+                    return Err(ConfigError::NetDuplicate(format!("tap {tap}")));
+                }
+            }
+            if let Some(mac) = net.mac {
+                if earlier.iter().any(|n| n.mac == Some(mac)) {
+                    return Err(ConfigError::NetDuplicate(format!("MAC {mac}")));
+                }
+            }
         }
         if let Some(api) = &self.api {
             let len = api.as_os_str().len();
@@ -265,6 +357,18 @@ pub enum ConfigError {
     VsockPath(PathBuf),
     #[error("control socket path {0:?} must be 1 to 107 bytes long")]
     ApiPath(PathBuf),
+    #[error("a net device needs a tap name or a tap fd (`--net TAPNAME`, `--net fd=N`)")]
+    NetBackendMissing,
+    #[error("a net device has both tap {tap:?} and fd {fd}; give one")]
+    NetBackendTwice { tap: String, fd: i32 },
+    #[error("invalid tap device name {0:?}: 1 to 15 bytes, no '/', ':' or whitespace")]
+    NetTapName(String),
+    #[error("invalid tap file descriptor {0}")]
+    NetFd(i32),
+    #[error("{0}")]
+    NetMac(String),
+    #[error("two net devices have the same {0}")]
+    NetDuplicate(String),
 }
 
 #[cfg(test)]
@@ -362,6 +466,94 @@ mod tests {
         let json: VmConfig =
             serde_json::from_str(r#"{"kernel": "/k", "vsock": {"uds_path": "/v"}}"#).unwrap();
         assert_eq!(json.vsock.unwrap().guest_cid, 3);
+    }
+
+    #[test]
+    fn nets_parse_a_tap_or_an_fd_and_an_optional_mac() {
+        let net: NetConfig = "vmtap0".parse().unwrap();
+        assert_eq!(net.tap.as_deref(), Some("vmtap0"));
+        assert_eq!((net.fd, net.mac), (None, None));
+        let net: NetConfig = "tap=t1,mac=52:54:00:00:00:01".parse().unwrap();
+        assert_eq!(net.tap.as_deref(), Some("t1"));
+        assert_eq!(net.mac.unwrap().to_string(), "52:54:00:00:00:01");
+        let net: NetConfig = "fd=7".parse().unwrap();
+        assert_eq!((net.tap, net.fd), (None, Some(7)));
+        let error = "t0,mac=52:54:00:00:00".parse::<NetConfig>().unwrap_err();
+        assert!(error.contains("invalid MAC address"), "{error}");
+        assert!("t0,mac=01:00:5e:00:00:01"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("multicast"));
+        assert!("fd=x".parse::<NetConfig>().is_err());
+        assert!("t0,speed=10".parse::<NetConfig>().is_err());
+    }
+
+    #[test]
+    fn nets_need_exactly_one_valid_backend() {
+        let (_kernel, mut config) = with_kernel();
+        let net = |tap: Option<&str>, fd: Option<i32>| NetConfig {
+            tap: tap.map(str::to_owned),
+            fd,
+            mac: None,
+        };
+        config.nets = vec![net(Some("vmtap0"), None), net(None, Some(3))];
+        config.validate().unwrap();
+        config.nets = vec![net(None, None)];
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::NetBackendMissing)
+        ));
+        config.nets = vec![net(Some("t"), Some(3))];
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::NetBackendTwice { .. })
+        ));
+        config.nets = vec![net(Some("a/b"), None)];
+        assert!(matches!(config.validate(), Err(ConfigError::NetTapName(_))));
+        config.nets = vec![net(Some(&"x".repeat(16)), None)];
+        assert!(matches!(config.validate(), Err(ConfigError::NetTapName(_))));
+        config.nets = vec![net(None, Some(-1))];
+        assert!(matches!(config.validate(), Err(ConfigError::NetFd(-1))));
+        config.nets = vec![net(Some("t"), None), net(Some("t"), None)];
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::NetDuplicate(_))
+        ));
+        let mut multicast = net(Some("t"), None);
+        multicast.mac = Some(MacAddr([1, 0, 0, 0, 0, 1]));
+        config.nets = vec![multicast];
+        assert!(matches!(config.validate(), Err(ConfigError::NetMac(_))));
+        config.nets = vec![net(Some("t"), None); MAX_VIRTIO_DEVICES + 1];
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::TooManyDevices(_))
+        ));
+    }
+
+    #[test]
+    fn nets_in_json() {
+        let config: VmConfig = serde_json::from_str(
+            r#"{"kernel": "/k", "nets": [
+                {"tap": "vmtap0", "fd": null, "mac": "52:54:00:aa:bb:cc"},
+                {"fd": 4}
+            ]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.nets.len(), 2);
+        assert_eq!(config.nets[0].mac.unwrap().0[5], 0xcc);
+        assert_eq!(config.nets[1].fd, Some(4));
+        let again: VmConfig =
+            serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
+        assert_eq!(again, config);
+        let error = serde_json::from_str::<VmConfig>(
+            r#"{"kernel": "/k", "nets": [{"tap": "t", "mac": "nope"}]}"#,
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("invalid MAC address"), "{error}");
+        assert!(serde_json::from_str::<VmConfig>(
+            r#"{"kernel": "/k", "nets": [{"tap": "t", "speed": 1}]}"#
+        )
+        .is_err());
     }
 
     #[test]

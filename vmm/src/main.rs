@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use vmrun_vmm::config::{
-    ConfigError, ConsoleConfig, DiskConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
+    ConfigError, ConsoleConfig, DiskConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
 use vmrun_vmm::devices::console_input::RawTerminal;
@@ -54,13 +54,19 @@ struct Args {
     /// `PATH_P`. The guest CID defaults to 3.
     #[arg(long, value_name = "PATH[,cid=N]")]
     vsock: Option<VsockConfig>,
+    /// A virtio-net device on a tap device (repeatable): TAPNAME (created,
+    /// or attached if it exists: needs CAP_NET_ADMIN or a tap owned by
+    /// this user) or fd=N (an inherited open tap), optionally with
+    /// ,mac=52:54:00:xx:xx:xx (default: derived from the tap's name).
+    #[arg(long = "net", value_name = "TAPNAME|fd=N[,mac=MAC]")]
+    nets: Vec<NetConfig>,
     /// A control socket: line-delimited JSON requests such as
     /// {"action":"status"}, pause, resume, stop, and
     /// {"action":"shutdown","graceful_timeout_ms":N}.
     #[arg(long, value_name = "PATH")]
     api: Option<PathBuf>,
     /// A JSON VM configuration instead of the options above.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "disks", "vsock", "api"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "disks", "vsock", "nets", "api"])]
     config: Option<PathBuf>,
 }
 
@@ -82,6 +88,7 @@ fn config_from(args: Args) -> anyhow::Result<VmConfig> {
         console: args.console,
         disks: args.disks,
         vsock: args.vsock,
+        nets: args.nets,
         api: args.api,
     })
 }

@@ -28,6 +28,7 @@ use crate::devices::i8042::{self, I8042};
 use crate::devices::panic_watch::{PanicLine, PanicWatch};
 use crate::devices::serial::{SerialPort, COM1_PORT, COM1_PORT_COUNT};
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::hypervisor::{CpuidEntry, Hypervisor, HypervisorError, Vcpu, Vm};
@@ -62,6 +63,8 @@ pub enum BuildError {
     Disk(#[from] BlockError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error("cannot attach virtio devices: {0}")]
@@ -141,6 +144,9 @@ impl MicroVm {
         let mut devices = disks;
         if let Some(vsock) = &config.vsock {
             devices.push(Box::new(Vsock::new(vsock.guest_cid, &vsock.uds_path)?));
+        }
+        for net in &config.nets {
+            devices.push(Box::new(Net::open(net)?));
         }
         let slots = virtio_slots::attach(vm.as_ref(), &memory, &mut mmio_bus, devices)?;
         let cmdline = std::iter::once(config.cmdline.trim().to_owned())

@@ -236,3 +236,73 @@ fn a_file_that_is_no_kernel_is_refused() {
         stderr(&output)
     );
 }
+
+#[test]
+fn bad_net_devices_are_refused() {
+    let (_k, kernel) = temp_file(&support::elf_image(guests::PVH_HELLO, true));
+    let kernel = path_str(&kernel);
+    // On the command line, clap reports the parse error (status 2).
+    for (net, message) in [
+        ("vmtap0,mac=52:54:00:zz:00:01", "invalid MAC address"),
+        ("vmtap0,mac=01:00:5e:00:00:01", "multicast"),
+        ("fd=x", "invalid net fd"),
+        ("vmtap0,queues=2", "unknown net option"),
+    ] {
+        let output = vmm(&["--kernel", kernel, "--net", net]);
+        assert_eq!(output.status.code(), Some(2), "{net}: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains(message),
+            "{net}: {}",
+            stderr(&output)
+        );
+    }
+    assert_bad_config(
+        &["--kernel", kernel, "--net", "a/b"],
+        "invalid tap device name \"a/b\"",
+    );
+    assert_bad_config(
+        &["--kernel", kernel, "--net", "tap=t0,fd=3"],
+        "has both tap \"t0\" and fd 3",
+    );
+    // In a JSON config.
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("vm.json");
+    for (nets, message) in [
+        (serde_json::json!([{}]), "needs a tap name or a tap fd"),
+        (
+            serde_json::json!([{"tap": "t0", "fd": 3}]),
+            "has both tap \"t0\" and fd 3",
+        ),
+        (
+            serde_json::json!([{"tap": "t0", "mac": "52:54:00:00:01"}]),
+            "invalid MAC address",
+        ),
+        (
+            serde_json::json!([{"tap": "t0"}, {"tap": "t0"}]),
+            "two net devices have the same tap t0",
+        ),
+    ] {
+        let config = serde_json::json!({ "kernel": kernel, "nets": nets });
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        assert_bad_config(&["--config", path_str(&config_path)], message);
+    }
+}
+
+#[test]
+fn a_tap_that_cannot_be_opened_fails_with_its_name() {
+    require_kvm();
+    let (_k, kernel) = temp_file(&support::elf_image(guests::PVH_HELLO, true));
+    // An open file that is no tap, inherited as fd 0.
+    let output = Command::new(env!("CARGO_BIN_EXE_vmrun-vmm"))
+        .args(["--kernel", path_str(&kernel), "--memory", "64"])
+        .args(["--console", "off", "--net", "fd=0"])
+        .stdin(std::fs::File::open("/dev/null").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("file descriptor 0 is not an attached tap device"),
+        "{}",
+        stderr(&output)
+    );
+}

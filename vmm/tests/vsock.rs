@@ -425,6 +425,91 @@ fn unknown_ops_and_types_are_reset() {
 }
 
 #[test]
+fn a_connect_the_guest_does_not_answer_is_closed_after_the_timeout() {
+    let mut s = setup();
+    s.worker
+        .muxer
+        .set_connect_timeout(Duration::from_millis(200));
+    let mut client = UnixStream::connect(&s.uds).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    s.guest.give_rx(4);
+    let packets = s.step();
+    assert_eq!(packets.len(), 1, "{packets:?}");
+    assert_eq!(packets[0].0.op, OP_REQUEST);
+    let host_port = packets[0].0.src_port;
+    assert!(s.worker.muxer.next_deadline().is_some());
+    assert!(s.step().is_empty(), "nothing happens before the deadline");
+    assert_eq!(s.worker.muxer.connection_count(), 1);
+    std::thread::sleep(Duration::from_millis(250));
+    // The guest got the REQUEST, so it is told the stream is gone.
+    s.expect_rst(1024, host_port);
+    assert_closed(&mut client);
+    assert_eq!(s.worker.muxer.connection_count(), 0);
+    assert!(s.worker.muxer.next_deadline().is_none());
+    // A late RESPONSE finds no stream.
+    s.guest.send(to_host(OP_RESPONSE, 1024, host_port), &[]);
+    s.expect_rst(1024, host_port);
+    // The host client retries, and this time the guest answers in time.
+    let (_client, _) = s.host_connect(1024);
+    assert!(s.worker.muxer.next_deadline().is_none(), "established");
+}
+
+#[test]
+fn silent_clients_and_unsent_requests_time_out_too() {
+    let mut s = setup();
+    s.worker
+        .muxer
+        .set_connect_timeout(Duration::from_millis(200));
+    // Never writes its CONNECT line.
+    let mut silent = UnixStream::connect(&s.uds).unwrap();
+    // Writes it, but the guest never posts an rx buffer for the REQUEST.
+    let mut unanswered = UnixStream::connect(&s.uds).unwrap();
+    unanswered.write_all(b"CONNECT 9\n").unwrap();
+    assert!(s.step().is_empty());
+    assert_eq!(s.worker.muxer.connection_count(), 1);
+    std::thread::sleep(Duration::from_millis(250));
+    s.guest.give_rx(4);
+    assert!(
+        s.step().is_empty(),
+        "no RST for a REQUEST the guest never saw"
+    );
+    assert_closed(&mut silent);
+    assert_closed(&mut unanswered);
+    assert_eq!(s.worker.muxer.connection_count(), 0);
+    assert!(s.worker.muxer.next_deadline().is_none());
+}
+
+/// On its own thread the device wakes up for the deadline: no other event
+/// is needed to close the client.
+#[test]
+fn device_thread_closes_an_unanswered_connect_on_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let mut guest = Guest::new();
+    let mut device = Vsock::new(GUEST_CID, &uds).unwrap();
+    device.set_connect_timeout(Duration::from_millis(300));
+    let interrupt = Arc::new(VirtioInterrupt::new(guest.irq.try_clone().unwrap()));
+    device
+        .activate(guest.memory.clone(), guest.queues(), interrupt)
+        .unwrap();
+    guest.give_rx(8);
+    device.process_queue(0).unwrap();
+    let start = std::time::Instant::now();
+    let mut client = UnixStream::connect(&uds).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    let packets = guest.wait_rx(|p| !p.is_empty());
+    assert_eq!(packets[0].0.op, OP_REQUEST);
+    let packets = guest.wait_rx(|p| !p.is_empty());
+    assert_eq!(packets[0].0.op, OP_RST);
+    assert_closed(&mut client);
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(4),
+        "closed after {elapsed:?}"
+    );
+}
+
+#[test]
 fn malformed_rx_buffers_are_returned_unused() {
     let mut s = setup();
     let listener = s.listener(5007);

@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod guests;
+pub mod net_guest;
 pub mod vsock_guest;
 
 use std::io::{self, Write};

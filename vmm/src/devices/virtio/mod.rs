@@ -3,11 +3,12 @@
 //! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] puts it on
 //! the MMIO bus with the virtio-mmio (version 2) register layout, hands it
 //! its queues when the driver is ready, and raises its interrupt line.
-//! One module per device: [`block`], [`vsock`].
+//! One module per device: [`block`], [`net`], [`vsock`].
 
 pub mod block;
 pub mod block_request;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::io;

@@ -14,6 +14,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use super::packet::*;
 
@@ -47,6 +48,8 @@ pub struct Connection {
     /// Guest-side port.
     pub peer_port: u32,
     state: State,
+    /// Host-initiated: when the guest must have answered the REQUEST.
+    connect_deadline: Option<Instant>,
 
     // Host → guest.
     readable: bool,
@@ -89,6 +92,7 @@ impl Connection {
             local_port,
             peer_port,
             state,
+            connect_deadline: None,
             // Edge-triggered readiness: assume data may be waiting already.
             readable: true,
             host_hup: false,
@@ -115,11 +119,32 @@ impl Connection {
         }
     }
 
-    /// A host client asked (CONNECT) for guest port `peer_port`.
-    pub fn host_initiated(stream: UnixStream, local_port: u32, peer_port: u32) -> Connection {
+    /// A host client asked (CONNECT) for guest port `peer_port`; the guest
+    /// must accept by `deadline`.
+    pub fn host_initiated(
+        stream: UnixStream,
+        local_port: u32,
+        peer_port: u32,
+        deadline: Instant,
+    ) -> Connection {
         let mut conn = Connection::new(stream, local_port, peer_port, State::LocalInit);
         conn.owe_request = true;
+        conn.connect_deadline = Some(deadline);
         conn
+    }
+
+    /// When the guest must have accepted, while it has not yet.
+    pub fn connect_deadline(&self) -> Option<Instant> {
+        self.connect_deadline
+            .filter(|_| self.state == State::LocalInit)
+    }
+
+    /// The guest did not accept in time: the host client's socket closes,
+    /// and a guest that got the REQUEST gets an RST.
+    pub fn expire(&mut self) {
+        let request_sent = !self.owe_request;
+        self.kill();
+        self.owe_rst = request_sent;
     }
 
     /// The guest's REQUEST `request` reached a host listener on `stream`.

@@ -88,6 +88,15 @@ impl Vsock {
         &self.uds_path
     }
 
+    /// Replaces [`muxer::CONNECT_TIMEOUT`] for host clients accepted from
+    /// now on; takes effect while the device is not running (before
+    /// activation or after a reset).
+    pub fn set_connect_timeout(&mut self, timeout: std::time::Duration) {
+        if let Some(muxer) = self.muxer.as_mut() {
+            muxer.set_connect_timeout(timeout);
+        }
+    }
+
     /// Stops the worker and takes the muxer back.
     fn stop_worker(&mut self) {
         if let Some(running) = self.running.take() {

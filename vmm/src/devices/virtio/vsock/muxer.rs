@@ -12,6 +12,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -30,6 +31,11 @@ const MAX_CONNECT_LINE: usize = 32;
 const MAX_PENDING_RSTS: usize = 256;
 /// Host clients still writing their CONNECT line.
 const MAX_PENDING_CONNECTS: usize = 64;
+/// How long a host client may take, from its connect to the `OK` line, to
+/// write its CONNECT line and get the guest's answer. Past it the client's
+/// socket is closed (it retries); a guest that did get the REQUEST gets an
+/// RST, so a late RESPONSE finds no stream.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MuxerError {
@@ -53,6 +59,7 @@ enum Owner {
 struct PendingConnect {
     stream: UnixStream,
     line: Vec<u8>,
+    deadline: Instant,
 }
 
 /// The bound listener; removes its socket file when dropped.
@@ -77,6 +84,7 @@ pub struct Muxer {
     next_local_port: u32,
     ready: VecDeque<ConnKey>,
     rsts: VecDeque<Header>,
+    connect_timeout: Duration,
 }
 
 /// Binds `path`, replacing a stale socket file nobody listens on.
@@ -136,7 +144,53 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             ready: VecDeque::new(),
             rsts: VecDeque::new(),
+            connect_timeout: CONNECT_TIMEOUT,
         })
+    }
+
+    /// Replaces [`CONNECT_TIMEOUT`] for the host clients accepted from now on.
+    pub fn set_connect_timeout(&mut self, timeout: Duration) {
+        self.connect_timeout = timeout;
+    }
+
+    /// When the earliest host-initiated connect runs out of time, if one
+    /// is under way: the worker wakes up then to [`Self::expire_connects`].
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let pending = self.fds.values().filter_map(|owner| match owner {
+            Owner::Pending(pending) => Some(pending.deadline),
+            Owner::Conn(_) => None,
+        });
+        let connecting = self.conns.values().filter_map(Connection::connect_deadline);
+        pending.chain(connecting).min()
+    }
+
+    /// Closes the host clients whose connect ran out of time.
+    pub fn expire_connects(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<RawFd> = self
+            .fds
+            .iter()
+            .filter_map(|(fd, owner)| match owner {
+                Owner::Pending(pending) if pending.deadline <= now => Some(*fd),
+                _ => None,
+            })
+            .collect();
+        for fd in expired {
+            // Dropping the stream closes it: the client sees EOF.
+            self.fds.remove(&fd);
+        }
+        let expired: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| conn.connect_deadline().is_some_and(|d| d <= now))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in expired {
+            if let Some(conn) = self.conns.get_mut(&key) {
+                conn.expire();
+            }
+            self.refresh(key);
+        }
     }
 
     /// The epoll set to wait on for host-side readiness.
@@ -323,9 +377,10 @@ impl Muxer {
                 self.on_fd_event(event.data() as RawFd, event.events());
             }
             if n < events.len() {
-                return;
+                break;
             }
         }
+        self.expire_connects();
     }
 
     fn on_fd_event(&mut self, fd: RawFd, events: u32) {
@@ -368,9 +423,12 @@ impl Muxer {
                         ),
                     );
                     if added.is_ok() {
-                        let line = Vec::new();
-                        self.fds
-                            .insert(fd, Owner::Pending(PendingConnect { stream, line }));
+                        let pending = PendingConnect {
+                            stream,
+                            line: Vec::new(),
+                            deadline: Instant::now() + self.connect_timeout,
+                        };
+                        self.fds.insert(fd, Owner::Pending(pending));
                         self.read_connect_line(fd);
                     }
                 }
@@ -404,7 +462,7 @@ impl Muxer {
             return; // dropping the stream closes it: the client sees EOF
         };
         let local_port = self.allocate_local_port();
-        let conn = Connection::host_initiated(pending.stream, local_port, port);
+        let conn = Connection::host_initiated(pending.stream, local_port, port, pending.deadline);
         let key = (local_port, port);
         if self.watch(&conn, key).is_err() {
             self.local_ports.remove(&local_port);

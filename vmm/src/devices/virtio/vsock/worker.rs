@@ -6,6 +6,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -89,7 +90,13 @@ impl Worker {
         self.process_rx()?;
         let mut events = [EpollEvent::default(); 8];
         loop {
-            let n = match epoll.wait(-1, &mut events) {
+            // Wake up for the earliest host connect that may run out of time.
+            let timeout = self.muxer.next_deadline().map_or(-1, |deadline| {
+                let left = deadline.saturating_duration_since(Instant::now());
+                // Rounded up, so the wait never ends just before the deadline.
+                left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+            });
+            let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(WorkerError::Epoll(e)),
@@ -107,6 +114,7 @@ impl Worker {
                     }
                 }
             }
+            self.muxer.expire_connects();
             // Whatever happened may have made packets for the guest.
             self.process_rx()?;
         }
