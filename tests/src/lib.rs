@@ -6,6 +6,10 @@
 //! [`registry`]) notices the process going away and stops it and deletes its storage then.
 
 pub mod images;
+pub mod nested;
+pub mod nested_cpio;
+pub mod nested_l1;
+pub mod nested_vmm;
 pub mod pod;
 pub mod registry;
 

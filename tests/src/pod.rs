@@ -12,26 +12,81 @@ pub fn vmrun_bin() -> &'static Path {
     BIN.get_or_init(|| build_vmrun(false))
 }
 
-fn build_vmrun(release: bool) -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
-        .to_path_buf();
+        .to_path_buf()
+}
+
+/// Builds `vmrun` and `vmrun-vmm` (its vm runtime spawns the VMM from beside
+/// itself). Inside the nested L1 guest the host has built them already:
+/// cargo under emulation would only spend minutes finding nothing to do.
+fn build_vmrun(release: bool) -> PathBuf {
+    let workspace = workspace();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"));
+    let bin = target
+        .join(if release { "release" } else { "debug" })
+        .join("vmrun");
+    if crate::nested::inside_l1() && bin.is_file() {
+        return bin;
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--quiet", "-p", "vmrun", "--bin", "vmrun"])
+        .args(["-p", "vmrun-vmm", "--bin", "vmrun-vmm"])
         .current_dir(&workspace);
     if release {
         cmd.arg("--release");
     }
     let status = cmd.status().expect("running cargo build for vmrun");
     assert!(status.success(), "building the vmrun binary failed");
-    target
-        .join(if release { "release" } else { "debug" })
-        .join("vmrun")
+    bin
+}
+
+/// The vm runtime's guest: kernel and agent initramfs.
+#[derive(Debug, Clone)]
+pub struct GuestAssets {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+const GUEST_KERNEL_ENV: &str = "VMRUN_TEST_GUEST_KERNEL";
+const GUEST_INITRAMFS_ENV: &str = "VMRUN_TEST_GUEST_INITRAMFS";
+
+/// Builds (or finds cached) the guest with `scripts/build-guest`, once per
+/// process; the paths are forwarded to runs inside the nested L1 guest.
+pub fn guest_assets() -> &'static GuestAssets {
+    static ASSETS: OnceLock<GuestAssets> = OnceLock::new();
+    ASSETS.get_or_init(|| {
+        if let (Some(kernel), Some(initramfs)) = (
+            std::env::var_os(GUEST_KERNEL_ENV),
+            std::env::var_os(GUEST_INITRAMFS_ENV),
+        ) {
+            return GuestAssets {
+                kernel: kernel.into(),
+                initramfs: initramfs.into(),
+            };
+        }
+        let out = Command::new(workspace().join("scripts/build-guest"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running scripts/build-guest");
+        assert!(out.status.success(), "scripts/build-guest failed");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().last().unwrap_or_default();
+        let paths: serde_json::Value = serde_json::from_str(last)
+            .unwrap_or_else(|e| panic!("scripts/build-guest printed {last:?}: {e}"));
+        let assets = GuestAssets {
+            kernel: paths["kernel"].as_str().expect("kernel path").into(),
+            initramfs: paths["initramfs"].as_str().expect("initramfs path").into(),
+        };
+        crate::nested::forward_env(GUEST_KERNEL_ENV, &assets.kernel);
+        crate::nested::forward_env(GUEST_INITRAMFS_ENV, &assets.initramfs);
+        assets
+    })
 }
 
 /// Image store shared by every test of this process, so layers unpack once.
@@ -63,12 +118,25 @@ pub struct Vmrun {
 
 impl Vmrun {
     pub fn new() -> Self {
+        Self::for_runtime("native")
+    }
+
+    /// An installation whose config points the vm runtime at the test guest.
+    pub fn for_runtime(runtime: &str) -> Self {
         let state = tempfile::Builder::new()
             .prefix("vmrun-test-state")
             .tempdir()
             .expect("temp dir");
         let config = state.path().join("config.toml");
-        std::fs::write(&config, "pids_limit = 1024\n").expect("config");
+        let mut text = "pids_limit = 1024\n".to_string();
+        if runtime == "vm" {
+            let guest = guest_assets();
+            text += &format!(
+                "[vm]\nkernel = {:?}\ninitramfs = {:?}\n",
+                guest.kernel, guest.initramfs
+            );
+        }
+        std::fs::write(&config, text).expect("config");
         Self { state, config }
     }
 

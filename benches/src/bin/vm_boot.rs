@@ -1,0 +1,327 @@
+//! MicroVM boot to agent-ready: `vmrun-vmm` beside `qemu-system-x86_64 -M
+//! microvm`, the same guest kernel and agent initramfs, the same run.
+//!
+//! Boot to agent-ready is the time from spawning the VMM to the first
+//! successful vsock round trip (the agent's `Health`). VMM overhead is the
+//! VMM process's RSS excluding the guest-memory mapping, read from
+//! `/proc/<pid>/smaps` once the agent has answered.
+//!
+//! `cargo run --release -p vmrun-benches --bin vm_boot -- [RUNS]` (as root).
+//! Where `/dev/kvm` is not hardware KVM (a `kvm_pvm` host), the measurement
+//! runs inside the nested QEMU TCG setup of `vmrun_tests::nested` and says
+//! so: those numbers compare the two VMMs, they are not absolute boot times.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use vmrun_benches::{ms, summarize};
+
+const INSIDE_FLAG: &str = "--measure";
+const GUEST_MEMORY_MIB: u64 = 256;
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet printk.devkmsg=on";
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_millis(1);
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(INSIDE_FLAG) {
+        let runs = args[2].parse()?;
+        let assets = Assets {
+            vmm: PathBuf::from(&args[3]),
+            kernel: PathBuf::from(&args[4]),
+            initramfs: PathBuf::from(&args[5]),
+        };
+        return measure(&assets, runs, &args[6]);
+    }
+    let runs: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(30);
+    let assets = Assets::build()?;
+    let exe = std::env::current_exe()?;
+    let measure_args = [
+        INSIDE_FLAG.to_string(),
+        runs.to_string(),
+        assets.vmm.display().to_string(),
+        assets.kernel.display().to_string(),
+        assets.initramfs.display().to_string(),
+    ];
+    if vmrun_tests::nested::needs_nesting() {
+        let where_ =
+            "nested: QEMU TCG L1 (-cpu EPYC,+svm,+npt), Debian cloud kernel with kvm-amd; \
+                      this host's /dev/kvm is kvm_pvm";
+        let out = vmrun_tests::nested::Command::new(&exe)
+            .args(measure_args)
+            .arg(where_)
+            .echo(true)
+            .output()?;
+        if !out.output.status.success() {
+            bail!("the nested measurement failed: {}", out.output.status);
+        }
+        Ok(())
+    } else {
+        measure(&assets, runs, "hardware KVM on this host")
+    }
+}
+
+struct Assets {
+    vmm: PathBuf,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+}
+
+impl Assets {
+    /// Builds (or finds cached) the release VMM, guest kernel and initramfs.
+    fn build() -> anyhow::Result<Self> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "-p", "vmrun-vmm"])
+            .current_dir(&root)
+            .status()?;
+        if !status.success() {
+            bail!("building vmrun-vmm failed");
+        }
+        let out = Command::new(root.join("scripts/build-guest"))
+            .stderr(Stdio::inherit())
+            .output()
+            .context("scripts/build-guest")?;
+        if !out.status.success() {
+            bail!("scripts/build-guest failed");
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().last().unwrap_or_default();
+        let paths: serde_json::Value = serde_json::from_str(last)
+            .with_context(|| format!("scripts/build-guest printed {last:?}"))?;
+        let path = |key: &str| -> anyhow::Result<PathBuf> {
+            Ok(PathBuf::from(
+                paths[key]
+                    .as_str()
+                    .with_context(|| format!("no {key} in {last}"))?,
+            ))
+        };
+        Ok(Assets {
+            vmm: root.join("target/release/vmrun-vmm").canonicalize()?,
+            kernel: path("kernel")?,
+            initramfs: path("initramfs")?,
+        })
+    }
+}
+
+struct Sample {
+    ready: Duration,
+    overhead_kib: u64,
+}
+
+fn measure(assets: &Assets, runs: usize, where_: &str) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let work = tempfile::Builder::new().prefix("vmrun-boot").tempdir()?;
+    let mut ours = Vec::new();
+    let mut qemu = Vec::new();
+    // Interleaved, so drift in the machine's load hits both alike.
+    for i in 0..runs {
+        ours.push(rt.block_on(boot_vmrun(assets, work.path(), i))?);
+        qemu.push(rt.block_on(boot_qemu(assets, i))?);
+    }
+    println!("microVM boot to agent-ready, {runs} boots each, 1 vCPU, {GUEST_MEMORY_MIB} MiB");
+    println!("measured: {where_}");
+    println!(
+        "{:<22} {:>9} {:>9} {:>9} {:>16}",
+        "vmm", "p50 ms", "p99 ms", "mean ms", "overhead MiB p50"
+    );
+    let row = |name: &str, samples: &[Sample]| {
+        let ready: Vec<Duration> = samples.iter().map(|s| s.ready).collect();
+        let s = summarize(&ready);
+        let mut rss: Vec<u64> = samples.iter().map(|s| s.overhead_kib).collect();
+        rss.sort();
+        let rss_mib = rss[rss.len() / 2] as f64 / 1024.0;
+        println!(
+            "{name:<22} {:>9.1} {:>9.1} {:>9.1} {:>16.1}",
+            ms(s.p50),
+            ms(s.p99),
+            ms(s.mean),
+            rss_mib
+        );
+        (s, rss_mib)
+    };
+    let (a, a_rss) = row("vmrun-vmm", &ours);
+    let (b, b_rss) = row("qemu -M microvm", &qemu);
+    println!(
+        "vmrun-vmm/qemu ratio: boot p50 {:.2}x, p99 {:.2}x, overhead {:.2}x",
+        ms(a.p50) / ms(b.p50),
+        ms(a.p99) / ms(b.p99),
+        a_rss / b_rss
+    );
+    Ok(())
+}
+
+async fn boot_vmrun(assets: &Assets, work: &Path, i: usize) -> anyhow::Result<Sample> {
+    let vsock = work.join(format!("vsock-{i}.sock"));
+    let started = Instant::now();
+    let mut child = Command::new(&assets.vmm)
+        .arg("--kernel")
+        .arg(&assets.kernel)
+        .arg("--initrd")
+        .arg(&assets.initramfs)
+        .args(["--cmdline", CMDLINE, "--vcpus", "1", "--console", "off"])
+        .args(["--memory", &GUEST_MEMORY_MIB.to_string()])
+        .arg("--vsock")
+        .arg(&vsock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("spawning vmrun-vmm")?;
+    let mut agent = loop {
+        check_alive(&mut child, "vmrun-vmm")?;
+        if started.elapsed() > READY_TIMEOUT {
+            let _ = child.kill();
+            bail!("vmrun-vmm: no agent after {READY_TIMEOUT:?}");
+        }
+        if let Ok(mut agent) =
+            vmrun_proto::connect_hybrid_vsock(&vsock, vmrun_proto::AGENT_VSOCK_PORT).await
+        {
+            if agent
+                .health(vmrun_proto::v1::HealthRequest {})
+                .await
+                .is_ok()
+            {
+                break agent;
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let ready = started.elapsed();
+    let overhead_kib = rss_without_guest_kib(child.id())?;
+    let _ = agent.shutdown(vmrun_proto::v1::ShutdownRequest {}).await;
+    wait_exit(&mut child, "vmrun-vmm")?;
+    Ok(Sample {
+        ready,
+        overhead_kib,
+    })
+}
+
+async fn boot_qemu(assets: &Assets, i: usize) -> anyhow::Result<Sample> {
+    // Distinct CIDs: a CID stays taken until the vhost device is released.
+    let cid = 100 + i as u32;
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,x-option-roms=off,rtc=off,acpi=off",
+            "-enable-kvm",
+            "-cpu",
+            "host",
+            "-smp",
+            "1",
+            "-m",
+            &GUEST_MEMORY_MIB.to_string(),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "null",
+            "-no-reboot",
+            "-device",
+            &format!("vhost-vsock-device,guest-cid={cid}"),
+        ])
+        .arg("-kernel")
+        .arg(&assets.kernel)
+        .arg("-initrd")
+        .arg(&assets.initramfs)
+        // microvm has no i8042 to reset through: a triple fault ends it
+        // (with -no-reboot) when the agent reboots.
+        .args(["-append", &format!("{CMDLINE} reboot=t")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("spawning qemu-system-x86_64")?;
+    let mut agent = loop {
+        check_alive(&mut child, "qemu")?;
+        if started.elapsed() > READY_TIMEOUT {
+            let _ = child.kill();
+            bail!("qemu: no agent after {READY_TIMEOUT:?}");
+        }
+        if let Ok(mut agent) = connect_af_vsock(cid, vmrun_proto::AGENT_VSOCK_PORT).await {
+            if agent
+                .health(vmrun_proto::v1::HealthRequest {})
+                .await
+                .is_ok()
+            {
+                break agent;
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let ready = started.elapsed();
+    let overhead_kib = rss_without_guest_kib(child.id())?;
+    let _ = agent.shutdown(vmrun_proto::v1::ShutdownRequest {}).await;
+    wait_exit(&mut child, "qemu")?;
+    Ok(Sample {
+        ready,
+        overhead_kib,
+    })
+}
+
+/// A gRPC client over kernel vsock (QEMU's vhost-vsock).
+async fn connect_af_vsock(
+    cid: u32,
+    port: u32,
+) -> anyhow::Result<vmrun_proto::AgentClient<tonic::transport::Channel>> {
+    let channel = tonic::transport::Endpoint::try_from("http://vsock.invalid")?
+        .connect_with_connector(tower::service_fn(
+            move |_: tonic::transport::Uri| async move {
+                let stream =
+                    tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(cid, port))
+                        .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            },
+        ))
+        .await?;
+    Ok(vmrun_proto::AgentClient::new(channel))
+}
+
+fn check_alive(child: &mut Child, what: &str) -> anyhow::Result<()> {
+    if let Some(status) = child.try_wait()? {
+        bail!("{what} exited before its agent answered: {status}");
+    }
+    Ok(())
+}
+
+fn wait_exit(child: &mut Child, what: &str) -> anyhow::Result<()> {
+    let pidfd = vmrun_pod::native::pidfd_open(child.id() as i32)?;
+    if vmrun_pod::native::poll_exit(&pidfd, Some(Duration::from_secs(30)))? {
+        child.wait()?;
+        return Ok(());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    bail!("{what} did not exit after the agent's shutdown")
+}
+
+/// RSS of `pid` without its guest RAM: every mapping but the anonymous one
+/// exactly as large as the guest memory.
+fn rss_without_guest_kib(pid: u32) -> anyhow::Result<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let guest_kib = GUEST_MEMORY_MIB * 1024;
+    let (mut total, mut size, mut skipped) = (0u64, 0u64, false);
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        match fields.next() {
+            Some("Size:") => size = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            Some("Rss:") => {
+                let rss: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                if size == guest_kib && !skipped {
+                    skipped = true;
+                } else {
+                    total += rss;
+                }
+            }
+            _ => {}
+        }
+    }
+    if !skipped {
+        bail!("no {GUEST_MEMORY_MIB} MiB guest memory mapping in /proc/{pid}/smaps");
+    }
+    Ok(total)
+}
