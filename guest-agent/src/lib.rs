@@ -3,7 +3,9 @@
 //! The binary (`main.rs`) prepares the guest ([`init`]) and serves
 //! [`AgentService`], the `vmrun.agent.v1.Agent` gRPC service, on vsock port
 //! 1024. The service itself is plain library code so it can also be served on
-//! a unix socket on the host, which is how it is tested.
+//! a unix socket on the host, which is how it is tested. Next to it, on
+//! vsock port 1025, the agent serves TCP forwarding into the pod's network
+//! namespace ([`AgentService::serve_port_forward`]).
 //!
 //! Process model inside the guest: PID 1 forks once, right after mounting the
 //! filesystems, and the child runs the gRPC server. PID 1 then only reaps:
@@ -18,6 +20,7 @@ pub mod service;
 
 mod containers;
 mod files;
+mod forward;
 mod process;
 mod sandbox;
 mod sysinfo;

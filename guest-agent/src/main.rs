@@ -1,11 +1,14 @@
 //! `vmrun-agent`: the guest's /init.
 //!
 //! ```text
-//! vmrun-agent                                     as PID 1: set up the guest, serve on vsock 1024
-//! vmrun-agent --listen-unix PATH [--state-dir DIR] [--cgroup-parent CG]
-//!                                                 serve on a unix socket (tests on the host);
+//! vmrun-agent                                     as PID 1: set up the guest, serve gRPC on
+//!                                                 vsock 1024 and port forwarding on vsock 1025
+//! vmrun-agent --listen-unix PATH [--forward-unix PATH] [--state-dir DIR] [--cgroup-parent CG]
+//!                                                 serve on unix sockets (tests on the host);
 //!                                                 prints "READY" once listening
-//! vmrun-agent --listen-vsock PORT [...]           serve on vsock without being PID 1
+//! vmrun-agent --listen-vsock PORT [--forward-vsock PORT] [...]
+//!                                                 serve on vsock without being PID 1 (port
+//!                                                 forwarding on vsock 1025 unless given)
 //! ```
 
 use std::path::PathBuf;
@@ -22,6 +25,9 @@ enum Listen {
 
 struct Args {
     listen: Listen,
+    /// The port-forward listener; `None` with `--listen-unix` and no
+    /// `--forward-unix`.
+    forward: Option<Listen>,
     state_dir: Option<PathBuf>,
     cgroup_parent: Option<String>,
 }
@@ -29,6 +35,7 @@ struct Args {
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         listen: Listen::Vsock(vmrun_proto::AGENT_VSOCK_PORT),
+        forward: None,
         state_dir: None,
         cgroup_parent: None,
     };
@@ -40,10 +47,19 @@ fn parse_args() -> anyhow::Result<Args> {
             "--listen-vsock" => {
                 args.listen = Listen::Vsock(value()?.parse().context("--listen-vsock PORT")?)
             }
+            "--forward-unix" => args.forward = Some(Listen::Unix(value()?.into())),
+            "--forward-vsock" => {
+                args.forward = Some(Listen::Vsock(
+                    value()?.parse().context("--forward-vsock PORT")?,
+                ))
+            }
             "--state-dir" => args.state_dir = Some(value()?.into()),
             "--cgroup-parent" => args.cgroup_parent = Some(value()?),
             other => bail!("unknown argument {other:?} (see the source's usage)"),
         }
+    }
+    if args.forward.is_none() && matches!(args.listen, Listen::Vsock(_)) {
+        args.forward = Some(Listen::Vsock(vmrun_proto::PORT_FORWARD_VSOCK_PORT));
     }
     Ok(args)
 }
@@ -97,6 +113,7 @@ fn pid1(boot_ns: u64) -> ! {
         Ok(ForkResult::Child) => {
             let args = Args {
                 listen: Listen::Vsock(vmrun_proto::AGENT_VSOCK_PORT),
+                forward: Some(Listen::Vsock(vmrun_proto::PORT_FORWARD_VSOCK_PORT)),
                 state_dir: None,
                 cgroup_parent: None,
             };
@@ -135,6 +152,24 @@ fn serve(args: Args, boot_ns: u64) -> anyhow::Result<()> {
         .context("start the tokio runtime")?;
     runtime.block_on(async move {
         let service = AgentService::new(cfg);
+        // Bound before the gRPC listener: once the host gets gRPC answers,
+        // forwarding works too.
+        match args.forward {
+            None => {}
+            Some(Listen::Vsock(port)) => {
+                let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port))
+                    .with_context(|| format!("listen on vsock port {port} (port forward)"))?;
+                tracing::info!("port forwarding on vsock port {port}");
+                tokio::spawn(service.clone().serve_port_forward(listener.incoming()));
+            }
+            Some(Listen::Unix(path)) => {
+                let _ = std::fs::remove_file(&path);
+                let listener = tokio::net::UnixListener::bind(&path)
+                    .with_context(|| format!("listen on {} (port forward)", path.display()))?;
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                tokio::spawn(service.clone().serve_port_forward(incoming));
+            }
+        }
         match args.listen {
             Listen::Vsock(port) => {
                 let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port))

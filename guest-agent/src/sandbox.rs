@@ -2,8 +2,10 @@
 //! library's pause process), its /etc files, /dev/shm and sysctls.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
@@ -60,6 +62,10 @@ pub(crate) struct PodSandbox {
     pause: Option<vmrun_container::Sandbox>,
     /// The /dev/shm tmpfs this sandbox mounted.
     shm: Option<PathBuf>,
+    /// The pod's own network namespace (`new_network`), opened while the
+    /// pause process surely was the one we forked; the port-forward
+    /// listener connects from inside it.
+    netns: Option<Arc<File>>,
 }
 
 /// `net.ipv4.ip_forward` -> `/proc/sys/net/ipv4/ip_forward`; `None` for
@@ -192,6 +198,7 @@ impl PodSandbox {
             id: id.clone(),
             pause: None,
             shm: None,
+            netns: None,
         };
         if req.new_ipc {
             let shm = pod_dir.join("shm");
@@ -220,6 +227,20 @@ impl PodSandbox {
             .pause
             .as_ref()
             .map(|p| PathBuf::from(format!("/proc/{}/ns", p.pid())));
+        if let (true, Some(dir)) = (req.new_network, &ns_dir) {
+            let path = dir.join("net");
+            match File::open(&path) {
+                Ok(f) => sandbox.netns = Some(Arc::new(f)),
+                Err(source) => {
+                    sandbox.destroy();
+                    return Err(CreateSandboxError::Io {
+                        id,
+                        what: format!("open {}", path.display()),
+                        source,
+                    });
+                }
+            }
+        }
         if let Err(e) = apply_sysctls(&id, ns_dir.as_deref(), &req.sysctls) {
             sandbox.destroy();
             return Err(e);
@@ -240,10 +261,17 @@ impl PodSandbox {
         Ok((sandbox, response))
     }
 
+    /// The pod's network namespace, if it has its own (else the guest's
+    /// is the pod's).
+    pub(crate) fn netns(&self) -> Option<Arc<File>> {
+        self.netns.clone()
+    }
+
     /// Kills the pause process and unmounts /dev/shm. Destroy the
     /// containers first. Blocking; errors are logged (the guest is going
     /// away anyway).
     pub(crate) fn destroy(&mut self) {
+        self.netns = None;
         if let Some(pause) = self.pause.take() {
             if let Err(e) = pause.destroy() {
                 tracing::warn!(sandbox = %self.id, "pause process: {e}");

@@ -1,12 +1,13 @@
 //! The `vmrun.agent.v1.Agent` gRPC service.
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 use vmrun_proto::v1::agent_server::{Agent, AgentServer};
@@ -120,6 +121,47 @@ impl AgentService {
                 Ok(())
             }
         }
+    }
+}
+
+impl AgentService {
+    /// Serves the port-forward protocol (`vmrun_proto::port_forward`) on
+    /// `incoming` until Shutdown: each connection becomes a TCP connection
+    /// to 127.0.0.1 in the pod's network namespace. Connections already
+    /// forwarding are left alone.
+    pub async fn serve_port_forward<I, IO, IE>(self, incoming: I)
+    where
+        I: Stream<Item = Result<IO, IE>>,
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        IE: std::fmt::Display,
+    {
+        tokio::pin!(incoming);
+        loop {
+            let next = tokio::select! {
+                next = incoming.next() => next,
+                _ = self.shutdown_requested() => return,
+            };
+            match next {
+                None => return,
+                Some(Ok(conn)) => {
+                    let service = self.clone();
+                    tokio::spawn(async move {
+                        crate::forward::serve_connection(conn, service.pod_netns()).await
+                    });
+                }
+                Some(Err(e)) => {
+                    // E.g. out of file descriptors: do not spin.
+                    tracing::warn!("port forward: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// The network namespace forwarded connections go to: the sandbox's
+    /// own, or none (the guest's) without a sandbox or with a shared one.
+    async fn pod_netns(&self) -> Option<Arc<File>> {
+        self.inner.sandbox.lock().await.as_ref()?.netns()
     }
 }
 

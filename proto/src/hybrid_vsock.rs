@@ -21,7 +21,7 @@ use crate::v1::agent_client::AgentClient;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest acceptable reply line ("OK 4294967295\n" is 14 bytes).
-const MAX_REPLY: usize = 64;
+pub(crate) const MAX_REPLY: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -37,6 +37,14 @@ pub enum ConnectError {
     BadReply { port: u32, reply: String },
     #[error("guest port {port}: the VMM did not answer CONNECT within {HANDSHAKE_TIMEOUT:?}")]
     Timeout { port: u32 },
+    /// The agent's port-forward listener could not connect to the TCP port
+    /// in the pod; `reason` is the agent's (`"connection refused"` when
+    /// nothing listens, see [`ConnectError::is_connection_refused`]).
+    #[error("guest TCP port {tcp_port}: {reason}")]
+    Forward { tcp_port: u16, reason: String },
+    /// The agent's port-forward listener did not answer in time.
+    #[error("guest TCP port {tcp_port}: no answer from the agent within {after:?}")]
+    ForwardTimeout { tcp_port: u16, after: Duration },
     #[error("gRPC channel to guest port {port}: {source}")]
     Channel {
         port: u32,
@@ -56,6 +64,14 @@ impl ConnectError {
             ),
             _ => false,
         }
+    }
+
+    /// True when the agent reached the pod's network namespace but nothing
+    /// listens on the TCP port there (a failed `tcpSocket` probe, not a
+    /// broken guest).
+    pub fn is_connection_refused(&self) -> bool {
+        matches!(self, ConnectError::Forward { reason, .. }
+            if reason == crate::port_forward::CONNECTION_REFUSED)
     }
 }
 
@@ -100,7 +116,7 @@ pub async fn handshake(stream: &mut UnixStream, port: u32) -> Result<u32, Connec
         .unwrap_or(Err(ConnectError::Timeout { port }))
 }
 
-fn parse_ok(line: &[u8]) -> Option<u32> {
+pub(crate) fn parse_ok(line: &[u8]) -> Option<u32> {
     std::str::from_utf8(line)
         .ok()?
         .strip_prefix("OK ")?

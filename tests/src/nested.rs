@@ -658,6 +658,58 @@ pub fn run_test_nested(module_path: &str, name: &str) {
     progress(&line);
 }
 
+/// Runs several tests of this test binary inside one L1 boot, one after the
+/// other (`--exact a b c --test-threads=1`): they share the L1 boot and the
+/// per-process set-up (registry, test images), which under emulation cost more
+/// than most test bodies. Fails unless every one of them ran and passed; the
+/// output names any that failed.
+pub fn run_tests_nested(module_path: &str, names: &[&str]) {
+    let paths: Vec<String> = names.iter().map(|n| test_path(module_path, n)).collect();
+    progress(&format!(
+        "/dev/kvm is not hardware KVM here: running {} tests nested, inside one L1: {}",
+        paths.len(),
+        paths.join(", ")
+    ));
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let result = Command::new(&exe)
+        .arg("--exact")
+        .args(&paths)
+        .args(["--nocapture", "--test-threads=1"])
+        .inherit_env()
+        .env(INSIDE_ENV, "1")
+        .echo(true)
+        .output();
+    let out = match result {
+        Ok(out) => out,
+        Err(e) => panic!("cannot run {paths:?} nested inside L1: {e:#}"),
+    };
+    let stdout = String::from_utf8_lossy(&out.output.stdout);
+    let failed: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("test ") && l.ends_with("FAILED"))
+        .collect();
+    assert!(
+        out.output.status.success() && failed.is_empty(),
+        "inside L1 ({}): {}",
+        out.output.status,
+        failed.join("; ")
+    );
+    let want = format!("test result: ok. {} passed", paths.len());
+    assert!(
+        stdout.contains(&want),
+        "the run inside L1 did not run exactly {paths:?}:\n{stdout}"
+    );
+    let line = format!(
+        "{} tests ran nested inside L1 and passed (L1 boot {}, whole run {:.1}s)",
+        paths.len(),
+        out.l1_boot
+            .map_or("unknown".to_owned(), |d| format!("{:.1}s", d.as_secs_f64())),
+        out.total.as_secs_f64()
+    );
+    println!("{line}");
+    progress(&line);
+}
+
 /// Says where a test body runs (on hardware KVM on the host, or inside L1).
 #[doc(hidden)]
 pub fn note_where_running(module_path: &str, name: &str) {

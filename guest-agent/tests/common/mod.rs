@@ -1,5 +1,5 @@
-//! Serving the agent in-process on a unix socket (non-PID-1 mode) and a
-//! busybox rootfs for container tests.
+//! Serving the agent in-process on unix sockets (non-PID-1 mode), a fake
+//! VMM in front of them, and a busybox rootfs for container tests.
 
 #![allow(dead_code)]
 
@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tonic::transport::{Channel, Endpoint, Uri};
 use vmrun_agent::{AgentConfig, AgentService};
@@ -15,6 +16,8 @@ use vmrun_proto::AgentClient;
 pub struct Agent {
     pub tmp: tempfile::TempDir,
     pub socket: PathBuf,
+    /// The port-forward listener (what vsock port 1025 is in a guest).
+    pub forward: PathBuf,
     pub cgroup_parent: String,
     pub server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -25,8 +28,8 @@ impl Agent {
     }
 }
 
-/// Starts an agent on `<tmp>/agent.sock` with its state and cgroups private
-/// to the test.
+/// Starts an agent on `<tmp>/agent.sock` (gRPC) and `<tmp>/forward.sock`
+/// (port forwarding) with its state and cgroups private to the test.
 pub fn start_agent(name: &str) -> Agent {
     let tmp = tempfile::Builder::new()
         .prefix(&format!("vmrun-agent-{name}-"))
@@ -39,15 +42,55 @@ pub fn start_agent(name: &str) -> Agent {
         cgroup_parent: cgroup_parent.clone(),
         boot_timestamp_ns: vmrun_agent::boottime_ns(),
     });
+    let forward = tmp.path().join("forward.sock");
+    let listener = UnixListener::bind(&forward).unwrap();
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tokio::spawn(service.clone().serve_port_forward(incoming));
     let listener = UnixListener::bind(&socket).unwrap();
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let server = tokio::spawn(service.serve(incoming));
     Agent {
         tmp,
         socket,
+        forward,
         cgroup_parent,
         server,
     }
+}
+
+/// A fake VMM on `<tmp>/vmm-vsock.sock` for `agent`: answers
+/// `CONNECT 1024` / `CONNECT 1025` with `OK` and splices the connection to
+/// the agent's gRPC / port-forward socket, as the VMM splices it to the
+/// guest's vsock listeners; closes without a reply for any other port.
+pub fn fake_vmm(agent: &Agent) -> PathBuf {
+    let path = agent.tmp.path().join("vmm-vsock.sock");
+    let vmm = UnixListener::bind(&path).unwrap();
+    let routes = [
+        (vmrun_proto::AGENT_VSOCK_PORT, agent.socket.clone()),
+        (vmrun_proto::PORT_FORWARD_VSOCK_PORT, agent.forward.clone()),
+    ];
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = vmm.accept().await {
+            let routes = routes.clone();
+            tokio::spawn(async move {
+                use vmrun_proto::port_forward::{read_line, Line};
+                let Ok(Line::Complete(line)) = read_line(&mut conn, 64).await else {
+                    return;
+                };
+                let line = String::from_utf8(line).unwrap();
+                let port: u32 = line.strip_prefix("CONNECT ").unwrap().parse().unwrap();
+                let Some((_, target)) = routes.iter().find(|(p, _)| *p == port) else {
+                    return;
+                };
+                let Ok(mut upstream) = UnixStream::connect(target).await else {
+                    return;
+                };
+                conn.write_all(b"OK 1073741824\n").await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+            });
+        }
+    });
+    path
 }
 
 /// A client speaking gRPC straight over the unix socket.

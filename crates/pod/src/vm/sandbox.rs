@@ -427,11 +427,15 @@ impl Sandbox for VmSandbox {
         .map_err(exec_err)
     }
 
-    fn connect(&self, port: u16, _timeout: Duration) -> Result<Box<dyn PodStream>, RuntimeError> {
-        Err(RuntimeError::Connect {
-            port,
-            message: "httpGet and tcpSocket probes and hooks are not available on the vm runtime yet (use exec)".into(),
-        })
+    fn connect(&self, port: u16, timeout: Duration) -> Result<Box<dyn PodStream>, RuntimeError> {
+        // The agent connects to 127.0.0.1:<port> in the pod's network
+        // namespace and forwards the stream over vsock.
+        vmrun_proto::connect_guest_tcp_blocking(&self.vmm.files.vsock, port, timeout)
+            .map(|stream| Box::new(stream) as Box<dyn PodStream>)
+            .map_err(|e| RuntimeError::Connect {
+                port,
+                message: e.to_string(),
+            })
     }
 
     fn destroy(&self) -> Result<(), RuntimeError> {
