@@ -366,9 +366,14 @@ fn detach(
 pub async fn supervise(config: &Config, args: SuperviseArgs) -> anyhow::Result<i32> {
     // SAFETY: fd 3 was set up by `vmrun run -d` as the write end of its ready pipe
     // and nothing else in this process owns it.
-    let mut ready = Some(std::fs::File::from(unsafe {
-        OwnedFd::from_raw_fd(args.ready_fd)
-    }));
+    let ready_fd = unsafe { OwnedFd::from_raw_fd(args.ready_fd) };
+    // dup2 left it inheritable: a child that kept it (a pod VM's VMM) would
+    // hold `vmrun run -d` waiting for the pipe's end forever.
+    nix::fcntl::fcntl(
+        &ready_fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    let mut ready = Some(std::fs::File::from(ready_fd));
     let mut report = |message: &str| {
         if let Some(mut pipe) = ready.take() {
             let _ = writeln!(pipe, "{message}");
