@@ -7,6 +7,7 @@
 //! [registries]
 //! insecure = ["registry.lan:5000"]
 //! [vm]                        # the vm runtime; defaults shown
+//! max_vcpus = <host CPUs>     # upper bound on a pod VM's vCPUs
 //! vmm = "<dir of vmrun>/vmrun-vmm"
 //! kernel = "<root>/guest/vmlinux"            # installed by scripts/build-guest
 //! initramfs = "<root>/guest/initramfs.cpio"
@@ -50,6 +51,8 @@ impl Default for Config {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VmConfig {
+    /// Upper bound on a pod VM's vCPUs; default the host's CPUs.
+    pub max_vcpus: Option<u8>,
     pub vmm: Option<PathBuf>,
     pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,

@@ -172,6 +172,7 @@ async fn prepare(
             assets: config.vm_assets(),
             image_disks,
             pids_limit: config.pids_limit,
+            max_vcpus: config.vm.max_vcpus,
             boot_timeout: VmRuntime::boot_timeout_from_env(),
         }),
         other => bail!("runtime {other:?} is not available yet"),

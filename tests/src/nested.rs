@@ -684,15 +684,16 @@ pub fn run_tests_nested(module_path: &str, names: &[&str]) {
         Err(e) => panic!("cannot run {paths:?} nested inside L1: {e:#}"),
     };
     let stdout = String::from_utf8_lossy(&out.output.stdout);
+    // libtest lists the failed tests, indented, after the last "failures:".
     let failed: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.starts_with("test ") && l.ends_with("FAILED"))
-        .collect();
+        .rsplit_once("\nfailures:\n")
+        .map(|(_, list)| list.lines().map_while(|l| l.strip_prefix("    ")).collect())
+        .unwrap_or_default();
     assert!(
         out.output.status.success() && failed.is_empty(),
-        "inside L1 ({}): {}",
+        "inside L1 ({}): failed: {}",
         out.output.status,
-        failed.join("; ")
+        failed.join(", ")
     );
     let want = format!("test result: ok. {} passed", paths.len());
     assert!(

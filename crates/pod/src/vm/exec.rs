@@ -6,9 +6,18 @@ use std::io::Write;
 use vmrun_proto::v1;
 
 /// Runs `argv` in the container of a vm exec target, copying its output to
-/// this process's stdout and stderr; returns its exit code. Blocks; call
-/// from outside any tokio runtime.
+/// this process's stdout and stderr; returns its exit code. Blocks; runs
+/// its own runtime on a thread of its own, so callers inside a tokio
+/// runtime may call it too.
 pub fn exec_to_terminal(target: &serde_json::Value, argv: &[String]) -> Result<i32, String> {
+    let target = target.clone();
+    let argv = argv.to_vec();
+    std::thread::spawn(move || exec_on_this_thread(&target, &argv))
+        .join()
+        .map_err(|_| "the exec thread panicked".to_string())?
+}
+
+fn exec_on_this_thread(target: &serde_json::Value, argv: &[String]) -> Result<i32, String> {
     let vsock = target["vsock"]
         .as_str()
         .ok_or("exec target has no vsock socket")?;

@@ -35,6 +35,8 @@ pub struct VmRuntime {
     pub image_disks: BTreeMap<String, PathBuf>,
     /// Per-container pids limit, as native.
     pub pids_limit: Option<i64>,
+    /// Upper bound on a pod VM's vCPUs (default: the host's CPUs).
+    pub max_vcpus: Option<u8>,
     pub boot_timeout: Duration,
 }
 

@@ -98,8 +98,11 @@ impl VmSandbox {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .map_err(|e| sandbox_err(format!("{}: {e}", dir.display())))?;
-        let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let size = vm_size(pod, host_cpus);
+        let mut cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if let Some(max) = runtime.max_vcpus {
+            cpus = cpus.min(usize::from(max.max(1)));
+        }
+        let size = vm_size(pod, cpus);
         tracing::info!(pod = %pod.name, vcpus = size.vcpus, memory_mib = size.memory_mib, disks = disk_paths.len(), "starting the pod VM");
         let vmm = Arc::new(
             VmmProcess::spawn(&runtime.assets, size, &disk_paths, VmFiles::new(&dir))
