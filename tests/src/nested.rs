@@ -63,6 +63,8 @@ const VIRTIOFS_TAG: &str = "host";
 const L1_CPU: &str = "EPYC,+svm,+npt,-xsave";
 const SERIAL_TAIL_LINES: usize = 60;
 const POLL: Duration = Duration::from_millis(50);
+/// Boots of L1 for one command when L1 itself dies (see [`Command::output`]).
+const L1_ATTEMPTS: u32 = 2;
 
 /// A progress line on the real stderr (not the test harness's captured one): the long steps
 /// (kernel download, L1 boots) should be visible while a test waits for them.
@@ -252,15 +254,32 @@ impl Command {
             }
         };
 
-        let run_dir = tempfile::Builder::new()
-            .prefix("vmrun-nested-")
-            .tempdir_in(RUN_DIR_PARENT)
-            .with_context(|| format!("creating a run directory in {RUN_DIR_PARENT}"))?;
-        let result = self.boot(&qemu, &kernel.vmlinuz, &initramfs, run_dir.path());
-        if std::env::var_os(KEEP_ENV).is_some() {
-            progress(&format!("kept {}", run_dir.keep().display()));
+        // L1 itself is QEMU TCG emulating nested SVM, and its kernel has been
+        // seen to oops under load inside `svm_vcpu_run`. When L1 dies without
+        // reporting the command's exit (an Err here; a command that fails is
+        // an Ok with its status), the run is the environment's failure, not
+        // the command's: it is retried once in a fresh L1, and said so.
+        let mut attempt = 1;
+        loop {
+            let run_dir = tempfile::Builder::new()
+                .prefix("vmrun-nested-")
+                .tempdir_in(RUN_DIR_PARENT)
+                .with_context(|| format!("creating a run directory in {RUN_DIR_PARENT}"))?;
+            let result = self.boot(&qemu, &kernel.vmlinuz, &initramfs, run_dir.path());
+            if std::env::var_os(KEEP_ENV).is_some() {
+                progress(&format!("kept {}", run_dir.keep().display()));
+            }
+            match result {
+                Err(e) if attempt < L1_ATTEMPTS => {
+                    progress(&format!(
+                        "L1 failed before the command reported its exit ({e:#}); \
+                         retrying in a fresh L1"
+                    ));
+                    attempt += 1;
+                }
+                result => return result,
+            }
         }
-        result
     }
 
     fn boot(
