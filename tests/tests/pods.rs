@@ -274,6 +274,29 @@ pub fn cpu_and_memory_limits_reach_the_cgroup(rt: &str) {
     );
     let record = start_detached(&vm, rt, "limits", &yaml);
     let uid = uid_of(&record);
+    if rt == "vm" {
+        // The limits live in the guest's cgroup v2, seen from inside the
+        // container through its cgroup namespace.
+        let files = ["cpu.max", "cpu.weight", "memory.max", "pids.max"];
+        let mut cmd = vec!["cat"];
+        let paths: Vec<String> = files
+            .iter()
+            .map(|f| format!("/sys/fs/cgroup/{f}"))
+            .collect();
+        cmd.extend(paths.iter().map(String::as_str));
+        let out = exec(&vm, "limits", "app", &cmd);
+        assert!(out.status.success(), "cat: {}", describe(&out));
+        let weight = 1 + (256 - 2) * 9999 / 262_142;
+        assert_eq!(
+            text(&out.stdout),
+            format!("50000 100000\n{weight}\n{}\n1024\n", 64u64 << 20),
+            "{}",
+            describe(&out)
+        );
+        stop_and_rm(&vm, "limits");
+        assert_clean(&vm, &uid, "");
+        return;
+    }
     let cg = |controller: &str, file: &str| -> String {
         let v1 = format!("/sys/fs/cgroup/{controller}/vmrun/{uid}/app/{file}");
         std::fs::read_to_string(&v1)
@@ -386,8 +409,8 @@ pub fn lifecycle_hooks_run(rt: &str) {
     require_root("lifecycle_hooks_run");
     let vm = Vmrun::for_runtime(rt);
     let image = busybox();
-    let shared = tempfile::tempdir().unwrap();
-    let dir = shared.path().display();
+    // The hooks write into the app's own stdout (PID 1 of its namespace), so
+    // the order lands in its log, which outlives the pod on every runtime.
     let yaml = pod(
         "hooks",
         &format!(
@@ -395,36 +418,32 @@ pub fn lifecycle_hooks_run(rt: &str) {
   containers:
   - name: app
     image: {image}
-    command: ["sh", "-c", "trap 'echo got-term >> /out/events; exit 0' TERM; while true; do usleep 20000; done"]
-    volumeMounts: [{{name: out, mountPath: /out}}]
+    command: ["sh", "-c", "trap 'echo got-term; exit 0' TERM; while true; do usleep 20000; done"]
     lifecycle:
       postStart:
-        exec: {{command: ["sh", "-c", "echo post-start >> /out/events"]}}
+        exec: {{command: ["sh", "-c", "echo post-start > /proc/1/fd/1"]}}
       preStop:
-        exec: {{command: ["sh", "-c", "echo pre-stop >> /out/events"]}}
-  volumes:
-  - name: out
-    hostPath: {{path: "{dir}", type: Directory}}
+        exec: {{command: ["sh", "-c", "echo pre-stop > /proc/1/fd/1"]}}
 "#
         ),
     );
     let record = start_detached(&vm, rt, "hooks", &yaml);
-    let events = shared.path().join("events");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&events)
-        .unwrap_or_default()
-        .contains("post-start")
-    {
-        assert!(Instant::now() < deadline, "postStart never ran");
-        std::thread::sleep(Duration::from_millis(50));
+    let logs = || text(&vm.run(&["logs", "hooks", "app"]).stdout);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !logs().contains("post-start") {
+        assert!(Instant::now() < deadline, "postStart never ran: {}", logs());
+        std::thread::sleep(Duration::from_millis(100));
     }
-    stop_and_rm(&vm, "hooks");
-    let log = std::fs::read_to_string(&events).unwrap();
+    let out = vm.run(&["stop", "hooks"]);
+    assert!(out.status.success(), "stop: {}", describe(&out));
+    let log = logs();
     assert_eq!(
         log.lines().collect::<Vec<_>>(),
         ["post-start", "pre-stop", "got-term"],
         "hooks out of order: {log}"
     );
+    let out = vm.run(&["rm", "hooks"]);
+    assert!(out.status.success(), "rm: {}", describe(&out));
     assert_clean(&vm, &uid_of(&record), "");
 }
 
@@ -432,7 +451,7 @@ pub fn on_failure_restarts_with_backoff(rt: &str) {
     require_root("on_failure_restarts_with_backoff");
     let vm = Vmrun::for_runtime(rt);
     let image = busybox();
-    let shared = tempfile::tempdir().unwrap();
+    // The attempt counter lives in an emptyDir, which survives container restarts.
     let yaml = pod(
         "flaky",
         &format!(
@@ -444,9 +463,8 @@ pub fn on_failure_restarts_with_backoff(rt: &str) {
     volumeMounts: [{{name: s, mountPath: /s}}]
   volumes:
   - name: s
-    hostPath: {{path: "{}"}}
-"#,
-            shared.path().display()
+    emptyDir: {{}}
+"#
         ),
     );
     let path = vm.manifest("flaky", &yaml);
@@ -688,25 +706,56 @@ macro_rules! runtime_cases {
 
 runtime_cases!(native);
 
-/// The same cases on the vm runtime, each in a microVM. Where the host has no
-/// hardware KVM they run inside the nested L1 guest (`vmrun_tests::nested`);
-/// the binaries and the guest are built on the host first.
+/// The same cases on the vm runtime, each in a microVM.
 ///
-/// Not listed yet, because they do not pass on vm yet (see the vm issue):
-/// the other cases of `runtime_cases!`.
+/// On hardware KVM each case runs directly. Where `/dev/kvm` is not hardware
+/// KVM (`kvm_pvm`), `vm::nested` runs all of them inside one nested L1 guest
+/// (`vmrun_tests::nested`), after building the binaries and the guest on the
+/// host; each case then says by name on the host that it ran there.
 mod vm {
-    macro_rules! case {
-        ($name:ident) => {
+    macro_rules! cases {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[test]
+                fn $name() {
+                    if vmrun_tests::nested::needs_nesting() {
+                        println!(concat!("vm::", stringify!($name), ": runs inside L1 in vm::nested"));
+                        return;
+                    }
+                    vmrun_tests::nested::note_where_running(module_path!(), stringify!($name));
+                    super::$name("vm");
+                }
+            )*
+
             #[test]
-            fn $name() {
+            fn nested() {
+                if !vmrun_tests::nested::needs_nesting() {
+                    println!("vm::nested: /dev/kvm is hardware KVM: the vm cases ran directly");
+                    return;
+                }
                 vmrun_tests::pod::vmrun_bin();
                 vmrun_tests::pod::guest_assets();
-                vmrun_tests::hardware_kvm_or_nested!(stringify!($name));
-                super::$name("vm");
+                vmrun_tests::nested::run_tests_nested(module_path!(), &[$(stringify!($name)),*]);
             }
         };
     }
-    case!(logs_and_exit_codes);
+
+    // Not yet passing on vm, so not listed (see docs/vm-runtime.md):
+    // lifecycle_hooks_run (the app's SIGTERM-trap output is missing from its
+    // log after preStop), share_process_namespace_sees_other_containers
+    // (hangs) and containers_share_localhost_and_ipc (passed twice, then
+    // failed once with "starting the container in the guest: transport
+    // error": the agent's connection dropped).
+    cases!(
+        logs_and_exit_codes,
+        init_container_fills_empty_dir_served_by_main,
+        oom_kill_is_reported,
+        cpu_and_memory_limits_reach_the_cgroup,
+        config_secret_and_downward_files,
+        on_failure_restarts_with_backoff,
+        ctrl_c_leaves_nothing_behind,
+        bad_input_is_refused_cleanly,
+    );
 }
 
 #[test]
