@@ -52,6 +52,8 @@ fn main() -> anyhow::Result<()> {
         let out = vmrun_tests::nested::Command::new(&exe)
             .args(measure_args)
             .arg(where_)
+            // About 30 s per pair of boots in the nested setup.
+            .timeout(Duration::from_secs(120 + 40 * runs as u64))
             .echo(true)
             .output()?;
         if !out.output.status.success() {
