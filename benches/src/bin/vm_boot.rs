@@ -173,25 +173,10 @@ async fn boot_vmrun(assets: &Assets, work: &Path, i: usize) -> anyhow::Result<Sa
         .stdout(Stdio::null())
         .spawn()
         .context("spawning vmrun-vmm")?;
-    let mut agent = loop {
-        check_alive(&mut child, "vmrun-vmm")?;
-        if started.elapsed() > READY_TIMEOUT {
-            let _ = child.kill();
-            bail!("vmrun-vmm: no agent after {READY_TIMEOUT:?}");
-        }
-        if let Ok(mut agent) =
-            vmrun_proto::connect_hybrid_vsock(&vsock, vmrun_proto::AGENT_VSOCK_PORT).await
-        {
-            if agent
-                .health(vmrun_proto::v1::HealthRequest {})
-                .await
-                .is_ok()
-            {
-                break agent;
-            }
-        }
-        tokio::time::sleep(POLL).await;
-    };
+    let mut agent = until_healthy(&mut child, "vmrun-vmm", started, || async {
+        Ok(vmrun_proto::connect_hybrid_vsock(&vsock, vmrun_proto::AGENT_VSOCK_PORT).await?)
+    })
+    .await?;
     let ready = started.elapsed();
     let overhead_kib = rss_without_guest_kib(child.id())?;
     let _ = agent.shutdown(vmrun_proto::v1::ShutdownRequest {}).await;
@@ -238,23 +223,10 @@ async fn boot_qemu(assets: &Assets, i: usize) -> anyhow::Result<Sample> {
         .stdout(Stdio::null())
         .spawn()
         .context("spawning qemu-system-x86_64")?;
-    let mut agent = loop {
-        check_alive(&mut child, "qemu")?;
-        if started.elapsed() > READY_TIMEOUT {
-            let _ = child.kill();
-            bail!("qemu: no agent after {READY_TIMEOUT:?}");
-        }
-        if let Ok(mut agent) = connect_af_vsock(cid, vmrun_proto::AGENT_VSOCK_PORT).await {
-            if agent
-                .health(vmrun_proto::v1::HealthRequest {})
-                .await
-                .is_ok()
-            {
-                break agent;
-            }
-        }
-        tokio::time::sleep(POLL).await;
-    };
+    let mut agent = until_healthy(&mut child, "qemu", started, || {
+        connect_af_vsock(cid, vmrun_proto::AGENT_VSOCK_PORT)
+    })
+    .await?;
     let ready = started.elapsed();
     let overhead_kib = rss_without_guest_kib(child.id())?;
     let _ = agent.shutdown(vmrun_proto::v1::ShutdownRequest {}).await;
@@ -263,6 +235,36 @@ async fn boot_qemu(assets: &Assets, i: usize) -> anyhow::Result<Sample> {
         ready,
         overhead_kib,
     })
+}
+
+type Agent = vmrun_proto::AgentClient<tonic::transport::Channel>;
+
+/// Polls `connect` until the agent answers `Health`, the VMM exits, or
+/// READY_TIMEOUT passes.
+async fn until_healthy<F, Fut>(
+    child: &mut Child,
+    what: &str,
+    started: Instant,
+    mut connect: F,
+) -> anyhow::Result<Agent>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Agent>>,
+{
+    loop {
+        check_alive(child, what)?;
+        if started.elapsed() > READY_TIMEOUT {
+            let _ = child.kill();
+            bail!("{what}: no agent after {READY_TIMEOUT:?}");
+        }
+        if let Ok(mut agent) = connect().await {
+            let health = agent.health(vmrun_proto::v1::HealthRequest {}).await;
+            if health.is_ok() {
+                return Ok(agent);
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// A gRPC client over kernel vsock (QEMU's vhost-vsock).
