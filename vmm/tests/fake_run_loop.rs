@@ -106,11 +106,12 @@ fn port_reads_are_answered_by_devices_or_all_ones() {
             data: vec![0xff, 0xff]
         }
     );
+    // The i8042 status register: system flag and keyboard enabled, no byte waiting.
     assert_eq!(
         reads[2],
         AnsweredRead::Io {
             port: 0x64,
-            data: vec![0]
+            data: vec![0x14]
         }
     );
 }
