@@ -195,16 +195,8 @@ impl VirtioDevice for Block {
         mut queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
+        super::check_queues(&queues, &memory, 1)?;
         let queue = queues.remove(0);
-        if !queue.is_valid(&memory) {
-            return Err(ActivateError::InvalidQueue(0));
-        }
         self.active = Some(Active {
             memory,
             queue,

@@ -15,7 +15,7 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -30,6 +30,39 @@ pub enum ActivateError {
     InvalidQueue(usize),
     #[error("the device cannot start: {0}")]
     Unavailable(&'static str),
+}
+
+/// What every device checks when the driver activates it: as many queues as
+/// the device has, each ready and inside guest memory.
+pub(crate) fn check_queues(
+    queues: &[Queue],
+    memory: &GuestMemoryMmap,
+    expected: usize,
+) -> Result<(), ActivateError> {
+    if queues.len() != expected {
+        return Err(ActivateError::QueueCount {
+            expected,
+            got: queues.len(),
+        });
+    }
+    match queues.iter().position(|q| !q.is_valid(memory)) {
+        Some(index) => Err(ActivateError::InvalidQueue(index)),
+        None => Ok(()),
+    }
+}
+
+/// The descriptors a device worker thread waits on: clones of the queue
+/// notification eventfds, plus a stop eventfd and the clone the thread keeps.
+pub(crate) fn worker_eventfds(
+    queue_events: &[EventFd],
+) -> io::Result<(Vec<EventFd>, EventFd, EventFd)> {
+    let events = queue_events
+        .iter()
+        .map(EventFd::try_clone)
+        .collect::<io::Result<Vec<_>>>()?;
+    let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+    let thread_stop = stop.try_clone()?;
+    Ok((events, stop, thread_stop))
 }
 
 /// A device's interrupt: the virtio-mmio InterruptStatus bits and the

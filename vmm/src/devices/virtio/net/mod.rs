@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -233,31 +233,13 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                expected: QUEUE_SIZES.len(),
-                got: queues.len(),
-            });
-        }
-        if let Some(index) = queues.iter().position(|q| !q.is_valid(&memory)) {
-            return Err(ActivateError::InvalidQueue(index));
-        }
+        super::check_queues(&queues, &memory, QUEUE_SIZES.len())?;
         self.stop_worker();
         let backend = self.backend.take().ok_or(ActivateError::Unavailable(
             "the virtio-net worker of a previous activation did not stop",
         ))?;
-        let events = self
-            .queue_events
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<Result<Vec<_>, _>>();
-        let stop = EventFd::new(libc::EFD_NONBLOCK);
-        let (events, stop, thread_stop) = match (events, stop) {
-            (Ok(events), Ok(stop)) => match stop.try_clone() {
-                Ok(thread_stop) => (events, stop, thread_stop),
-                Err(_) => return self.keep(backend),
-            },
-            _ => return self.keep(backend),
+        let Ok((events, stop, thread_stop)) = super::worker_eventfds(&self.queue_events) else {
+            return self.keep(backend);
         };
         let worker = Worker::new(memory, queues, interrupt, backend, self.stats.clone());
         let failure = self.failure.clone();

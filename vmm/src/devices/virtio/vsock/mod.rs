@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -152,31 +152,13 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                expected: QUEUE_SIZES.len(),
-                got: queues.len(),
-            });
-        }
-        if let Some(index) = queues.iter().position(|q| !q.is_valid(&memory)) {
-            return Err(ActivateError::InvalidQueue(index));
-        }
+        super::check_queues(&queues, &memory, QUEUE_SIZES.len())?;
         self.stop_worker();
         let muxer = self.muxer.take().ok_or(ActivateError::Unavailable(
             "the vsock worker of a previous activation did not stop",
         ))?;
-        let events = self
-            .queue_events
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<Result<Vec<_>, _>>();
-        let stop = EventFd::new(libc::EFD_NONBLOCK);
-        let (events, stop, thread_stop) = match (events, stop) {
-            (Ok(events), Ok(stop)) => match stop.try_clone() {
-                Ok(thread_stop) => (events, stop, thread_stop),
-                Err(_) => return self.keep(muxer),
-            },
-            _ => return self.keep(muxer),
+        let Ok((events, stop, thread_stop)) = super::worker_eventfds(&self.queue_events) else {
+            return self.keep(muxer);
         };
         let worker = Worker::new(memory, queues, interrupt, muxer);
         let failure = self.failure.clone();
