@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use vmrun_tests::hardware_kvm_or_nested;
+use vmrun_tests::nested;
 use vmrun_tests::nested_vmm::{guest_kernel_dir, probe_initramfs, time_boot, vmm_bin, vmm_command};
 
 const MARKER: &str = "vmrun-nested-probe: init is running";
@@ -64,8 +65,25 @@ fn vmm_boots_linux_to_init() {
             2,
             256,
         );
-        let boot = time_boot(cmd, MARKER, L2_TIMEOUT).expect("running vmrun-vmm");
-        let report = boot.describe();
+        let mut boot = time_boot(cmd, MARKER, L2_TIMEOUT).expect("running vmrun-vmm");
+        let mut report = boot.describe();
+        if !boot.status.success() && report.contains("triple fault") && nested::inside_l1() {
+            // QEMU TCG's nested SVM now and then triple-faults a second vCPU
+            // as it starts (docs/vm-runtime.md); one more boot, said so.
+            println!(
+                "{}: triple fault in nested L1, booting once more: {report}",
+                kernel.display()
+            );
+            let cmd = vmm_command(
+                &kernel,
+                Some(&initrd),
+                "console=ttyS0 reboot=k panic=-1 quiet",
+                2,
+                256,
+            );
+            boot = time_boot(cmd, MARKER, L2_TIMEOUT).expect("running vmrun-vmm");
+            report = boot.describe();
+        }
         assert!(
             boot.status.success(),
             "{}: vmrun-vmm failed: {report}",
