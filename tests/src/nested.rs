@@ -36,7 +36,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Output, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context};
 
@@ -50,9 +50,15 @@ pub const INSIDE_ENV: &str = "VMRUN_NESTED_INSIDE";
 pub const TIMEOUT_ENV: &str = "VMRUN_NESTED_TIMEOUT";
 /// Set to keep each run directory (serial log, command output) for debugging.
 pub const KEEP_ENV: &str = "VMRUN_NESTED_KEEP";
+/// QEMU's TCG threading for L1 (`multi` or `single`), default [`DEFAULT_TCG_THREAD`].
+pub const TCG_THREAD_ENV: &str = "VMRUN_NESTED_TCG_THREAD";
+pub const DEFAULT_TCG_THREAD: &str = "multi";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_MEMORY_MIB: u64 = 4096;
+/// Two: long runs wedged a one-vCPU L1 more often (docs/vm-runtime.md).
 pub const DEFAULT_CPUS: u8 = 2;
+/// L1's vCPUs when set (else [`DEFAULT_CPUS`] or what the test asks for).
+pub const CPUS_ENV: &str = "VMRUN_NESTED_L1_CPUS";
 /// Run directories live here, not in /tmp: L1 mounts a fresh tmpfs over /tmp.
 const RUN_DIR_PARENT: &str = "/var/tmp";
 const VIRTIOFS_TAG: &str = "host";
@@ -63,6 +69,9 @@ const VIRTIOFS_TAG: &str = "host";
 const L1_CPU: &str = "EPYC,+svm,+npt,-xsave";
 const SERIAL_TAIL_LINES: usize = 60;
 const POLL: Duration = Duration::from_millis(50);
+/// L1 touches a heartbeat file every 5 s once its command runs; silence this long (from
+/// the last beat, or from the start when none came yet) means L1 is wedged.
+const L1_SILENCE_LIMIT: Duration = Duration::from_secs(120);
 /// Boots of L1 for one command when L1 itself dies (see [`Command::output`]).
 const L1_ATTEMPTS: u32 = 2;
 
@@ -158,7 +167,10 @@ impl Command {
             cwd: None,
             timeout,
             memory_mib: DEFAULT_MEMORY_MIB,
-            cpus: DEFAULT_CPUS,
+            cpus: std::env::var(CPUS_ENV)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(DEFAULT_CPUS),
             echo: false,
         }
     }
@@ -209,7 +221,7 @@ impl Command {
         self
     }
 
-    /// L1's vCPUs (default 2).
+    /// L1's vCPUs (default [`DEFAULT_CPUS`]).
     pub fn cpus(&mut self, cpus: u8) -> &mut Self {
         self.cpus = cpus;
         self
@@ -318,6 +330,9 @@ impl Command {
         virtiofsd
             .arg(format!("--socket-path={}", socket.display()))
             .args(["-o", "source=/", "-o", "sandbox=chroot", "-o", "cache=auto"])
+            // Extended attributes too: building an image's EROFS disk in L1
+            // reads the overlay whiteout and opaque-directory xattrs.
+            .args(["-o", "xattr"])
             .stdin(Stdio::null())
             .stdout(log_file(dir, "virtiofsd.log")?)
             .stderr(log_file(dir, "virtiofsd.log")?);
@@ -340,10 +355,11 @@ impl Command {
 
         let memory = format!("{}M", self.memory_mib);
         let serial = dir.join("serial.log");
+        let monitor = dir.join("monitor.sock");
         let mut qemu_cmd = std::process::Command::new(qemu);
         qemu_cmd
             .args(["-nodefaults", "-no-user-config", "-no-reboot"])
-            .args(["-machine", "q35", "-accel", "tcg,thread=multi"])
+            .args(["-machine", "q35", "-accel", &tcg_accel()])
             .args(["-cpu", L1_CPU])
             .args(["-smp", &self.cpus.to_string(), "-m", &memory])
             .args([
@@ -369,12 +385,17 @@ impl Command {
                     dir.display()
                 ),
             ])
-            .args(["-display", "none", "-monitor", "none", "-nic", "none"])
+            .args(["-display", "none", "-nic", "none"])
+            .args([
+                "-monitor",
+                &format!("unix:{},server=on,wait=off", monitor.display()),
+            ])
             .args(["-serial", &format!("file:{}", serial.display())])
             .stdin(Stdio::null())
             .stdout(log_file(dir, "qemu.log")?)
             .stderr(log_file(dir, "qemu.log")?);
         let start = Instant::now();
+        let started_at = SystemTime::now();
         children.qemu = Some(spawn_tied(&mut qemu_cmd, "QEMU")?);
         progress(&format!(
             "booting L1 (QEMU TCG, {} vCPUs, {memory}) for {}",
@@ -406,6 +427,27 @@ impl Command {
             let qemu = children.qemu.as_mut().expect("QEMU was started");
             if let Some(status) = qemu.try_wait()? {
                 break status;
+            }
+            if let Some(silence) = silent_for(&dir.join("heartbeat"), started_at) {
+                if silence >= L1_SILENCE_LIMIT {
+                    // Where the vCPUs stand, for the report: a wedge so far
+                    // was "HLT=1" with interrupts pending (see nested_l1).
+                    let cpu = monitor_command(&monitor, "info registers")
+                        .map(|regs| {
+                            regs.lines()
+                                .filter(|l| l.starts_with("CPU#") || l.starts_with("RIP="))
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        })
+                        .unwrap_or_else(|e| format!("monitor: {e:#}"));
+                    drop(children);
+                    bail!(
+                        "L1 stopped responding: no heartbeat for {}s ({cpu}); \
+                         last lines of its serial console:\n{}",
+                        silence.as_secs(),
+                        tail(&serial, SERIAL_TAIL_LINES)
+                    );
+                }
             }
             if Instant::now() >= deadline {
                 drop(children);
@@ -598,6 +640,53 @@ impl Follow {
     }
 }
 
+/// Runs one HMP command on QEMU's monitor socket and returns its answer.
+fn monitor_command(socket: &Path, command: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The banner ends with the first prompt; the command's answer with the next.
+    let mut prompts = 0;
+    let mut sent = false;
+    while prompts < 2 {
+        let n = stream.read(&mut buf).context("reading the monitor")?;
+        ensure!(n > 0, "the monitor closed the connection");
+        answer.extend_from_slice(&buf[..n]);
+        prompts = String::from_utf8_lossy(&answer).matches("(qemu)").count();
+        if prompts == 1 && !sent {
+            stream.write_all(format!("{command}\n").as_bytes())?;
+            sent = true;
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    let reply = text
+        .split("(qemu)")
+        .nth(1)
+        .unwrap_or_default()
+        .replace(command, "");
+    Ok(match reply.trim() {
+        "" => "ok".to_owned(),
+        other => other.to_owned(),
+    })
+}
+
+/// How long ago L1 last touched `heartbeat` (or since `started`, before the first beat).
+fn silent_for(heartbeat: &Path, started: SystemTime) -> Option<Duration> {
+    let last = fs::metadata(heartbeat)
+        .and_then(|m| m.modified())
+        .map_or(started, |beat| beat.max(started));
+    SystemTime::now().duration_since(last).ok()
+}
+
+/// `-accel` for L1: TCG, threaded as `$VMRUN_NESTED_TCG_THREAD` says.
+fn tcg_accel() -> String {
+    let thread = std::env::var(TCG_THREAD_ENV).unwrap_or_else(|_| DEFAULT_TCG_THREAD.into());
+    format!("tcg,thread={thread}")
+}
+
 /// The last `lines` lines of a file (or a note that it is unreadable).
 pub(crate) fn tail(path: &Path, lines: usize) -> String {
     match fs::read(path) {
@@ -647,12 +736,22 @@ pub fn test_path(module_path: &str, name: &str) -> String {
 /// The host half of [`hardware_kvm_or_nested!`](crate::hardware_kvm_or_nested): runs the test
 /// inside L1 and fails unless it ran there and passed.
 #[doc(hidden)]
-pub fn run_test_nested(module_path: &str, name: &str) {
+pub fn run_test_nested(module_path: &str, name: &str, l1_cpus: Option<u8>) {
     let path = test_path(module_path, name);
     progress(&format!(
         "{path}: /dev/kvm is not hardware KVM here: running the test nested, inside L1"
     ));
-    let result = rerun_self_inside_l1(&["--exact", &path, "--nocapture", "--test-threads=1"]);
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let mut command = Command::new(exe);
+    command
+        .args(["--exact", &path, "--nocapture", "--test-threads=1"])
+        .inherit_env()
+        .env(INSIDE_ENV, "1")
+        .echo(true);
+    if let Some(cpus) = l1_cpus {
+        command.cpus(cpus);
+    }
+    let result = command.output();
     let out = match result {
         Ok(out) => out,
         Err(e) => panic!("{path}: cannot run the test nested inside L1: {e:#}"),
@@ -754,8 +853,15 @@ pub fn note_where_running(module_path: &str, name: &str) {
 #[macro_export]
 macro_rules! hardware_kvm_or_nested {
     ($name:expr) => {
+        $crate::hardware_kvm_or_nested!(@run $name, None)
+    };
+    // An L1 with this many vCPUs when nested.
+    ($name:expr, l1_cpus = $cpus:expr) => {
+        $crate::hardware_kvm_or_nested!(@run $name, Some($cpus))
+    };
+    (@run $name:expr, $cpus:expr) => {
         if $crate::nested::needs_nesting() {
-            $crate::nested::run_test_nested(module_path!(), $name);
+            $crate::nested::run_test_nested(module_path!(), $name, $cpus);
             return;
         }
         $crate::nested::note_where_running(module_path!(), $name);

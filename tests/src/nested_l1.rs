@@ -42,6 +42,18 @@ const WANTED_MODULES: &[&str] = &[
     "tun",
 ];
 
+/// Parameters L1 loads modules with (none so far; `kvm_amd vgif=0` was tried against the
+/// L1 wedge described in docs/vm-runtime.md and did not prevent it).
+const MODULE_PARAMS: &[(&str, &str)] = &[];
+
+/// The parameters `name` is loaded with.
+fn module_params(name: &str) -> &'static str {
+    MODULE_PARAMS
+        .iter()
+        .find(|(module, _)| *module == name)
+        .map_or("", |(_, params)| params)
+}
+
 /// The L1 kernel and its modules in the cache.
 #[derive(Clone, Debug)]
 pub struct L1Kernel {
@@ -324,8 +336,8 @@ exec </dev/null >/dev/console 2>&1
 say() { echo "vmrun-l1: $*"; }
 die() { say "FATAL: $*"; sync; poweroff -f; sleep 60; }
 say "init started at $(cut -d' ' -f1 /proc/uptime)s"
-while read -r module; do
-    insmod "/modules/$module.ko" || die "insmod $module failed"
+while read -r module params; do
+    insmod "/modules/$module.ko" $params || die "insmod $module $params failed"
 done </modules/order
 dir=
 for arg in $(cat /proc/cmdline); do
@@ -360,6 +372,10 @@ mount -t devtmpfs devtmpfs /host/dev || die "cannot mount /dev"
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts || die "cannot mount /dev/pts"
 mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm || die "cannot mount /dev/shm"
+# A heartbeat for the host, which takes a silent L1 for wedged (QEMU's nested
+# SVM now and then stops delivering L1's interrupts) rather than waiting for
+# the whole run's timeout.
+( while :; do touch "/host$dir/heartbeat"; sleep 5; done ) &
 say "command started at $(cut -d' ' -f1 /proc/uptime)s"
 chroot /host /bin/sh "$dir/run.sh" </dev/null >"/host$dir/stdout" 2>"/host$dir/stderr"
 status=$?
@@ -386,6 +402,7 @@ pub fn initramfs(kernel: &L1Kernel) -> anyhow::Result<PathBuf> {
     hash.update(&busybox);
     for (name, bytes) in &modules {
         hash.update(name.as_bytes());
+        hash.update(module_params(name).as_bytes());
         hash.update(bytes);
     }
     let key = &hex::encode(hash.finalize())[..16];
@@ -407,8 +424,7 @@ pub fn initramfs(kernel: &L1Kernel) -> anyhow::Result<PathBuf> {
     let mut order = String::new();
     for (name, bytes) in &modules {
         cpio.file(&format!("/modules/{name}.ko"), 0o644, bytes);
-        order.push_str(name);
-        order.push('\n');
+        order.push_str(&format!("{name} {}\n", module_params(name)));
     }
     cpio.file("/modules/order", 0o644, order.as_bytes());
     let mut tmp = tempfile::NamedTempFile::new_in(&kernel.dir)?;

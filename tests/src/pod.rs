@@ -205,6 +205,23 @@ impl Vmrun {
         }
     }
 
+    /// The VMM processes of pod `pod` (the vm runtime names its files under
+    /// the pod's directory on the VMM's command line).
+    pub fn vmm_pids(&self, pod: &str) -> Vec<i32> {
+        let dir = self.pod_dir(pod).to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|proc| {
+                let pid: i32 = proc.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(proc.path().join("cmdline")).ok()?;
+                let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                (text.contains("vmrun-vmm") && text.contains(&dir)).then_some(pid)
+            })
+            .collect()
+    }
+
     /// Every leftover of a pod with this uid: host mounts below the state dir,
     /// cgroup directories, live processes whose command line contains `marker`.
     pub fn leftovers(&self, uid: &str, marker: &str) -> Vec<String> {

@@ -5,7 +5,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use vmrun_tests::hardware_kvm_or_nested;
-use vmrun_tests::nested;
 use vmrun_tests::nested_vmm::{guest_kernel_dir, probe_initramfs, time_boot, vmm_bin, vmm_command};
 
 const MARKER: &str = "vmrun-nested-probe: init is running";
@@ -51,7 +50,11 @@ fn vmm_boots_linux_to_init() {
     // Host-side preparation, forwarded into L1 when the test runs nested.
     let kernels = guest_kernel_dir();
     vmm_bin();
-    hardware_kvm_or_nested!("vmm_boots_linux_to_init");
+    // Nested, L1 gets one vCPU: with two, QEMU TCG's nested SVM now and then
+    // wedges L1 or triple-faults an L2 vCPU while a 2-vCPU guest boots, for
+    // QEMU's own microvm as for ours; with one, 2-vCPU guests of both came up
+    // in 8 of 8 boots (docs/vm-runtime.md).
+    hardware_kvm_or_nested!("vmm_boots_linux_to_init", l1_cpus = 1);
 
     let dir = tempfile::tempdir().expect("temp dir");
     let initrd = dir.path().join("probe.cpio");
@@ -65,25 +68,8 @@ fn vmm_boots_linux_to_init() {
             2,
             256,
         );
-        let mut boot = time_boot(cmd, MARKER, L2_TIMEOUT).expect("running vmrun-vmm");
-        let mut report = boot.describe();
-        if !boot.status.success() && report.contains("triple fault") && nested::inside_l1() {
-            // QEMU TCG's nested SVM now and then triple-faults a second vCPU
-            // as it starts (docs/vm-runtime.md); one more boot, said so.
-            println!(
-                "{}: triple fault in nested L1, booting once more: {report}",
-                kernel.display()
-            );
-            let cmd = vmm_command(
-                &kernel,
-                Some(&initrd),
-                "console=ttyS0 reboot=k panic=-1 quiet",
-                2,
-                256,
-            );
-            boot = time_boot(cmd, MARKER, L2_TIMEOUT).expect("running vmrun-vmm");
-            report = boot.describe();
-        }
+        let boot = time_boot(cmd, MARKER, L2_TIMEOUT).expect("running vmrun-vmm");
+        let report = boot.describe();
         assert!(
             boot.status.success(),
             "{}: vmrun-vmm failed: {report}",

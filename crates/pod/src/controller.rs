@@ -57,6 +57,11 @@ pub struct PodOutcome {
     pub stopped: bool,
 }
 
+/// The pod's exit code when its sandbox died (no container exit to pass on).
+pub const SANDBOX_LOST_EXIT: i32 = 1;
+/// Container reason when the sandbox died under it.
+pub const SANDBOX_LOST_REASON: &str = "SandboxLost";
+
 struct Ctx {
     plan: Arc<PodPlan>,
     images: Arc<HashMap<String, ResolvedImage>>,
@@ -78,7 +83,22 @@ enum Outcome {
     Succeeded,
     Failed(ExitInfo),
     StartError(String),
+    /// The sandbox died under the container (its VMM was killed): the pod fails.
+    SandboxLost(String),
     Stopped,
+}
+
+/// Why an attempt to run a container ended without an exit to act on.
+enum AttemptError {
+    Start(String),
+    SandboxLost(String),
+}
+
+impl Outcome {
+    /// Ends the pod: the other containers are stopped.
+    fn is_fatal(&self) -> bool {
+        matches!(self, Outcome::StartError(_) | Outcome::SandboxLost(_))
+    }
 }
 
 /// Runs a pod until it completes or `stop` is cancelled, then removes the sandbox.
@@ -123,6 +143,10 @@ pub async fn run_pod(
                 failure = Some((127, message));
                 break;
             }
+            Outcome::SandboxLost(message) => {
+                failure = Some((SANDBOX_LOST_EXIT, message));
+                break;
+            }
             Outcome::Stopped => break,
         }
     }
@@ -139,7 +163,7 @@ pub async fn run_pod(
                     c.name.clone(),
                     tokio::spawn(async move {
                         let outcome = supervise(ctx, c2, false, stop.clone()).await;
-                        if matches!(outcome, Outcome::StartError(_)) {
+                        if outcome.is_fatal() {
                             stop.cancel();
                         }
                         outcome
@@ -162,6 +186,7 @@ pub async fn run_pod(
                     ))
                 }
                 Outcome::StartError(message) => failure = Some((127, message)),
+                Outcome::SandboxLost(message) => failure = Some((SANDBOX_LOST_EXIT, message)),
                 Outcome::Succeeded | Outcome::Stopped => {}
             }
         }
@@ -240,12 +265,16 @@ async fn supervise(
         let started = Instant::now();
         let (exit, stopped) = match run_attempt(&ctx, &c, restarts, &stop).await {
             Ok(result) => result,
-            Err(message) => {
+            Err(AttemptError::Start(message)) => {
                 ctx.state.container(&c.name, |r| {
                     r.phase = ContainerPhase::Waiting;
                     r.reason = Some("StartError".into());
                 });
                 return Outcome::StartError(message);
+            }
+            Err(AttemptError::SandboxLost(message)) => {
+                ctx.event(&c.name, &message);
+                return Outcome::SandboxLost(message);
             }
         };
         if stopped {
@@ -302,7 +331,24 @@ async fn run_attempt(
     c: &ContainerPlan,
     attempt: u32,
     stop: &CancellationToken,
-) -> Result<(ExitInfo, bool), String> {
+) -> Result<(ExitInfo, bool), AttemptError> {
+    match start_and_supervise(ctx, c, attempt, stop).await {
+        Ok(ended) => ended,
+        // A start that failed because the sandbox is gone says so.
+        Err(message) => Err(match ctx.sandbox.lost() {
+            Some(why) => AttemptError::SandboxLost(why),
+            None => AttemptError::Start(message),
+        }),
+    }
+}
+
+/// [`run_attempt`] with start failures as `Err`, and sandbox loss inside `Ok`.
+async fn start_and_supervise(
+    ctx: &Arc<Ctx>,
+    c: &ContainerPlan,
+    attempt: u32,
+    stop: &CancellationToken,
+) -> Result<Result<(ExitInfo, bool), AttemptError>, String> {
     let image = ctx.images.get(&c.image).cloned().ok_or_else(|| {
         format!(
             "container {:?}: image {:?} was not resolved",
@@ -413,6 +459,11 @@ async fn run_attempt(
     for p in pumps {
         let _ = p.await;
     }
+    // A container whose sandbox died has no exit of its own to report.
+    let lost = (!stopped).then(|| ctx.sandbox.lost()).flatten();
+    if lost.is_some() {
+        reason = Some(SANDBOX_LOST_REASON.into());
+    }
     ctx.state.container(&c.name, |r| {
         r.phase = ContainerPhase::Terminated;
         r.pid = None;
@@ -420,8 +471,11 @@ async fn run_attempt(
         r.last_exit = Some(exit);
         r.reason = Some(reason.clone().unwrap_or_else(|| exit.reason().to_string()));
     });
+    if let Some(why) = lost {
+        return Ok(Err(AttemptError::SandboxLost(why)));
+    }
     ctx.event(&c.name, &format!("exited: {}", describe(&exit)));
-    Ok((exit, stopped))
+    Ok(Ok((exit, stopped)))
 }
 
 fn flatten(result: Result<Result<ExitInfo, RuntimeError>, tokio::task::JoinError>) -> ExitInfo {
@@ -472,17 +526,27 @@ async fn terminate(
             result = &mut *wait => return flatten(result),
         }
     }
-    if let Err(e) = running.signal(Signal::SIGTERM) {
-        tracing::debug!("SIGTERM: {e}");
+    if let Err(e) = send_signal(running, Signal::SIGTERM).await {
+        tracing::warn!(container = %c.name, "SIGTERM: {e}");
     }
     tokio::select! {
         result = &mut *wait => return flatten(result),
         _ = tokio::time::sleep_until(deadline) => {}
     }
-    if let Err(e) = running.signal(Signal::SIGKILL) {
-        tracing::debug!("SIGKILL: {e}");
+    if let Err(e) = send_signal(running, Signal::SIGKILL).await {
+        tracing::warn!(container = %c.name, "SIGKILL: {e}");
     }
     flatten(wait.await)
+}
+
+/// Signals a container off the async threads: a runtime may block to do it
+/// (the vm runtime makes an agent call).
+async fn send_signal(running: &Arc<dyn Running>, signal: Signal) -> Result<(), String> {
+    let running = running.clone();
+    match tokio::task::spawn_blocking(move || running.signal(signal)).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("signalling panicked: {e}")),
+    }
 }
 
 /// Runs the container's probes; returns only when the container must be killed.

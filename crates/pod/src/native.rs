@@ -282,7 +282,7 @@ fn create_dir(dir: &Path, mode: u32) -> Result<(), RuntimeError> {
 }
 
 /// hostPath `type` semantics, checked before anything is mounted.
-fn check_host_path(volume: &str, path: &Path, kind: &str) -> Result<(), RuntimeError> {
+pub(crate) fn check_host_path(volume: &str, path: &Path, kind: &str) -> Result<(), RuntimeError> {
     let err = |msg: String| {
         RuntimeError::Sandbox(format!(
             "volume {volume:?}: hostPath {}: {msg}",

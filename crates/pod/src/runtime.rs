@@ -117,6 +117,11 @@ pub trait Sandbox: Send + Sync {
     fn connect(&self, port: u16, timeout: Duration) -> Result<Box<dyn PodStream>, RuntimeError>;
     /// Removes everything the sandbox made; idempotent.
     fn destroy(&self) -> Result<(), RuntimeError>;
+    /// Why the sandbox itself is gone before [`Sandbox::destroy`] (a pod VM
+    /// whose VMM died), else `None`: its containers cannot be restarted then.
+    fn lost(&self) -> Option<String> {
+        None
+    }
 }
 
 pub trait Running: Send + Sync {

@@ -20,6 +20,8 @@ use crate::runtime::{ExecOutput, ExitInfo, Running, RuntimeError};
 
 /// Output kept from an exec (probes, hooks), like the native runtime.
 const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
+/// How long a failed wait gives the VMM to finish exiting.
+const VMM_EXIT_GRACE: Duration = Duration::from_secs(2);
 
 pub(super) struct VmContainer {
     name: String,
@@ -153,7 +155,9 @@ impl Running for VmContainer {
                     oom_killed: done.oom_killed,
                 })
             }
-            Err(status) => Err(self.control_err(match self.vmm.try_exit() {
+            // A dropped agent connection usually means the VMM is exiting:
+            // give it a moment to be reaped, so the error names its end.
+            Err(status) => Err(self.control_err(match self.vmm.wait_exit(VMM_EXIT_GRACE) {
                 Some(exit) => format!("the pod VM died: {}", self.vmm.exit_reason(Some(exit))),
                 None => status_msg("waiting in the guest", &status),
             })),

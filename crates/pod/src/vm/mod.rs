@@ -6,6 +6,7 @@
 //! touches namespaces, cgroups and mounts happens in the guest.
 
 mod container;
+pub mod disks;
 mod exec;
 mod sandbox;
 pub mod sizing;

@@ -13,6 +13,7 @@ use vmrun_proto::v1;
 use vmrun_proto::AgentClient;
 
 use super::container::{self, VmContainer};
+use super::disks::DiskPlan;
 use super::sizing::vm_size;
 use super::vmm_process::{VmFiles, VmmProcess};
 use super::VmRuntime;
@@ -34,6 +35,8 @@ pub(super) struct VmSandbox {
     pub(super) rt: Handle,
     /// Guest block device of each image, by image reference.
     disks: BTreeMap<String, String>,
+    /// Guest block device of each hostPath volume, by volume name.
+    host_devices: BTreeMap<String, String>,
     ns_dir: Option<PathBuf>,
     volume_dirs: BTreeMap<String, PathBuf>,
     etc_files: Vec<(String, PathBuf)>,
@@ -48,20 +51,6 @@ pub(super) fn status_msg(what: &str, status: &tonic::Status) -> String {
     format!("{what}: {} ({:?})", status.message(), status.code())
 }
 
-/// `/dev/vda`, `/dev/vdb`, ...: the guest's names for the VMM's `--disk`s, in order.
-fn guest_disk(index: usize) -> Result<String, RuntimeError> {
-    let letter = u8::try_from(index)
-        .ok()
-        .filter(|i| *i < 26)
-        .ok_or_else(|| {
-            RuntimeError::Sandbox(format!(
-                "a pod VM takes at most 26 images, not {}",
-                index + 1
-            ))
-        })?;
-    Ok(format!("/dev/vd{}", char::from(b'a' + letter)))
-}
-
 impl VmSandbox {
     pub(super) fn create(
         runtime: &VmRuntime,
@@ -69,31 +58,7 @@ impl VmSandbox {
         rt: Handle,
     ) -> Result<Self, RuntimeError> {
         let sandbox_err = RuntimeError::Sandbox;
-        // One disk per distinct image, in the order containers name them.
-        let mut disk_paths = Vec::new();
-        let mut disks = BTreeMap::new();
-        for c in pod.all_containers() {
-            if disks.contains_key(&c.image) {
-                continue;
-            }
-            let path = runtime.image_disks.get(&c.image).ok_or_else(|| {
-                sandbox_err(format!(
-                    "container {:?}: no block image was prepared for image {:?}",
-                    c.name, c.image
-                ))
-            })?;
-            disks.insert(c.image.clone(), guest_disk(disk_paths.len())?);
-            disk_paths.push(path.clone());
-        }
-        for v in &pod.volumes {
-            if let VolumeSource::HostPath { path, .. } = &v.source {
-                return Err(sandbox_err(format!(
-                    "volume {:?}: hostPath {path:?} is not supported by the vm runtime yet \
-                     (the guest cannot see host directories; use the native runtime)",
-                    v.name
-                )));
-            }
-        }
+        let disks = DiskPlan::for_pod(pod, &runtime.image_disks)?;
         let dir = crate::state::pod_dir(&runtime.state_root, &pod.name).join("vm");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
@@ -103,9 +68,9 @@ impl VmSandbox {
             cpus = cpus.min(usize::from(max.max(1)));
         }
         let size = vm_size(pod, cpus);
-        tracing::info!(pod = %pod.name, vcpus = size.vcpus, memory_mib = size.memory_mib, disks = disk_paths.len(), "starting the pod VM");
+        tracing::info!(pod = %pod.name, vcpus = size.vcpus, memory_mib = size.memory_mib, disks = disks.disks.len(), "starting the pod VM");
         let vmm = Arc::new(
-            VmmProcess::spawn(&runtime.assets, size, &disk_paths, VmFiles::new(&dir))
+            VmmProcess::spawn(&runtime.assets, size, &disks.disks, VmFiles::new(&dir))
                 .map_err(sandbox_err)?,
         );
         let agent = match rt.block_on(wait_for_agent(&vmm, runtime.boot_timeout)) {
@@ -120,7 +85,8 @@ impl VmSandbox {
             vmm,
             agent,
             rt,
-            disks,
+            disks: disks.images,
+            host_devices: disks.volumes,
             ns_dir: None,
             volume_dirs: BTreeMap::new(),
             etc_files: Vec::new(),
@@ -179,6 +145,12 @@ impl VmSandbox {
         }
         self.shm = (!created.shm_dir.is_empty()).then(|| PathBuf::from(&created.shm_dir));
         for volume in &pod.volumes {
+            if let Some(device) = self.host_devices.get(&volume.name) {
+                // Mounted into containers as the device node itself.
+                self.volume_dirs
+                    .insert(volume.name.clone(), PathBuf::from(device));
+                continue;
+            }
             let base = format!("volumes/{}", volume.name);
             let dir = self.copy_file(&base, 0o777, Vec::new(), true)?;
             if let VolumeSource::Files(files) = &volume.source {
@@ -443,6 +415,17 @@ impl Sandbox for VmSandbox {
 
     fn destroy(&self) -> Result<(), RuntimeError> {
         self.teardown()
+    }
+
+    fn lost(&self) -> Option<String> {
+        if self.destroyed.load(Ordering::SeqCst) {
+            return None;
+        }
+        let exit = self.vmm.try_exit()?;
+        Some(format!(
+            "the pod VM died: {}",
+            self.vmm.exit_reason(Some(exit))
+        ))
     }
 }
 

@@ -7,6 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use super::disks::VmDisk;
 use super::sizing::VmSize;
 
 /// The guest side of every pod VM: the VMM binary, the guest kernel and the
@@ -76,7 +77,7 @@ impl VmmProcess {
     pub fn spawn(
         assets: &VmAssets,
         size: VmSize,
-        disks: &[PathBuf],
+        disks: &[VmDisk],
         files: VmFiles,
     ) -> Result<Self, String> {
         let log = File::create(&files.vmm_log)
@@ -94,8 +95,10 @@ impl VmmProcess {
             .arg("--console")
             .arg(&files.console);
         for disk in disks {
-            let mut arg = disk.as_os_str().to_owned();
-            arg.push(",ro");
+            let mut arg = disk.path.as_os_str().to_owned();
+            if disk.read_only {
+                arg.push(",ro");
+            }
             cmd.arg("--disk").arg(arg);
         }
         cmd.stdin(Stdio::null())
