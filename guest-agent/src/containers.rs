@@ -18,6 +18,7 @@ use tonic::Status;
 use vmrun_container::{cgroups, Container, ContainerConfig, Created, ExecProcess, LinuxSyscall};
 use vmrun_proto::v1::{create_container_request::Rootfs as RootfsSource, ImageDisk};
 
+use crate::oom::OomMonitor;
 use crate::process::{make_stdio, ExitCell, ExitInfo, ProcessIo, StdioError};
 use crate::sandbox::PAUSE_CGROUP;
 
@@ -207,6 +208,8 @@ pub(crate) struct Containers {
     images: Mutex<HashMap<String, PathBuf>>,
     /// Serialises creates so an id is checked and claimed atomically.
     create_lock: tokio::sync::Mutex<()>,
+    /// OOM kills seen per container, published to `OomEvents` streams.
+    pub(crate) oom: Arc<OomMonitor>,
 }
 
 impl Containers {
@@ -218,6 +221,7 @@ impl Containers {
             map: Mutex::new(HashMap::new()),
             images: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
+            oom: Arc::new(OomMonitor::new()),
         }
     }
 
@@ -342,7 +346,11 @@ impl Containers {
         linux.set_cgroups_path(Some(PathBuf::from(&cgroup_path)));
         spec.set_linux(Some(linux));
 
-        let (stdio, io) = make_stdio(stdin)?;
+        let terminal = spec
+            .process()
+            .as_ref()
+            .is_some_and(|p| p.terminal() == Some(true));
+        let (stdio, io) = make_stdio(stdin, terminal)?;
         let config = ContainerConfig {
             id: id.to_string(),
             spec,
@@ -395,8 +403,11 @@ impl Containers {
         match blocking("start container", move || created.start()).await {
             Ok(Ok(container)) => {
                 let container = Arc::new(container);
+                // A fresh cgroup counts 0, but a reused path may not.
+                self.oom.baseline(id, container.cgroup().oom_kill_count());
                 *lock(&entry.phase) = Phase::Running(container.clone());
                 let exit = entry.exit.clone();
+                let oom = self.oom.clone();
                 let id = id.to_string();
                 tokio::task::spawn_blocking(move || {
                     let info = match container.wait() {
@@ -406,6 +417,9 @@ impl Containers {
                             KILLED
                         }
                     };
+                    // Before WaitProcess can report the exit, so a host
+                    // that sees `oom_killed` has the event too.
+                    oom.observe(&id, container.cgroup().oom_kill_count());
                     tracing::info!(container = %id, code = info.code, "container exited");
                     exit.set(info);
                 });
@@ -465,7 +479,7 @@ impl Containers {
                 what: format!("exec {exec_id:?} in container {id:?}: OCI process"),
                 reason: e.to_string(),
             })?;
-        let (stdio, io) = make_stdio(stdin)?;
+        let (stdio, io) = make_stdio(stdin, process.terminal() == Some(true))?;
         let target = container.pid();
         let cgroup = container.cgroup().path().to_string();
         let process = blocking("exec", move || {
@@ -559,6 +573,8 @@ impl Containers {
                 entry.exit.set(KILLED);
             }
             Phase::Running(container) => {
+                // Kills since the last poll; the cgroup goes next.
+                self.oom.observe(id, container.cgroup().oom_kill_count());
                 let c = container.clone();
                 if let Err(e) = blocking("destroy container", move || c.destroy()).await? {
                     *lock(&entry.phase) = Phase::Running(container);
@@ -579,6 +595,7 @@ impl Containers {
             tracing::warn!(container = id, "remove {}: {e}", entry.dir.display());
         }
         lock(&self.map).remove(id);
+        self.oom.forget(id);
         tracing::info!(container = id, "container removed");
         Ok(())
     }
@@ -598,21 +615,60 @@ impl Containers {
         Ok((cg.stats(), cg.oom_kill_count()))
     }
 
-    /// Removes every container, logging failures. For shutdown.
-    pub(crate) async fn remove_all(&self) {
+    /// Removes every container, logging failures. For shutdown; returns
+    /// what failed.
+    pub(crate) async fn remove_all(&self) -> Vec<String> {
+        let mut failed = Vec::new();
         for id in self.ids() {
             if let Err(e) = self.remove(&id).await {
                 tracing::warn!(container = %id, "remove at shutdown: {e}");
+                failed.push(e.to_string());
             }
+        }
+        failed
+    }
+
+    /// The running containers (including exited ones not removed yet:
+    /// their cgroup is still there).
+    pub(crate) fn running_containers(&self) -> Vec<(String, Arc<Container>)> {
+        let entries: Vec<_> = lock(&self.map).values().cloned().collect();
+        entries
+            .into_iter()
+            .filter_map(|e| match &*lock(&e.phase) {
+                Phase::Running(c) => Some((e.id.clone(), c.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The cgroup path of a container whose cgroup exists: created,
+    /// starting or running (until removed).
+    pub(crate) fn live_cgroup(&self, id: &str) -> Result<String, ContainerError> {
+        let entry = self.get(id)?;
+        let phase = lock(&entry.phase);
+        match &*phase {
+            Phase::Created(_) | Phase::Starting | Phase::Running(_) => {
+                Ok(entry.cgroup_path.clone())
+            }
+            other => Err(ContainerError::State {
+                id: id.to_string(),
+                state: other.name(),
+                wanted: "its cgroup is gone",
+            }),
         }
     }
 
-    /// Unmounts the image disks. For shutdown, after `remove_all`.
-    pub(crate) fn unmount_images(&self) {
+    /// Unmounts the image disks. For shutdown, after `remove_all`; returns
+    /// what failed.
+    pub(crate) fn unmount_images(&self) -> Vec<String> {
+        let mut failed = Vec::new();
         for (device, mp) in lock(&self.images).drain() {
             if let Err(e) = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH) {
-                tracing::warn!("unmount image {device} from {}: {e}", mp.display());
+                let e = format!("unmount image {device} from {}: {e}", mp.display());
+                tracing::warn!("{e}");
+                failed.push(e);
             }
         }
+        failed
     }
 }

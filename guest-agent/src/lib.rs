@@ -21,9 +21,12 @@ pub mod service;
 mod containers;
 mod files;
 mod forward;
+mod oom;
 mod process;
+mod resources;
 mod sandbox;
 mod sysinfo;
+mod tty;
 
 pub use sysinfo::boottime_ns;
 

@@ -1,11 +1,12 @@
 //! What the agent keeps per process (a container's init or an exec'd
-//! process): the host's ends of its stdio pipes and its exit status.
+//! process): the host's ends of its stdio pipes (or its terminal's master)
+//! and its exit status.
 
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -14,13 +15,22 @@ use tonic::Status;
 use vmrun_container::Stdio;
 use vmrun_proto::v1::{output_chunk, OutputChunk};
 
+use crate::tty;
+
 /// Bytes per `OutputChunk`.
 const CHUNK: usize = 32 * 1024;
+
+/// What closing a terminal's stdin writes: a terminal cannot be
+/// half-closed, so send the default EOF character (^D), which ends a read
+/// at the start of a line in canonical mode, as closing a pipe would.
+const TTY_EOF: u8 = 0x04;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
     #[error("create stdio pipes: {0}")]
     Pipe(std::io::Error),
+    #[error("allocate a terminal (process.terminal): {0}")]
+    Pty(std::io::Error),
     #[error("{0}: the output already has a reader")]
     Busy(String),
     #[error("{0}: stdin was not requested or is closed")]
@@ -35,7 +45,9 @@ pub enum StdioError {
 impl From<StdioError> for Status {
     fn from(e: StdioError) -> Self {
         match e {
-            StdioError::Pipe(_) | StdioError::Write { .. } => Status::internal(e.to_string()),
+            StdioError::Pipe(_) | StdioError::Pty(_) | StdioError::Write { .. } => {
+                Status::internal(e.to_string())
+            }
             StdioError::Busy(_) | StdioError::NoStdin(_) => {
                 Status::failed_precondition(e.to_string())
             }
@@ -43,18 +55,27 @@ impl From<StdioError> for Status {
     }
 }
 
-/// The host-facing ends of a process's pipes.
-#[derive(Debug)]
+/// The host-facing ends of a process's pipes or terminal.
 pub(crate) struct ProcessIo {
-    stdin: tokio::sync::Mutex<Option<pipe::Sender>>,
+    stdin: tokio::sync::Mutex<Option<Stdin>>,
     /// `None` while a `ReadOutput` call holds the pipes.
     output: Mutex<Option<Output>>,
+    /// The terminal of a `process.terminal` process (for `ResizeTty`).
+    tty: Option<Arc<tty::Master>>,
 }
 
-#[derive(Debug, Default)]
+enum Stdin {
+    Pipe(pipe::Sender),
+    Tty(tty::Writer),
+}
+
+type OutputPipe = Box<dyn AsyncRead + Send + Unpin>;
+
+/// A terminal has only stdout (the master); stderr is then `None`.
+#[derive(Default)]
 struct Output {
-    stdout: Option<pipe::Receiver>,
-    stderr: Option<pipe::Receiver>,
+    stdout: Option<OutputPipe>,
+    stderr: Option<OutputPipe>,
 }
 
 /// A pipe whose write end is blocking (for the process) and whose read end
@@ -64,24 +85,36 @@ fn pipe_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
-/// Makes the pipes for a new process: what the process gets, and what the
-/// agent keeps. Must run inside the tokio runtime (the async ends register
-/// with its reactor).
-pub(crate) fn make_stdio(with_stdin: bool) -> Result<(Stdio, ProcessIo), StdioError> {
+/// Makes the pipes (or, with `terminal`, the pty) for a new process: what
+/// the process gets, and what the agent keeps. Must run inside the tokio
+/// runtime (the async ends register with its reactor).
+pub(crate) fn make_stdio(
+    with_stdin: bool,
+    terminal: bool,
+) -> Result<(Stdio, ProcessIo), StdioError> {
+    if terminal {
+        return make_tty(with_stdin);
+    }
     let (out_r, out_w) = pipe_pair().map_err(StdioError::Pipe)?;
     let (err_r, err_w) = pipe_pair().map_err(StdioError::Pipe)?;
     let (stdin_child, stdin_ours) = if with_stdin {
         let (r, w) = pipe_pair().map_err(StdioError::Pipe)?;
         (
             Some(r),
-            Some(pipe::Sender::from_owned_fd(w).map_err(StdioError::Pipe)?),
+            Some(Stdin::Pipe(
+                pipe::Sender::from_owned_fd(w).map_err(StdioError::Pipe)?,
+            )),
         )
     } else {
         (None, None)
     };
     let output = Output {
-        stdout: Some(pipe::Receiver::from_owned_fd(out_r).map_err(StdioError::Pipe)?),
-        stderr: Some(pipe::Receiver::from_owned_fd(err_r).map_err(StdioError::Pipe)?),
+        stdout: Some(Box::new(
+            pipe::Receiver::from_owned_fd(out_r).map_err(StdioError::Pipe)?,
+        )),
+        stderr: Some(Box::new(
+            pipe::Receiver::from_owned_fd(err_r).map_err(StdioError::Pipe)?,
+        )),
     };
     let stdio = Stdio {
         stdin: stdin_child,
@@ -91,6 +124,30 @@ pub(crate) fn make_stdio(with_stdin: bool) -> Result<(Stdio, ProcessIo), StdioEr
     let io = ProcessIo {
         stdin: tokio::sync::Mutex::new(stdin_ours),
         output: Mutex::new(Some(output)),
+        tty: None,
+    };
+    Ok((stdio, io))
+}
+
+/// The process gets the slave as stdin, stdout and stderr; the agent keeps
+/// the master for output, stdin (when asked for) and resizing.
+fn make_tty(with_stdin: bool) -> Result<(Stdio, ProcessIo), StdioError> {
+    let (master, slave) = tty::open_pty().map_err(StdioError::Pty)?;
+    let stdio = Stdio {
+        stdin: Some(slave.try_clone().map_err(StdioError::Pty)?),
+        stdout: Some(slave.try_clone().map_err(StdioError::Pty)?),
+        stderr: Some(slave),
+    };
+    let master = tty::Master::new(master).map_err(StdioError::Pty)?;
+    let output = Output {
+        stdout: Some(Box::new(tty::Reader(master.clone()))),
+        stderr: None,
+    };
+    let stdin = with_stdin.then(|| Stdin::Tty(tty::Writer(master.clone())));
+    let io = ProcessIo {
+        stdin: tokio::sync::Mutex::new(stdin),
+        output: Mutex::new(Some(output)),
+        tty: Some(master),
     };
     Ok((stdio, io))
 }
@@ -123,27 +180,41 @@ impl ProcessIo {
         close: bool,
     ) -> Result<(), StdioError> {
         let mut stdin = self.stdin.lock().await;
-        let pipe = stdin
+        let sink = stdin
             .as_mut()
             .ok_or_else(|| StdioError::NoStdin(what.to_string()))?;
-        if !data.is_empty() {
-            pipe.write_all(data)
-                .await
-                .map_err(|source| StdioError::Write {
-                    what: what.to_string(),
-                    source,
-                })?;
+        let eof: &[u8] = match sink {
+            Stdin::Tty(_) if close => &[TTY_EOF],
+            _ => &[],
+        };
+        for bytes in [data, eof] {
+            if bytes.is_empty() {
+                continue;
+            }
+            let written = match sink {
+                Stdin::Pipe(p) => p.write_all(bytes).await,
+                Stdin::Tty(t) => t.write_all(bytes).await,
+            };
+            written.map_err(|source| StdioError::Write {
+                what: what.to_string(),
+                source,
+            })?;
         }
         if close {
             *stdin = None;
         }
         Ok(())
     }
+
+    /// The process's terminal, if it was started with one.
+    pub(crate) fn tty(&self) -> Option<&Arc<tty::Master>> {
+        self.tty.as_ref()
+    }
 }
 
 /// Reads one pipe into a chunk; `None` (and the pipe dropped) at EOF or on
 /// a read error.
-async fn read_chunk(pipe: &mut Option<pipe::Receiver>) -> Option<Vec<u8>> {
+async fn read_chunk(pipe: &mut Option<OutputPipe>) -> Option<Vec<u8>> {
     let p = pipe.as_mut()?;
     let mut buf = vec![0u8; CHUNK];
     match p.read(&mut buf).await {
@@ -159,7 +230,8 @@ async fn read_chunk(pipe: &mut Option<pipe::Receiver>) -> Option<Vec<u8>> {
 }
 
 /// Forwards output until both pipes are at EOF or the receiver is gone.
-/// `read` on a pipe is cancel-safe, so losing a `select!` race drops nothing.
+/// `read` on a pipe (and on `tty::Reader`) is cancel-safe, so losing a
+/// `select!` race drops nothing.
 async fn pump(out: &mut Output, tx: &mpsc::Sender<Result<OutputChunk, Status>>) {
     use output_chunk::Stream as Kind;
     while out.stdout.is_some() || out.stderr.is_some() {

@@ -1,5 +1,7 @@
 //! `CreateSandbox`: the pod's shared namespaces (held by the container
-//! library's pause process), its /etc files, /dev/shm and sysctls.
+//! library's pause process), its /etc files, /dev/shm and sysctls; and the
+//! checks of `DestroySandbox` (whose teardown is the service's, shared with
+//! `Shutdown`).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -53,6 +55,42 @@ impl From<CreateSandboxError> for Status {
             CreateSandboxError::Invalid { .. } => Status::invalid_argument(e.to_string()),
             _ => Status::internal(e.to_string()),
         }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DestroySandboxError {
+    #[error("destroy sandbox: no sandbox id given")]
+    NoId,
+    #[error("destroy sandbox {id}: not found; this guest's sandbox is {existing}")]
+    NotFound { id: String, existing: String },
+}
+
+impl From<DestroySandboxError> for Status {
+    fn from(e: DestroySandboxError) -> Self {
+        match e {
+            DestroySandboxError::NoId => Status::invalid_argument(e.to_string()),
+            DestroySandboxError::NotFound { .. } => Status::not_found(e.to_string()),
+        }
+    }
+}
+
+/// `DestroySandbox` may go ahead for `id`: the guest has that sandbox, or
+/// none at all (creating it failed, or it was never asked for: the
+/// containers still have to go).
+pub(crate) fn check_destroy(
+    id: &str,
+    existing: Option<&PodSandbox>,
+) -> Result<(), DestroySandboxError> {
+    if id.is_empty() {
+        return Err(DestroySandboxError::NoId);
+    }
+    match existing {
+        Some(s) if s.id != id => Err(DestroySandboxError::NotFound {
+            id: id.to_string(),
+            existing: s.id.clone(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -269,25 +307,56 @@ impl PodSandbox {
 
     /// Kills the pause process and unmounts /dev/shm. Destroy the
     /// containers first. Blocking; errors are logged (the guest is going
-    /// away anyway).
-    pub(crate) fn destroy(&mut self) {
+    /// away anyway) and returned.
+    pub(crate) fn destroy(&mut self) -> Vec<String> {
+        let mut failed = Vec::new();
         self.netns = None;
         if let Some(pause) = self.pause.take() {
             if let Err(e) = pause.destroy() {
-                tracing::warn!(sandbox = %self.id, "pause process: {e}");
+                failed.push(format!("sandbox {}: pause process: {e}", self.id));
             }
         }
         if let Some(shm) = self.shm.take() {
             if let Err(e) = umount2(&shm, MntFlags::MNT_DETACH) {
-                tracing::warn!(sandbox = %self.id, "unmount {}: {e}", shm.display());
+                failed.push(format!(
+                    "sandbox {}: unmount {}: {e}",
+                    self.id,
+                    shm.display()
+                ));
             }
         }
+        for e in &failed {
+            tracing::warn!("{e}");
+        }
+        failed
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn destroy_needs_the_guests_sandbox_id() {
+        assert!(matches!(
+            check_destroy("", None),
+            Err(DestroySandboxError::NoId)
+        ));
+        // Nothing was created (or creating failed): tear down anyway.
+        check_destroy("pod", None).unwrap();
+        let sandbox = PodSandbox {
+            id: "pod".into(),
+            pause: None,
+            shm: None,
+            netns: None,
+        };
+        check_destroy("pod", Some(&sandbox)).unwrap();
+        let e = check_destroy("other", Some(&sandbox)).unwrap_err();
+        assert_eq!(
+            Status::from(e).message(),
+            "destroy sandbox other: not found; this guest's sandbox is pod"
+        );
+    }
 
     #[test]
     fn sysctl_names_map_to_proc_sys() {

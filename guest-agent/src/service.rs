@@ -14,6 +14,7 @@ use vmrun_proto::v1::agent_server::{Agent, AgentServer};
 use vmrun_proto::v1::*;
 
 use crate::containers::Containers;
+use crate::oom::{OomEventStream, OomEventsError};
 use crate::process::OutputStream;
 use crate::sandbox::PodSandbox;
 
@@ -50,7 +51,8 @@ impl AgentConfig {
 
 struct Inner {
     cfg: AgentConfig,
-    containers: Containers,
+    /// Shared with the OOM poller (which holds it weakly).
+    containers: Arc<Containers>,
     sandbox: tokio::sync::Mutex<Option<PodSandbox>>,
     shutdown: watch::Sender<bool>,
 }
@@ -70,7 +72,7 @@ fn fail(rpc: &str, e: impl Into<Status> + std::fmt::Display) -> Status {
 
 impl AgentService {
     pub fn new(cfg: AgentConfig) -> Self {
-        let containers = Containers::new(&cfg.state_dir, &cfg.cgroup_parent);
+        let containers = Arc::new(Containers::new(&cfg.state_dir, &cfg.cgroup_parent));
         Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -88,17 +90,33 @@ impl AgentService {
         let _ = rx.wait_for(|requested| *requested).await;
     }
 
-    /// Removes every container, the sandbox and the image mounts.
-    pub async fn teardown(&self) {
-        self.inner.containers.remove_all().await;
+    /// Removes every container, the sandbox and the image mounts. Returns
+    /// what could not be cleaned up (also logged).
+    pub async fn teardown(&self) -> Vec<String> {
+        let mut failed = self.inner.containers.remove_all().await;
         if let Some(mut sandbox) = self.inner.sandbox.lock().await.take() {
-            let _ = tokio::task::spawn_blocking(move || sandbox.destroy()).await;
+            match tokio::task::spawn_blocking(move || sandbox.destroy()).await {
+                Ok(errors) => failed.extend(errors),
+                Err(_) => failed.push("destroy the sandbox: the worker thread failed".into()),
+            }
         }
-        self.inner.containers.unmount_images();
+        failed.extend(self.inner.containers.unmount_images());
         let parent = &self.inner.cfg.cgroup_parent;
         if let Err(e) = vmrun_container::cgroups::remove_path(parent) {
             tracing::warn!("remove cgroup {parent}: {e}");
+            failed.push(format!("remove cgroup {parent}: {e}"));
         }
+        failed
+    }
+
+    /// Tears everything down and stops the server, whose exit powers the
+    /// guest off when the agent is PID 1 (see `main.rs`). The caller's
+    /// response still goes out: the server drains open calls first.
+    async fn stop(&self) -> Vec<String> {
+        let failed = self.teardown().await;
+        nix::unistd::sync();
+        self.inner.shutdown.send_replace(true);
+        failed
     }
 
     /// Serves the service on `incoming` until Shutdown (then lets in-flight
@@ -178,9 +196,7 @@ impl Agent for AgentService {
         _: Request<ShutdownRequest>,
     ) -> Result<Response<ShutdownResponse>, Status> {
         tracing::info!("shutdown requested");
-        self.teardown().await;
-        nix::unistd::sync();
-        self.inner.shutdown.send_replace(true);
+        self.stop().await;
         Ok(Response::new(ShutdownResponse {}))
     }
 
@@ -345,6 +361,74 @@ impl Agent for AgentService {
             memory_usage_bytes: s.memory_usage_bytes,
             pids: s.pids,
             oom_kills,
+        }))
+    }
+
+    async fn resize_tty(
+        &self,
+        request: Request<ResizeTtyRequest>,
+    ) -> Result<Response<ResizeTtyResponse>, Status> {
+        let req = request.into_inner();
+        self.inner
+            .containers
+            .resize_tty(&req.container_id, &req.exec_id, req.rows, req.cols)
+            .map_err(|e| fail("ResizeTty", e))?;
+        Ok(Response::new(ResizeTtyResponse {}))
+    }
+
+    async fn update_resources(
+        &self,
+        request: Request<UpdateResourcesRequest>,
+    ) -> Result<Response<UpdateResourcesResponse>, Status> {
+        let req = request.into_inner();
+        self.inner
+            .containers
+            .update_resources(&req.container_id, &req.linux_resources_json)
+            .await
+            .map_err(|e| fail("UpdateResources", e))?;
+        Ok(Response::new(UpdateResourcesResponse {}))
+    }
+
+    type OomEventsStream = OomEventStream;
+
+    async fn oom_events(
+        &self,
+        request: Request<OomEventsRequest>,
+    ) -> Result<Response<Self::OomEventsStream>, Status> {
+        let req = request.into_inner();
+        if !req.sandbox_id.is_empty() {
+            let sandbox = self.inner.sandbox.lock().await;
+            let current = sandbox.as_ref().map(|s| s.id.as_str());
+            if current != Some(req.sandbox_id.as_str()) {
+                let e = OomEventsError::SandboxNotFound {
+                    wanted: req.sandbox_id,
+                    has: current.map_or("no sandbox".into(), |id| format!("sandbox {id:?}")),
+                };
+                return Err(fail("OomEvents", e));
+            }
+        }
+        let service = self.clone();
+        let stop = async move { service.shutdown_requested().await };
+        Ok(Response::new(self.inner.containers.oom_events(stop)))
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        request: Request<DestroySandboxRequest>,
+    ) -> Result<Response<DestroySandboxResponse>, Status> {
+        let req = request.into_inner();
+        {
+            let sandbox = self.inner.sandbox.lock().await;
+            crate::sandbox::check_destroy(&req.sandbox_id, sandbox.as_ref())
+                .map_err(|e| fail("DestroySandbox", e))?;
+        }
+        tracing::info!(sandbox = %req.sandbox_id, "destroy sandbox requested; powering off after");
+        let mut removed_containers = self.inner.containers.ids();
+        removed_containers.sort();
+        let cleanup_errors = self.stop().await;
+        Ok(Response::new(DestroySandboxResponse {
+            removed_containers,
+            cleanup_errors,
         }))
     }
 }

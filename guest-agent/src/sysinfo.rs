@@ -43,6 +43,7 @@ pub(crate) fn health(boot_timestamp_ns: u64) -> HealthResponse {
         kernel_release: kernel_release(),
         num_cpus: online_cpus(),
         mem_total_bytes: parse_mem_total(&meminfo).unwrap_or(0),
+        protocol_revision: vmrun_proto::PROTOCOL_REVISION,
     }
 }
 

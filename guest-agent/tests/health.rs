@@ -13,6 +13,7 @@ use vmrun_proto::v1::{HealthRequest, HealthResponse, ShutdownRequest};
 fn check_health(h: &HealthResponse) {
     assert_eq!(h.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(h.protocol_version, vmrun_proto::PROTOCOL_VERSION);
+    assert_eq!(h.protocol_revision, vmrun_proto::PROTOCOL_REVISION);
     let release = nix::sys::utsname::uname().unwrap();
     assert_eq!(h.kernel_release, release.release().to_string_lossy());
     let nproc = Command::new("nproc").arg("--all").output().unwrap();

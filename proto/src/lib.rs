@@ -32,3 +32,9 @@ pub const GUEST_CID: u32 = 3;
 
 /// Bumped on incompatible changes to `agent.proto`; reported by `Health`.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Bumped on compatible additions to `agent.proto` (new RPCs or fields)
+/// within [`PROTOCOL_VERSION`]; reported by `Health` so the host can tell
+/// what an agent supports. 1: `ResizeTty`, `UpdateResources`, `OomEvents`,
+/// `DestroySandbox` and terminals for `process.terminal` processes.
+pub const PROTOCOL_REVISION: u32 = 1;

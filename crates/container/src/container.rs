@@ -19,6 +19,7 @@ use crate::reaper::{Child, ExitStatus, SignalError, WaitError};
 use crate::rootfs::{self, RootfsPlan, SetupError};
 use crate::spawn::{spawn, SpawnError, SpawnRequest};
 use crate::syscall::Syscall;
+use crate::terminal;
 
 /// The container's root filesystem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +36,8 @@ pub enum Rootfs {
     },
 }
 
-/// The container's standard streams; `None` means /dev/null.
+/// The container's standard streams; `None` means /dev/null. For a
+/// `process.terminal` process, pass the pty slave as all three.
 #[derive(Debug, Default)]
 pub struct Stdio {
     pub stdin: Option<OwnedFd>,
@@ -130,6 +132,14 @@ fn init_body(
 ) -> SetupError {
     if let Err(e) = install_stdio(stdio).and_then(|_| close_fds_except(&[chan.raw()])) {
         return SetupError(format!("set up stdio: {}", errno_text(&e)));
+    }
+    if proc_plan.terminal {
+        if let Err(e) = terminal::make_controlling() {
+            return SetupError(format!(
+                "make stdin the controlling terminal: {}",
+                errno_text(&e)
+            ));
+        }
     }
     sys.umask(0);
     if let Err(e) = rootfs::prepare(rootfs_plan, sys)
@@ -239,6 +249,9 @@ pub fn create(cfg: ContainerConfig, sys: &dyn Syscall) -> Result<Created, Create
         .as_ref()
         .ok_or_else(|| invalid("process is missing".into()))?;
     let proc_plan = process_setup::plan(process).map_err(invalid)?;
+    if proc_plan.terminal {
+        terminal::check_stdio(&cfg.stdio).map_err(invalid)?;
+    }
 
     let root = match &cfg.rootfs {
         Rootfs::Dir(p) => p.clone(),

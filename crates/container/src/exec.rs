@@ -20,6 +20,7 @@ use crate::reaper::{Child, ExitStatus, SignalError, WaitError};
 use crate::rootfs::SetupError;
 use crate::spawn::{spawn, SpawnError, SpawnRequest};
 use crate::syscall::Syscall;
+use crate::terminal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -76,6 +77,14 @@ fn exec_body(chan: &Channel, stdio: [i32; 3], plan: &ProcessPlan, sys: &dyn Sysc
     if let Err(e) = install_stdio(stdio).and_then(|_| close_fds_except(&[chan.raw()])) {
         return SetupError(format!("set up stdio: {}", errno_text(&e)));
     }
+    if plan.terminal {
+        if let Err(e) = terminal::make_controlling() {
+            return SetupError(format!(
+                "make stdin the controlling terminal: {}",
+                errno_text(&e)
+            ));
+        }
+    }
     if let Err(e) = process_setup::apply(plan, sys, false) {
         return e;
     }
@@ -129,6 +138,10 @@ pub fn exec(
     let pid = target_pid;
     let plan =
         process_setup::plan(process).map_err(|reason| ExecError::InvalidProcess { pid, reason })?;
+    if plan.terminal {
+        terminal::check_stdio(&stdio)
+            .map_err(|reason| ExecError::InvalidProcess { pid, reason })?;
+    }
     if !PathBuf::from(format!("/proc/{pid}")).exists() {
         return Err(ExecError::NoSuchProcess { pid });
     }

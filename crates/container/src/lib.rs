@@ -35,10 +35,12 @@
 //! cpuset, pids, blkio/io, hugetlb, v1 devices, net_cls/net_prio, v2
 //! unified), `rootfsPropagation` (private/slave), process args/env/cwd,
 //! user/additionalGids/umask, capabilities, noNewPrivileges, rlimits,
-//! oomScoreAdj.
+//! oomScoreAdj, `process.terminal` (the caller allocates the pty and passes
+//! its slave as stdin/stdout/stderr; the process makes it its controlling
+//! terminal; there is no console socket).
 //!
 //! Not supported (rejected with an error): user and time namespaces,
-//! `process.terminal`, idmapped mounts, shared rootfs propagation.
+//! idmapped mounts, shared rootfs propagation.
 //! Ignored with a `tracing` warning: seccomp, AppArmor/SELinux labels,
 //! hooks, intelRdt, personality, memory policy, net devices, scheduler and
 //! I/O priority. Ignored silently: device cgroup rules on cgroup v2 (they
@@ -61,6 +63,7 @@ mod reaper;
 mod resolve;
 mod rootfs;
 mod spawn;
+mod terminal;
 
 pub use container::{
     create, Container, ContainerConfig, CreateError, Created, DestroyError, Rootfs, StartError,

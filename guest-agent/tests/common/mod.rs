@@ -11,6 +11,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tonic::transport::{Channel, Endpoint, Uri};
 use vmrun_agent::{AgentConfig, AgentService};
+use vmrun_proto::v1::create_container_request::Rootfs;
+use vmrun_proto::v1::{
+    CreateContainerRequest, CreateSandboxRequest, CreateSandboxResponse, LayerDirs,
+    StartContainerRequest, WaitProcessRequest, WaitProcessResponse,
+};
 use vmrun_proto::AgentClient;
 
 pub struct Agent {
@@ -179,5 +184,131 @@ pub fn assert_no_cgroups(parent: &str) {
     for entry in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
         let p = entry.path().join(parent.trim_start_matches('/'));
         assert!(!p.exists(), "cgroup left behind: {}", p.display());
+    }
+}
+
+/// A sandbox with its own network, IPC and UTS namespaces (and so a
+/// /dev/shm mount and a pause process).
+pub async fn create_sandbox(client: &mut AgentClient<Channel>, id: &str) -> CreateSandboxResponse {
+    client
+        .create_sandbox(CreateSandboxRequest {
+            sandbox_id: id.into(),
+            hostname: id.into(),
+            hosts: format!("127.0.0.1 localhost {id}\n").into_bytes(),
+            new_network: true,
+            new_ipc: true,
+            new_uts: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub fn create_req(id: &str, spec: &Value, lower: &Path, stdin: bool) -> CreateContainerRequest {
+    CreateContainerRequest {
+        container_id: id.into(),
+        oci_spec_json: serde_json::to_vec(spec).unwrap(),
+        rootfs: Some(Rootfs::LayerDirs(LayerDirs {
+            lower: vec![lower.to_string_lossy().into_owned()],
+        })),
+        stdin,
+    }
+}
+
+/// Creates and starts a container; returns its init's pid.
+pub async fn run_container(
+    client: &mut AgentClient<Channel>,
+    id: &str,
+    spec: &Value,
+    lower: &Path,
+) -> i32 {
+    let pid = client
+        .create_container(create_req(id, spec, lower, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .pid;
+    client
+        .start_container(StartContainerRequest {
+            container_id: id.into(),
+        })
+        .await
+        .unwrap();
+    pid
+}
+
+pub async fn wait_process(
+    client: &mut AgentClient<Channel>,
+    id: &str,
+    exec_id: &str,
+) -> WaitProcessResponse {
+    client
+        .wait_process(WaitProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// An OCI `process` for ExecProcess.
+pub fn process(args: &[&str]) -> Value {
+    json!({"args": args, "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}})
+}
+
+/// Kills what a failing test left running. A panic drops the test's
+/// future, and so this guard, before its runtime, whose drop waits for the
+/// agent's waiter threads: without the kill, a failed assertion would hang
+/// the test instead of failing it.
+pub struct KillOnPanic {
+    cgroup_parent: String,
+    shm: PathBuf,
+}
+
+pub fn kill_on_panic(agent: &Agent) -> KillOnPanic {
+    KillOnPanic {
+        cgroup_parent: agent.cgroup_parent.clone(),
+        shm: agent.state_dir().join("pod/shm"),
+    }
+}
+
+fn kill_procs_under(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            kill_procs_under(&path);
+        } else if path.file_name().is_some_and(|n| n == "cgroup.procs") {
+            for pid in std::fs::read_to_string(&path).unwrap_or_default().lines() {
+                if let Ok(pid) = pid.trim().parse() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for entry in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+            kill_procs_under(
+                &entry
+                    .path()
+                    .join(self.cgroup_parent.trim_start_matches('/')),
+            );
+        }
+        let _ = nix::mount::umount2(&self.shm, nix::mount::MntFlags::MNT_DETACH);
+        // Retries while the killed processes finish exiting.
+        let _ = vmrun_container::cgroups::remove_path(&self.cgroup_parent);
     }
 }

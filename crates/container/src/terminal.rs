@@ -1,0 +1,114 @@
+//! `process.terminal`: the caller allocates the pseudo-terminal (it keeps
+//! the master to relay I/O and set the window size) and passes the slave
+//! as stdin, stdout and stderr; the container process makes it its
+//! controlling terminal. There is no console socket: the caller already
+//! holds the master.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use crate::container::Stdio;
+
+/// Checks, in the parent, that a process asking for a terminal got one on
+/// stdin (the descriptor that becomes its controlling terminal).
+pub(crate) fn check_stdio(stdio: &Stdio) -> Result<(), String> {
+    let Some(stdin) = &stdio.stdin else {
+        return Err(
+            "process.terminal needs the caller to pass a terminal (pty slave) as \
+                    stdin, stdout and stderr; stdin is /dev/null"
+                .into(),
+        );
+    };
+    // SAFETY: isatty only inspects the descriptor, which `stdio` keeps open.
+    if unsafe { libc::isatty(stdin.as_raw_fd()) } != 1 {
+        return Err(
+            "process.terminal needs the caller to pass a terminal (pty slave) as \
+                    stdin, stdout and stderr; stdin is not a terminal"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// In the forked container process, after stdio is installed: starts a new
+/// session and makes the terminal on descriptor 0 its controlling terminal,
+/// so the shell gets job control, /dev/tty works and SIGWINCH arrives on a
+/// resize. Only raw syscalls: runs between fork and exec.
+pub(crate) fn make_controlling() -> io::Result<()> {
+    // SAFETY: setsid has no preconditions. It fails with EPERM only for a
+    // process-group leader, which a freshly cloned child is not.
+    if unsafe { libc::setsid() } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TIOCSCTTY takes an int argument (0: do not steal the terminal
+    // from another session); descriptor 0 is the caller's pty slave.
+    if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+
+    use super::*;
+
+    /// A pty pair as the agent makes it: (master, slave).
+    fn pty() -> (OwnedFd, OwnedFd) {
+        let r = nix::pty::openpty(None, None).unwrap();
+        (r.master, r.slave)
+    }
+
+    #[test]
+    fn stdin_must_be_a_terminal() {
+        let e = check_stdio(&Stdio::default()).unwrap_err();
+        assert!(e.contains("/dev/null"), "{e}");
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let e = check_stdio(&Stdio {
+            stdin: Some(r),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("not a terminal"), "{e}");
+        let (_master, slave) = pty();
+        check_stdio(&Stdio {
+            stdin: Some(slave),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+
+    /// A forked child that puts the slave on 0 and calls make_controlling
+    /// owns a session whose controlling terminal is the slave.
+    #[test]
+    fn child_gets_the_terminal_as_controlling_terminal() {
+        let (_master, slave) = pty();
+        // SAFETY: the child only makes raw syscalls and then _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: raw syscalls on descriptors this process owns.
+            let code = unsafe {
+                if libc::dup2(slave.as_raw_fd(), 0) < 0 || make_controlling().is_err() {
+                    2
+                } else if libc::tcgetsid(0) == libc::getpid() {
+                    0
+                } else {
+                    3
+                }
+            };
+            // SAFETY: ends the forked child without running the parent's
+            // destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: `status` is a valid out pointer; `pid` is our child.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(rc, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "child status {status:#x}"
+        );
+    }
+}
