@@ -123,7 +123,7 @@ fn measure(assets: &Assets, runs: usize, where_: &str) -> anyhow::Result<()> {
     // Interleaved, so drift in the machine's load hits both alike.
     for i in 0..runs {
         ours.push(rt.block_on(boot_vmrun(assets, work.path(), i))?);
-        qemu.push(rt.block_on(boot_qemu(assets, i))?);
+        qemu.push(rt.block_on(boot_qemu(assets, work.path(), i))?);
     }
     println!("microVM boot to agent-ready, {runs} boots each, 1 vCPU, {GUEST_MEMORY_MIB} MiB");
     println!("measured: {where_}");
@@ -159,13 +159,17 @@ fn measure(assets: &Assets, runs: usize, where_: &str) -> anyhow::Result<()> {
 
 async fn boot_vmrun(assets: &Assets, work: &Path, i: usize) -> anyhow::Result<Sample> {
     let vsock = work.join(format!("vsock-{i}.sock"));
+    // Both VMMs log the (quiet) guest console to a file: the same cost for
+    // both, and a reason to show when a boot fails.
+    let console = work.join(format!("vmrun-console-{i}.log"));
     let started = Instant::now();
     let mut child = Command::new(&assets.vmm)
         .arg("--kernel")
         .arg(&assets.kernel)
         .arg("--initrd")
         .arg(&assets.initramfs)
-        .args(["--cmdline", CMDLINE, "--vcpus", "1", "--console", "off"])
+        .args(["--cmdline", CMDLINE, "--vcpus", "1", "--console"])
+        .arg(&console)
         .args(["--memory", &GUEST_MEMORY_MIB.to_string()])
         .arg("--vsock")
         .arg(&vsock)
@@ -176,7 +180,8 @@ async fn boot_vmrun(assets: &Assets, work: &Path, i: usize) -> anyhow::Result<Sa
     let mut agent = until_healthy(&mut child, "vmrun-vmm", started, || async {
         Ok(vmrun_proto::connect_hybrid_vsock(&vsock, vmrun_proto::AGENT_VSOCK_PORT).await?)
     })
-    .await?;
+    .await
+    .with_context(|| console_tail(&console))?;
     let ready = started.elapsed();
     let overhead_kib = rss_without_guest_kib(child.id())?;
     let _ = agent.shutdown(vmrun_proto::v1::ShutdownRequest {}).await;
@@ -187,7 +192,8 @@ async fn boot_vmrun(assets: &Assets, work: &Path, i: usize) -> anyhow::Result<Sa
     })
 }
 
-async fn boot_qemu(assets: &Assets, i: usize) -> anyhow::Result<Sample> {
+async fn boot_qemu(assets: &Assets, work: &Path, i: usize) -> anyhow::Result<Sample> {
+    let console = work.join(format!("qemu-console-{i}.log"));
     // Distinct CIDs: a CID stays taken until the vhost device is released.
     let cid = 100 + i as u32;
     let started = Instant::now();
@@ -207,7 +213,7 @@ async fn boot_qemu(assets: &Assets, i: usize) -> anyhow::Result<Sample> {
             "-display",
             "none",
             "-serial",
-            "null",
+            &format!("file:{}", console.display()),
             "-no-reboot",
             "-device",
             &format!("vhost-vsock-device,guest-cid={cid}"),
@@ -226,7 +232,8 @@ async fn boot_qemu(assets: &Assets, i: usize) -> anyhow::Result<Sample> {
     let mut agent = until_healthy(&mut child, "qemu", started, || {
         connect_af_vsock(cid, vmrun_proto::AGENT_VSOCK_PORT)
     })
-    .await?;
+    .await
+    .with_context(|| console_tail(&console))?;
     let ready = started.elapsed();
     let overhead_kib = rss_without_guest_kib(child.id())?;
     let _ = agent.shutdown(vmrun_proto::v1::ShutdownRequest {}).await;
@@ -283,6 +290,17 @@ async fn connect_af_vsock(
         ))
         .await?;
     Ok(vmrun_proto::AgentClient::new(channel))
+}
+
+/// The guest console's last lines, for a failed boot's error.
+fn console_tail(console: &Path) -> String {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "guest console {} ends with:\n{}",
+        console.display(),
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    )
 }
 
 fn check_alive(child: &mut Child, what: &str) -> anyhow::Result<()> {
