@@ -120,12 +120,34 @@ fn measure(assets: &Assets, runs: usize, where_: &str) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix("vmrun-boot").tempdir()?;
     let mut ours = Vec::new();
     let mut qemu = Vec::new();
+    let nested = vmrun_tests::nested::inside_l1();
+    let mut failed = (0usize, 0usize);
     // Interleaved, so drift in the machine's load hits both alike.
     for i in 0..runs {
-        ours.push(rt.block_on(boot_vmrun(assets, work.path(), i))?);
-        qemu.push(rt.block_on(boot_qemu(assets, work.path(), i))?);
+        let a = rt.block_on(boot_vmrun(assets, work.path(), i));
+        let b = rt.block_on(boot_qemu(assets, work.path(), i));
+        for (result, list, count, name) in [
+            (a, &mut ours, &mut failed.0, "vmrun-vmm"),
+            (b, &mut qemu, &mut failed.1, "qemu"),
+        ] {
+            match result {
+                Ok(sample) => list.push(sample),
+                // Nested, QEMU TCG's SVM now and then resets a booting
+                // guest (both VMMs; docs/vm-runtime.md): such a boot is
+                // counted as failed, printed, and left out of the times.
+                Err(e) if nested && *count < runs / 5 => {
+                    *count += 1;
+                    eprintln!("vm_boot: {name} boot {i} failed (not counted): {e:#}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
-    println!("microVM boot to agent-ready, {runs} boots each, 1 vCPU, {GUEST_MEMORY_MIB} MiB");
+    println!(
+        "microVM boot to agent-ready, {runs} boots each, 1 vCPU, {GUEST_MEMORY_MIB} MiB \
+         (failed boots, left out: vmrun-vmm {}, qemu {})",
+        failed.0, failed.1
+    );
     println!("measured: {where_}");
     println!(
         "{:<22} {:>9} {:>9} {:>9} {:>16}",
