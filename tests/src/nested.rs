@@ -688,7 +688,7 @@ fn tcg_accel() -> String {
 }
 
 /// The last `lines` lines of a file (or a note that it is unreadable).
-pub(crate) fn tail(path: &Path, lines: usize) -> String {
+pub fn tail(path: &Path, lines: usize) -> String {
     match fs::read(path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);

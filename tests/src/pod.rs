@@ -209,16 +209,9 @@ impl Vmrun {
     /// the pod's directory on the VMM's command line).
     pub fn vmm_pids(&self, pod: &str) -> Vec<i32> {
         let dir = self.pod_dir(pod).to_string_lossy().into_owned();
-        std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|proc| {
-                let pid: i32 = proc.file_name().to_str()?.parse().ok()?;
-                let cmdline = std::fs::read(proc.path().join("cmdline")).ok()?;
-                let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                (text.contains("vmrun-vmm") && text.contains(&dir)).then_some(pid)
-            })
+        processes()
+            .filter(|(_, cmdline)| cmdline.contains("vmrun-vmm") && cmdline.contains(&dir))
+            .map(|(pid, _)| pid)
             .collect()
     }
 
@@ -245,20 +238,28 @@ impl Vmrun {
                 found.push(format!("cgroup: {}", dir.display()));
             }
         }
-        for proc in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmdline = std::fs::read(proc.path().join("cmdline")).unwrap_or_default();
-            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        for (pid, text) in processes() {
             // A pod VM's VMM names its files under this installation's state.
             let vmm = text.contains("vmrun-vmm") && text.contains(&state);
             if vmm || (!marker.is_empty() && text.contains(marker)) {
-                found.push(format!(
-                    "process {}: {text}",
-                    proc.file_name().to_string_lossy()
-                ));
+                found.push(format!("process {pid}: {text}"));
             }
         }
         found
     }
+}
+
+/// Every process as (pid, command line with NULs as spaces).
+fn processes() -> impl Iterator<Item = (i32, String)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|proc| {
+            let pid: i32 = proc.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(proc.path().join("cmdline")).unwrap_or_default();
+            Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")))
+        })
 }
 
 impl Default for Vmrun {

@@ -316,12 +316,10 @@ async fn connect_af_vsock(
 
 /// The guest console's last lines, for a failed boot's error.
 fn console_tail(console: &Path) -> String {
-    let text = std::fs::read_to_string(console).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
     format!(
         "guest console {} ends with:\n{}",
         console.display(),
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        vmrun_tests::nested::tail(console, 20)
     )
 }
 
