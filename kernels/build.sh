@@ -70,6 +70,14 @@ kmake olddefconfig || fail "make olddefconfig"
 # option the fragment sets must be in the final .config with the same value.
 missing=()
 while IFS= read -r line; do
+    if [[ "$line" =~ ^#\ (CONFIG_[A-Za-z0-9_]+)\ is\ not\ set$ ]]; then
+        # Something else may select an option the fragment turns off.
+        option="${BASH_REMATCH[1]}"
+        if got="$(grep -E "^$option=" "$build_dir/.config")"; then
+            missing+=("$line (got: $got)")
+        fi
+        continue
+    fi
     [[ "$line" =~ ^CONFIG_[A-Za-z0-9_]+= ]] || continue
     grep -qxF -- "$line" "$build_dir/.config" || missing+=("$line (got: $(grep -E "^(# )?${line%%=*}[= ]" "$build_dir/.config" || echo unset))")
 done <"$fragment"

@@ -13,8 +13,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use vmrun_vmm::config::{
-    ConfigError, ConsoleConfig, DiskConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
-    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
+    BalloonConfig, ConfigError, ConsoleConfig, DiskConfig, NetConfig, VmConfig, VsockConfig,
+    DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
 use vmrun_vmm::devices::console_input::RawTerminal;
 use vmrun_vmm::devices::serial::console_writer;
@@ -65,8 +65,16 @@ struct Args {
     /// {"action":"shutdown","graceful_timeout_ms":N}.
     #[arg(long, value_name = "PATH")]
     api: Option<PathBuf>,
+    /// Add a virtio-balloon device with free page reporting: the guest
+    /// hands memory it freed back to the host (needs a guest kernel with
+    /// CONFIG_VIRTIO_BALLOON; the balloon itself is never inflated).
+    #[arg(long)]
+    free_page_reporting: bool,
     /// A JSON VM configuration instead of the options above.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "disks", "vsock", "nets", "api"])]
+    #[arg(
+        long,
+        conflicts_with_all = ["kernel", "initrd", "disks", "vsock", "nets", "api", "free_page_reporting"]
+    )]
     config: Option<PathBuf>,
 }
 
@@ -90,6 +98,9 @@ fn config_from(args: Args) -> anyhow::Result<VmConfig> {
         vsock: args.vsock,
         nets: args.nets,
         api: args.api,
+        balloon: args.free_page_reporting.then_some(BalloonConfig {
+            free_page_reporting: true,
+        }),
     })
 }
 

@@ -12,7 +12,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemo
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::server::{ApiError, ApiSocket};
-use crate::api::{ActionReply, OwnerEvent, RunState, VmmAction};
+use crate::api::{ActionReply, BalloonStatus, OwnerEvent, RunState, VmmAction};
 use crate::arch::cpuid::vcpu_cpuid;
 use crate::arch::lapic::wire_local_interrupts;
 use crate::arch::layout::{KVM_TSS_ADDRESS, SERIAL_IRQ};
@@ -27,6 +27,7 @@ use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::panic_watch::{PanicLine, PanicWatch};
 use crate::devices::serial::{SerialPort, COM1_PORT, COM1_PORT_COUNT};
+use crate::devices::virtio::balloon::{Balloon, BalloonStats};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
@@ -104,6 +105,7 @@ pub struct MicroVm {
     vm: Arc<dyn Vm>,
     memory: GuestMemoryMmap,
     kernel: LoadedKernel,
+    balloon: Option<Arc<BalloonStats>>,
 }
 
 impl MicroVm {
@@ -147,6 +149,12 @@ impl MicroVm {
         }
         for net in &config.nets {
             devices.push(Box::new(Net::open(net)?));
+        }
+        let mut balloon = None;
+        if let Some(config) = &config.balloon {
+            let device = Balloon::new(config.free_page_reporting);
+            balloon = Some(device.stats());
+            devices.push(Box::new(device));
         }
         let slots = virtio_slots::attach(vm.as_ref(), &memory, &mut mmio_bus, devices)?;
         let cmdline = std::iter::once(config.cmdline.trim().to_owned())
@@ -193,6 +201,7 @@ impl MicroVm {
             vm,
             memory,
             kernel,
+            balloon,
         })
     }
 
@@ -245,6 +254,7 @@ impl MicroVm {
             vm,
             memory,
             kernel: _,
+            balloon,
         } = self;
         let io_bus = Arc::new(io_bus);
         let mmio_bus = Arc::new(mmio_bus);
@@ -312,6 +322,7 @@ impl MicroVm {
             started,
             vcpus: vcpu_count,
             memory_mib: memory_mib(&memory),
+            balloon: balloon.as_deref(),
         };
         owner.serve(events);
         let reason = stop.reason().unwrap_or(GuestStop::HostStop);
@@ -358,6 +369,7 @@ struct Owner<'a> {
     started: Instant,
     vcpus: u8,
     memory_mib: u64,
+    balloon: Option<&'a BalloonStats>,
 }
 
 /// A `shutdown` waiting for the guest to power off.
@@ -436,6 +448,7 @@ impl Owner<'_> {
                 vcpus: self.vcpus,
                 memory_mib: self.memory_mib,
                 uptime_ms: self.started.elapsed().as_millis() as u64,
+                balloon: self.balloon.map(BalloonStatus::from),
             },
             VmmAction::Pause => {
                 self.pause.pause();
@@ -532,6 +545,7 @@ mod tests {
             started: Instant::now(),
             vcpus: 1,
             memory_mib: 64,
+            balloon: None,
         };
         let (events_tx, events) = mpsc::channel();
         let notify = events_tx.clone();

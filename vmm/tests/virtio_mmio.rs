@@ -1,5 +1,6 @@
 //! The virtio-mmio transport driven register by register the way Linux's
-//! virtio_mmio driver does, with a virtio-blk device behind it.
+//! virtio_mmio driver does, with a virtio-blk device behind it (and a
+//! virtio-balloon, whose third queue exists only with a feature).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -18,9 +19,10 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmrun_vmm::devices::bus::BusDevice;
+use vmrun_vmm::devices::virtio::balloon::{Balloon, VIRTIO_BALLOON_F_REPORTING};
 use vmrun_vmm::devices::virtio::block::Block;
 use vmrun_vmm::devices::virtio::mmio::MmioTransport;
-use vmrun_vmm::devices::virtio::VirtioInterrupt;
+use vmrun_vmm::devices::virtio::{VirtioDevice, VirtioInterrupt};
 
 const BASE: u64 = 0xd000_0000;
 const QUEUE_ADDR: u64 = 0x1000;
@@ -38,11 +40,15 @@ impl Driver {
         for sector in 0..8u8 {
             disk.write_all(&[sector; 512]).unwrap();
         }
+        let block = Block::open(disk.path(), false, "disk").unwrap();
+        Driver::with_device(Box::new(block), disk)
+    }
+
+    fn with_device(device: Box<dyn VirtioDevice>, disk: tempfile::NamedTempFile) -> Driver {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap()));
-        let block = Block::open(disk.path(), false, "disk").unwrap();
-        let transport = MmioTransport::new(Box::new(block), memory.clone(), interrupt);
+        let transport = MmioTransport::new(device, memory.clone(), interrupt);
         Driver {
             transport,
             irq,
@@ -63,18 +69,31 @@ impl Driver {
     }
 
     fn negotiate(&mut self, features_high: u32) {
+        self.negotiate_all(features_high, 0);
+    }
+
+    fn negotiate_all(&mut self, features_high: u32, features_low: u32) {
         self.write(VIRTIO_MMIO_STATUS, 0);
         self.write(VIRTIO_MMIO_STATUS, ACK);
         self.write(VIRTIO_MMIO_STATUS, ACK | DRIVER);
         self.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         self.write(VIRTIO_MMIO_DRIVER_FEATURES, features_high);
         self.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-        self.write(VIRTIO_MMIO_DRIVER_FEATURES, 0);
+        self.write(VIRTIO_MMIO_DRIVER_FEATURES, features_low);
         self.write(VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK);
     }
 
     fn set_up_queue(&mut self, mock: &MockSplitQueue<'_, GuestMemoryMmap>, size: u32) {
-        self.write(VIRTIO_MMIO_QUEUE_SEL, 0);
+        self.set_up_queue_at(0, mock, size);
+    }
+
+    fn set_up_queue_at(
+        &mut self,
+        index: u32,
+        mock: &MockSplitQueue<'_, GuestMemoryMmap>,
+        size: u32,
+    ) {
+        self.write(VIRTIO_MMIO_QUEUE_SEL, index);
         self.write(VIRTIO_MMIO_QUEUE_NUM, size);
         self.write(VIRTIO_MMIO_QUEUE_DESC_LOW, mock.desc_table_addr().0 as u32);
         self.write(VIRTIO_MMIO_QUEUE_DESC_HIGH, 0);
@@ -210,4 +229,38 @@ fn odd_sized_and_unaligned_register_accesses_are_ignored() {
         .transport
         .write(BASE, u64::from(VIRTIO_MMIO_STATUS) + 1, &1u32.to_le_bytes());
     assert_eq!(driver.read(VIRTIO_MMIO_STATUS), 0);
+}
+
+#[test]
+fn a_queue_that_only_exists_with_a_feature_may_be_left_unset() {
+    let balloon = || {
+        Driver::with_device(
+            Box::new(Balloon::new(true)),
+            tempfile::NamedTempFile::new().unwrap(),
+        )
+    };
+    let activate = |driver: &mut Driver, features_low: u32, queues: u32| {
+        let memory = driver.memory.clone();
+        driver.negotiate_all(1, features_low);
+        assert_ne!(driver.read(VIRTIO_MMIO_STATUS) & FEATURES_OK, 0);
+        for index in 0..queues {
+            let base = GuestAddress(QUEUE_ADDR + u64::from(index) * 0x1000);
+            let mock = MockSplitQueue::create(&memory, base, 16);
+            driver.set_up_queue_at(index, &mock, 16);
+        }
+        driver.write(VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+        driver.transport.is_activated()
+    };
+    let reporting = 1 << VIRTIO_BALLOON_F_REPORTING;
+    assert!(
+        activate(&mut balloon(), 0, 2),
+        "without free page reporting, inflate and deflate are enough"
+    );
+    assert!(activate(&mut balloon(), reporting, 3));
+    let mut driver = balloon();
+    assert!(
+        !activate(&mut driver, reporting, 2),
+        "with free page reporting the reporting queue is required"
+    );
+    assert_ne!(driver.read(VIRTIO_MMIO_STATUS) & NEEDS_RESET, 0);
 }

@@ -10,9 +10,12 @@
 
 pub mod server;
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 
 use serde::{Deserialize, Serialize};
+
+use crate::devices::virtio::balloon::BalloonStats;
 
 /// What the host asks of the VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +44,25 @@ pub enum RunState {
     Paused,
 }
 
+/// The balloon's part of a status report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct BalloonStatus {
+    /// Guest memory handed back to the host so far (free page reports
+    /// and inflation), in bytes.
+    pub discarded_bytes: u64,
+    /// Ranges the guest reported that were not whole pages of guest memory.
+    pub rejected_ranges: u64,
+}
+
+impl From<&BalloonStats> for BalloonStatus {
+    fn from(stats: &BalloonStats) -> Self {
+        BalloonStatus {
+            discarded_bytes: stats.discarded_bytes.load(Ordering::Relaxed),
+            rejected_ranges: stats.rejected_ranges.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// The owner's answer, sent back as one JSON line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
@@ -51,6 +73,9 @@ pub enum ActionReply {
         vcpus: u8,
         memory_mib: u64,
         uptime_ms: u64,
+        /// With a balloon device: what the guest gave back.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        balloon: Option<BalloonStatus>,
     },
     Done {
         ok: bool,
@@ -167,10 +192,26 @@ mod tests {
             vcpus: 2,
             memory_mib: 128,
             uptime_ms: 5,
+            balloon: None,
         };
         assert_eq!(
             serde_json::to_string(&status).unwrap(),
             r#"{"ok":true,"state":"paused","vcpus":2,"memory_mib":128,"uptime_ms":5}"#
+        );
+        let with_balloon = ActionReply::Status {
+            ok: true,
+            state: RunState::Running,
+            vcpus: 1,
+            memory_mib: 256,
+            uptime_ms: 7,
+            balloon: Some(BalloonStatus {
+                discarded_bytes: 4 << 20,
+                rejected_ranges: 0,
+            }),
+        };
+        assert_eq!(
+            serde_json::to_string(&with_balloon).unwrap(),
+            r#"{"ok":true,"state":"running","vcpus":1,"memory_mib":256,"uptime_ms":7,"balloon":{"discarded_bytes":4194304,"rejected_ranges":0}}"#
         );
         assert_eq!(
             serde_json::to_string(&ActionReply::error("x")).unwrap(),

@@ -92,6 +92,8 @@ impl VmmProcess {
             .args(["--memory", &size.memory_mib.to_string()])
             .arg("--vsock")
             .arg(&files.vsock)
+            // An idle pod VM gives the memory its guest freed back to the host.
+            .arg("--free-page-reporting")
             .arg("--console")
             .arg(&files.console);
         for disk in disks {

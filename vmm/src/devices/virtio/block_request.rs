@@ -107,14 +107,7 @@ pub enum RequestError {
 pub fn collect_chain(
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) -> Result<Vec<Descriptor>, RequestError> {
-    let descriptors: Vec<Descriptor> = chain.collect();
-    // The iterator stops silently after queue-size descriptors (a loop),
-    // at an out-of-table `next`, or at an unreadable descriptor: in each
-    // case the last one it gave still says "next".
-    if descriptors.last().is_some_and(|d| d.has_next()) {
-        return Err(RequestError::UnterminatedChain);
-    }
-    Ok(descriptors)
+    super::complete_chain(chain).ok_or(RequestError::UnterminatedChain)
 }
 
 /// The status byte's address, if the chain's last descriptor can take it.

@@ -139,16 +139,17 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let valid = !self.bad_queue_sizes.contains(&true)
-            && self
-                .queues
+        let in_use = self.device.queues_in_use().min(self.queues.len());
+        let valid = !self.bad_queue_sizes[..in_use].contains(&true)
+            && self.queues[..in_use]
                 .iter()
                 .all(|q| q.ready() && q.is_valid(&self.memory));
         if !valid {
             self.needs_reset();
             return;
         }
-        let queues = std::mem::replace(&mut self.queues, new_queues(self.device.as_ref()));
+        let mut queues = std::mem::replace(&mut self.queues, new_queues(self.device.as_ref()));
+        queues.truncate(in_use);
         match self
             .device
             .activate(self.memory.clone(), queues, self.interrupt.clone())

@@ -3,8 +3,9 @@
 //! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] puts it on
 //! the MMIO bus with the virtio-mmio (version 2) register layout, hands it
 //! its queues when the driver is ready, and raises its interrupt line.
-//! One module per device: [`block`], [`net`], [`vsock`].
+//! One module per device: [`balloon`], [`block`], [`net`], [`vsock`].
 
+pub mod balloon;
 pub mod block;
 pub mod block_request;
 pub mod mmio;
@@ -15,7 +16,8 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -48,6 +50,18 @@ pub(crate) fn check_queues(
     match queues.iter().position(|q| !q.is_valid(memory)) {
         Some(index) => Err(ActivateError::InvalidQueue(index)),
         None => Ok(()),
+    }
+}
+
+/// The descriptors of a chain that ends properly, or `None`. The iterator
+/// stops silently after queue-size descriptors (a loop), at an out-of-table
+/// `next`, or at an unreadable descriptor: in each case the last one it gave
+/// still says "next".
+pub(crate) fn complete_chain(chain: DescriptorChain<&GuestMemoryMmap>) -> Option<Vec<Descriptor>> {
+    let descriptors: Vec<Descriptor> = chain.collect();
+    match descriptors.last() {
+        Some(last) if !last.has_next() => Some(descriptors),
+        _ => None,
     }
 }
 
@@ -110,6 +124,12 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// The largest size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
+    /// How many of the queues (from the first) the driver must set up with
+    /// the features it accepted: a queue that only exists with a feature
+    /// stays unused without it. All of them by default.
+    fn queues_in_use(&self) -> usize {
+        self.queue_max_sizes().len()
+    }
     /// The feature bits the device offers.
     fn features(&self) -> u64;
     /// The feature bits the driver accepted (a subset of [`Self::features`]).

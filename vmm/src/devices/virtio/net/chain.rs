@@ -57,13 +57,7 @@ fn collect(
     memory: &GuestMemoryMmap,
     writable: bool,
 ) -> Result<(Vec<Descriptor>, u64), ChainError> {
-    let descriptors: Vec<Descriptor> = chain.collect();
-    // The iterator stops silently after queue-size descriptors (a loop), at
-    // an out-of-table `next`, or at an unreadable descriptor: in each case
-    // the last one it gave still says "next".
-    if descriptors.is_empty() || descriptors.last().is_some_and(|d| d.has_next()) {
-        return Err(ChainError::UnterminatedChain);
-    }
+    let descriptors = super::super::complete_chain(chain).ok_or(ChainError::UnterminatedChain)?;
     let mut total = 0u64;
     for (index, d) in descriptors.iter().enumerate() {
         if d.len() == 0 {

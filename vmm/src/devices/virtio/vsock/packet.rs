@@ -121,14 +121,7 @@ pub struct TxError {
 
 /// The chain's descriptors, if it ends properly.
 fn collect(chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Vec<Descriptor>, PacketError> {
-    let descriptors: Vec<Descriptor> = chain.collect();
-    // The iterator stops silently after queue-size descriptors (a loop), at
-    // an out-of-table `next`, or at an unreadable descriptor: in each case
-    // the last one it gave still says "next".
-    if descriptors.is_empty() || descriptors.last().is_some_and(|d| d.has_next()) {
-        return Err(PacketError::UnterminatedChain);
-    }
-    Ok(descriptors)
+    super::super::complete_chain(chain).ok_or(PacketError::UnterminatedChain)
 }
 
 /// Checks that descriptor `index` is non-empty, inside guest memory and
