@@ -43,6 +43,10 @@ struct Args {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
     memory: u64,
+    /// Back guest memory with transparent huge pages (default: never, which
+    /// keeps the host memory of a guest to the 4 KiB pages it touched).
+    #[arg(long)]
+    huge_pages: bool,
     /// Serial console: stdio, off, or a file path.
     #[arg(long, default_value = "stdio")]
     console: ConsoleConfig,
@@ -73,7 +77,7 @@ struct Args {
     /// A JSON VM configuration instead of the options above.
     #[arg(
         long,
-        conflicts_with_all = ["kernel", "initrd", "disks", "vsock", "nets", "api", "free_page_reporting"]
+        conflicts_with_all = ["kernel", "initrd", "disks", "vsock", "nets", "api", "free_page_reporting", "huge_pages"]
     )]
     config: Option<PathBuf>,
 }
@@ -93,6 +97,7 @@ fn config_from(args: Args) -> anyhow::Result<VmConfig> {
         cmdline: args.cmdline,
         vcpus: args.vcpus,
         memory_mib: args.memory,
+        huge_pages: args.huge_pages,
         console: args.console,
         disks: args.disks,
         vsock: args.vsock,

@@ -130,7 +130,7 @@ impl MicroVm {
         vm.create_irq_chip()?;
         vm.create_pit()?;
 
-        let memory = memory::allocate(config.memory_bytes())?;
+        let memory = memory::allocate(config.memory_bytes(), config.huge_pages)?;
         memory::register(vm.as_ref(), &memory)?;
 
         let mut mmio_bus = Bus::new();
