@@ -158,6 +158,8 @@ fn machine() -> String {
 struct Results {
     native: Vec<Duration>,
     vm: Vec<Duration>,
+    /// vm starts the nested emulator broke, left out of `vm`.
+    vm_failed: usize,
     idle: IdleMemory,
     machine: String,
 }
@@ -191,6 +193,7 @@ impl Results {
         serde_json::json!({
             "native_ms": millis(&self.native),
             "vm_ms": millis(&self.vm),
+            "vm_failed": self.vm_failed,
             "machine": self.machine,
             "idle": {
                 "guest_mib": self.idle.guest_mib,
@@ -237,6 +240,7 @@ impl Results {
         Ok(Results {
             native: durations("native_ms")?,
             vm: durations("vm_ms")?,
+            vm_failed: v["vm_failed"].as_u64().unwrap_or(0) as usize,
             machine: v["machine"].as_str().unwrap_or_default().to_string(),
             idle: IdleMemory {
                 guest_mib: idle["guest_mib"].as_u64().unwrap_or(0),
@@ -257,20 +261,41 @@ fn measure_both(runs: usize) -> anyhow::Result<Results> {
     bench.warm_up("native")?;
     bench.warm_up("vm")?;
     let (mut native, mut vm) = (Vec::new(), Vec::new());
+    let nested = nested::inside_l1();
+    let mut vm_failed = 0;
     for i in 0..runs {
-        native.push(bench.time_pod_start("native")?);
-        vm.push(bench.time_pod_start("vm")?);
-        eprintln!(
-            "vm_pod_start: run {}/{runs}: native {:.1} ms, vm {:.1} ms",
-            i + 1,
-            ms(native[i]),
-            ms(vm[i])
-        );
+        let native_ms = bench.time_pod_start("native")?;
+        native.push(native_ms);
+        match bench.time_pod_start("vm") {
+            Ok(vm_ms) => {
+                vm.push(vm_ms);
+                eprintln!(
+                    "vm_pod_start: run {}/{runs}: native {:.1} ms, vm {:.1} ms",
+                    i + 1,
+                    ms(native_ms),
+                    ms(vm_ms)
+                );
+            }
+            // Nested, QEMU TCG's SVM now and then resets a booting guest
+            // (a triple fault; docs/vm-runtime.md): as in vm_boot, such a
+            // start is counted as failed, printed, and left out of the times,
+            // once the pod is checked to have left nothing behind.
+            Err(e) if nested && vm_failed < runs / 5 => {
+                vm_failed += 1;
+                eprintln!(
+                    "vm_pod_start: run {}/{runs}: vm failed (not counted): {e:#}",
+                    i + 1
+                );
+                bench.check_clean("vm")?;
+            }
+            Err(e) => return Err(e),
+        }
     }
     let idle = bench.idle_vm_memory()?;
     Ok(Results {
         native,
         vm,
+        vm_failed,
         idle,
         machine: machine(),
     })
@@ -422,6 +447,14 @@ impl Bench {
             );
         }
         report
+    }
+
+    /// After a failed start, whose pod uid may never have been seen: a vm
+    /// pod makes no host cgroups, so mounts, processes and the pod directory
+    /// are what it could leave.
+    fn check_clean(&self, runtime: &str) -> anyhow::Result<()> {
+        const NO_UID: &str = "(no uid: a vm pod has no host cgroup)";
+        self.check_nothing_left(runtime, START_POD, NO_UID)
     }
 
     fn check_nothing_left(&self, runtime: &str, pod: &str, uid: &str) -> anyhow::Result<()> {
@@ -757,6 +790,12 @@ fn print_report(
     }
     let native = row(tag, "native", &results.native);
     let vm = row(tag, "vm", &results.vm);
+    if results.vm_failed > 0 {
+        println!(
+            "vm starts the nested emulator broke (left out of the vm row, at most a fifth): {}",
+            results.vm_failed
+        );
+    }
     println!(
         "vm/native in the same environment: p50 {:.2}x, p99 {:.2}x",
         ms(vm.p50) / ms(native.p50),
