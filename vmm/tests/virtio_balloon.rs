@@ -17,8 +17,8 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmrun_vmm::devices::virtio::balloon::{
-    discard, Balloon, DiscardError, DEFLATE_QUEUE, INFLATE_QUEUE, REPORTING_QUEUE,
-    VIRTIO_BALLOON_F_REPORTING,
+    discard, Balloon, DiscardError, DEFLATE_QUEUE, INFLATE_QUEUE, MAX_PFNS_PER_BUFFER,
+    REPORTING_QUEUE, VIRTIO_BALLOON_F_REPORTING,
 };
 use vmrun_vmm::devices::virtio::{VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 
@@ -257,14 +257,19 @@ fn inflate_arrays_that_are_not_whole_page_numbers_are_refused() {
         .memory
         .write_obj(((RAM >> 12) as u32).to_le(), GuestAddress(PFNS))
         .unwrap();
-    // A 5-byte array, and a device-writable one.
+    // A 5-byte array, a device-writable one, and one longer than any
+    // driver sends.
     driver.send(
         INFLATE_QUEUE,
-        &[desc(PFNS, 5, 0), desc(PFNS, 4, WRITE)],
+        &[
+            desc(PFNS, 5, 0),
+            desc(PFNS, 4, WRITE),
+            desc(PFNS, 4 * (MAX_PFNS_PER_BUFFER + 1), 0),
+        ],
         true,
     );
     assert_eq!(zeroed_runs(&driver.memory), vec![]);
-    assert_eq!(driver.rejected(), 2);
+    assert_eq!(driver.rejected(), 3);
 }
 
 #[test]

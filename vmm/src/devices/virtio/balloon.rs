@@ -36,6 +36,11 @@ const PAGE_SIZE: u64 = 1 << PFN_SHIFT;
 /// Linux refuses a reporting queue shorter than its batch (32 ranges).
 pub const QUEUE_SIZE: u16 = 64;
 
+/// Linux puts at most 256 page numbers in one inflate request; a guest
+/// asking for far more per buffer would only keep its own vCPU busy, but
+/// there is no reason to walk it.
+pub const MAX_PFNS_PER_BUFFER: u32 = 4096;
+
 pub const INFLATE_QUEUE: u16 = 0;
 pub const DEFLATE_QUEUE: u16 = 1;
 /// Present only when VIRTIO_BALLOON_F_REPORTING was negotiated.
@@ -135,7 +140,10 @@ impl Balloon {
     fn serve_inflate(&self, descriptors: &[Descriptor], memory: &GuestMemoryMmap) {
         let mut run: Option<(u64, u64)> = None;
         for descriptor in descriptors {
-            if descriptor.is_write_only() || !descriptor.len().is_multiple_of(4) {
+            if descriptor.is_write_only()
+                || !descriptor.len().is_multiple_of(4)
+                || descriptor.len() / 4 > MAX_PFNS_PER_BUFFER
+            {
                 self.stats.rejected_ranges.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
