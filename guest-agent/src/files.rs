@@ -84,6 +84,9 @@ pub(crate) fn copy_file(base: &Path, req: &CopyFileRequest) -> Result<PathBuf, C
             req.mode & 0o7777
         };
         std::fs::create_dir_all(&path).map_err(io("create directory"))?;
+        if let Some(size) = req.tmpfs_size_bytes {
+            mount_tmpfs(&path, mode, size).map_err(io("mount a tmpfs on"))?;
+        }
         // Explicitly: create_dir_all applies the umask.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
             .map_err(io("chmod"))?;
@@ -119,6 +122,55 @@ pub(crate) fn copy_file(base: &Path, req: &CopyFileRequest) -> Result<PathBuf, C
         let _ = std::fs::remove_file(&tmp);
     }
     written.map(|_| path)
+}
+
+/// A size-limited tmpfs on `dir` (once: a directory that already is a
+/// mount point keeps its mount). Size 0 is tmpfs' own "no limit".
+fn mount_tmpfs(dir: &Path, mode: u32, size: u64) -> std::io::Result<()> {
+    if is_mount_point(dir)? {
+        return Ok(());
+    }
+    let data = format!("mode={mode:o},size={size}");
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// Whether `dir` is where a filesystem is mounted (its device differs
+/// from its parent's).
+fn is_mount_point(dir: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let parent = dir.parent().unwrap_or(dir);
+    Ok(std::fs::metadata(dir)?.dev() != std::fs::metadata(parent)?.dev())
+}
+
+/// Unmounts every mount at or below `dir`, deepest first (the sandbox's
+/// size-limited emptyDirs); returns what could not be unmounted.
+pub(crate) fn unmount_below(dir: &Path) -> Vec<String> {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return vec!["cannot read /proc/self/mountinfo".into()];
+    };
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    points
+        .into_iter()
+        .filter_map(|point| {
+            nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH)
+                .err()
+                .map(|e| format!("unmount {}: {e}", point.display()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -172,5 +224,47 @@ mod tests {
         std::os::unix::fs::symlink("/etc", dir.path().join("link")).unwrap();
         let err = copy_file(dir.path(), &req("link/evil", b"x", 0)).unwrap_err();
         assert!(err.to_string().contains("symlink"), "{err}");
+    }
+
+    /// Needs root (mounts): a size-limited directory refuses more than its
+    /// size, is mounted once, and `unmount_below` takes it and a mount
+    /// inside it away.
+    #[test]
+    fn tmpfs_directories_are_size_limited_and_unmounted_below_the_pod_dir() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "tmpfs_directories_are_size_limited_and_unmounted_below_the_pod_dir needs root"
+        );
+        let base = tempfile::tempdir().unwrap();
+        // Unmounts whatever the test mounted even if an assertion fails.
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                unmount_below(&self.0);
+            }
+        }
+        let _unmount = Unmount(base.path().to_path_buf());
+        let mut r = req("volumes/data", b"", 0o777);
+        r.directory = true;
+        r.tmpfs_size_bytes = Some(64 << 10);
+        let dir = copy_file(base.path(), &r).unwrap();
+        // Again: still one mount.
+        copy_file(base.path(), &r).unwrap();
+        assert!(is_mount_point(&dir).unwrap());
+        assert!(std::fs::write(dir.join("small"), vec![0u8; 16 << 10]).is_ok());
+        let too_big = std::fs::write(dir.join("big"), vec![0u8; 128 << 10]).unwrap_err();
+        assert_eq!(too_big.raw_os_error(), Some(libc::ENOSPC), "{too_big}");
+        let inner = dir.join("inner");
+        std::fs::create_dir(&inner).unwrap();
+        mount_tmpfs(&inner, 0o755, 0).unwrap();
+
+        assert_eq!(unmount_below(base.path()), Vec::<String>::new());
+        assert!(!is_mount_point(&dir).unwrap());
+        assert!(
+            !dir.join("small").exists(),
+            "the tmpfs content went with it"
+        );
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mountinfo.contains(&*base.path().to_string_lossy()));
     }
 }

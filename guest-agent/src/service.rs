@@ -101,6 +101,8 @@ impl AgentService {
             }
         }
         failed.extend(self.inner.containers.unmount_images());
+        // What is still mounted in the pod's directory: size-limited emptyDirs.
+        failed.extend(crate::files::unmount_below(&self.inner.cfg.pod_dir()));
         let parent = &self.inner.cfg.cgroup_parent;
         if let Err(e) = vmrun_container::cgroups::remove_path(parent) {
             tracing::warn!("remove cgroup {parent}: {e}");

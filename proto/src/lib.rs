@@ -37,4 +37,5 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// within [`PROTOCOL_VERSION`]; reported by `Health` so the host can tell
 /// what an agent supports. 1: `ResizeTty`, `UpdateResources`, `OomEvents`,
 /// `DestroySandbox` and terminals for `process.terminal` processes.
-pub const PROTOCOL_REVISION: u32 = 1;
+/// 2: `CopyFile.tmpfs_size_bytes` (size-limited emptyDirs).
+pub const PROTOCOL_REVISION: u32 = 2;

@@ -603,6 +603,45 @@ pub fn logs_and_exit_codes(rt: &str) {
     );
 }
 
+/// A memory-backed emptyDir with a sizeLimit is a tmpfs of that size: half
+/// of it can be written, twice of it cannot (ENOSPC). On vm every emptyDir
+/// lives in guest memory and gets its own tmpfs from the agent.
+pub fn empty_dir_size_limit_is_enforced(rt: &str) {
+    require_root("empty_dir_size_limit_is_enforced");
+    let vm = Vmrun::for_runtime(rt);
+    let image = busybox();
+    let yaml = pod(
+        "limited",
+        &format!(
+            r#"  restartPolicy: Never
+  containers:
+  - name: c
+    image: {image}
+    command:
+    - sh
+    - -c
+    - |
+      dd if=/dev/zero of=/data/half bs=1024 count=512 2>/dev/null && echo half-fits
+      if dd if=/dev/zero of=/data/twice bs=1024 count=2048 2>/dev/null; then echo twice-fits; else echo twice-refused; fi
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  volumes:
+  - name: data
+    emptyDir: {{medium: Memory, sizeLimit: 1Mi}}
+"#
+        ),
+    );
+    let path = vm.manifest("limited", &yaml);
+    let out = vm.run(&["run", "--runtime", rt, path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("[c] half-fits"), "{}", describe(&out));
+    assert!(
+        stdout.contains("[c] twice-refused"),
+        "a 2 MiB file fit in a 1Mi emptyDir: {}",
+        describe(&out)
+    );
+}
+
 /// Each bad input: non-zero exit, one clear `vmrun: error:` line naming the
 /// problem, and no pod directory, cgroup or mount left behind.
 pub fn bad_input_is_refused_cleanly(rt: &str) {
@@ -893,6 +932,7 @@ macro_rules! runtime_cases {
             case!(logs_and_exit_codes);
             case!(bad_input_is_refused_cleanly);
             case!(host_path_file_is_read_and_written);
+            case!(empty_dir_size_limit_is_enforced);
         }
     )*};
 }
@@ -958,6 +998,7 @@ mod vm {
             host_path_file_is_read_and_written,
             guest_kernel_hides_the_host,
             vmm_killed_fails_the_pod,
+            empty_dir_size_limit_is_enforced,
         ],
     }
 }

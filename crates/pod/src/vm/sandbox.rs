@@ -152,36 +152,55 @@ impl VmSandbox {
                 continue;
             }
             let base = format!("volumes/{}", volume.name);
-            let dir = self.copy_file(&base, 0o777, Vec::new(), true)?;
+            // Every emptyDir lives in guest memory; a sizeLimit becomes the
+            // size of a tmpfs of its own (medium Memory or not).
+            let tmpfs_size = match &volume.source {
+                VolumeSource::EmptyDir { size_limit, .. } => *size_limit,
+                _ => None,
+            };
+            let dir = self.make_dir(&base, 0o777, tmpfs_size)?;
             if let VolumeSource::Files(files) = &volume.source {
                 for f in files {
-                    self.copy_file(&format!("{base}/{}", f.path), f.mode, f.data.clone(), false)?;
+                    self.copy_file(&format!("{base}/{}", f.path), f.mode, f.data.clone())?;
                 }
                 // Like a kubelet-written volume: readable, not world-writable.
-                self.copy_file(&base, 0o755, Vec::new(), true)?;
+                self.make_dir(&base, 0o755, None)?;
             }
             self.volume_dirs.insert(volume.name.clone(), dir);
         }
         Ok(())
     }
 
-    /// Writes a file or makes a directory under the guest's sandbox directory.
-    fn copy_file(
+    /// Makes a directory under the guest's sandbox directory, with a tmpfs
+    /// of `tmpfs_size` bytes on it if given.
+    fn make_dir(
         &self,
         path: &str,
         mode: u32,
-        data: Vec<u8>,
-        directory: bool,
+        tmpfs_size: Option<u64>,
     ) -> Result<PathBuf, RuntimeError> {
-        let mut agent = self.agent.clone();
-        let request = v1::CopyFileRequest {
+        self.send_copy_file(v1::CopyFileRequest {
+            path: path.to_string(),
+            mode,
+            directory: true,
+            tmpfs_size_bytes: tmpfs_size,
+            ..Default::default()
+        })
+    }
+
+    /// Writes a file under the guest's sandbox directory.
+    fn copy_file(&self, path: &str, mode: u32, data: Vec<u8>) -> Result<PathBuf, RuntimeError> {
+        self.send_copy_file(v1::CopyFileRequest {
             path: path.to_string(),
             mode,
             data,
-            directory,
-            uid: None,
-            gid: None,
-        };
+            ..Default::default()
+        })
+    }
+
+    fn send_copy_file(&self, request: v1::CopyFileRequest) -> Result<PathBuf, RuntimeError> {
+        let mut agent = self.agent.clone();
+        let path = request.path.clone();
         let done = self
             .call(
                 &format!("writing {path} in the guest"),
@@ -312,13 +331,8 @@ impl Sandbox for VmSandbox {
         for m in &c.mounts {
             if let Some(sub) = &m.sub_path {
                 // Kubernetes creates a missing subPath as a directory.
-                self.copy_file(
-                    &format!("volumes/{}/{sub}", m.volume),
-                    0o755,
-                    Vec::new(),
-                    true,
-                )
-                .map_err(|e| start_err(e.to_string()))?;
+                self.make_dir(&format!("volumes/{}/{sub}", m.volume), 0o755, None)
+                    .map_err(|e| start_err(e.to_string()))?;
             }
         }
         let mut ctx = self.spec_context(&launch.layers);
