@@ -23,6 +23,22 @@ fn path_str(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// Boots the ELF guest `code` (a PVH note if `pvh`) with 64 MiB, the
+/// console off and the `extra` options.
+fn boot_quietly(code: &[u8], pvh: bool, extra: &[&str]) -> Output {
+    let (_k, kernel) = temp_file(&support::elf_image(code, pvh));
+    let mut args = vec![
+        "--kernel",
+        path_str(&kernel),
+        "--console",
+        "off",
+        "--memory",
+        "64",
+    ];
+    args.extend_from_slice(extra);
+    vmm(&args)
+}
+
 #[test]
 fn guest_output_goes_to_the_console_file_and_status_is_zero() {
     require_kvm();
@@ -66,15 +82,7 @@ fn stdio_console_prints_to_stdout() {
 #[test]
 fn console_off_prints_nothing() {
     require_kvm();
-    let (_k, kernel) = temp_file(&support::elf_image(guests::PVH_HELLO, true));
-    let output = vmm(&[
-        "--kernel",
-        path_str(&kernel),
-        "--console",
-        "off",
-        "--memory",
-        "64",
-    ]);
+    let output = boot_quietly(guests::PVH_HELLO, true, &[]);
     assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
     assert!(output.stdout.is_empty());
 }
@@ -83,15 +91,7 @@ fn console_off_prints_nothing() {
 fn guest_debug_exit_status_becomes_the_exit_status() {
     require_kvm();
     // Without the test MMIO device the guest's read-back check fails: status 4.
-    let (_k, kernel) = temp_file(&support::elf_image(guests::LINUX64_MMIO, false));
-    let output = vmm(&[
-        "--kernel",
-        path_str(&kernel),
-        "--console",
-        "off",
-        "--memory",
-        "64",
-    ]);
+    let output = boot_quietly(guests::LINUX64_MMIO, false, &[]);
     assert_eq!(output.status.code(), Some(4), "stderr: {}", stderr(&output));
     assert!(stderr(&output).contains("guest exited with status 4"));
 }
@@ -99,15 +99,7 @@ fn guest_debug_exit_status_becomes_the_exit_status() {
 #[test]
 fn triple_fault_exits_non_zero_with_one_clear_line() {
     require_kvm();
-    let (_k, kernel) = temp_file(&support::elf_image(guests::TRIPLE_FAULT, true));
-    let output = vmm(&[
-        "--kernel",
-        path_str(&kernel),
-        "--console",
-        "off",
-        "--memory",
-        "64",
-    ]);
+    let output = boot_quietly(guests::TRIPLE_FAULT, true, &[]);
     assert_eq!(output.status.code(), Some(1));
     let message: Vec<String> = stderr(&output)
         .lines()
@@ -123,17 +115,7 @@ fn triple_fault_exits_non_zero_with_one_clear_line() {
 #[test]
 fn reset_request_exits_zero_with_smp() {
     require_kvm();
-    let (_k, kernel) = temp_file(&support::elf_image(guests::I8042_RESET, true));
-    let output = vmm(&[
-        "--kernel",
-        path_str(&kernel),
-        "--vcpus",
-        "2",
-        "--console",
-        "off",
-        "--memory",
-        "64",
-    ]);
+    let output = boot_quietly(guests::I8042_RESET, true, &["--vcpus", "2"]);
     assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
 }
 
@@ -159,15 +141,7 @@ fn json_config_file_is_accepted() {
 #[test]
 fn kvm_pvm_host_is_named_in_one_line() {
     require_kvm();
-    let (_k, kernel) = temp_file(&support::elf_image(guests::PVH_HELLO, true));
-    let output = vmm(&[
-        "--kernel",
-        path_str(&kernel),
-        "--console",
-        "off",
-        "--memory",
-        "64",
-    ]);
+    let output = boot_quietly(guests::PVH_HELLO, true, &[]);
     let pvm_lines = stderr(&output)
         .lines()
         .filter(|l| l.contains("kvm_pvm"))
