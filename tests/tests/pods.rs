@@ -33,6 +33,12 @@ fn assert_clean(vm: &Vmrun, uid: &str, marker: &str) {
 }
 
 /// Starts a detached pod and waits until every app container runs.
+/// `vmrun run --runtime RT` of `yaml` (saved as manifest `name`) to its end.
+fn run_in_foreground(vm: &Vmrun, rt: &str, name: &str, yaml: &str) -> std::process::Output {
+    let path = vm.manifest(name, yaml);
+    vm.run(&["run", "--runtime", rt, path.to_str().unwrap()])
+}
+
 fn start_detached(vm: &Vmrun, rt: &str, name: &str, yaml: &str) -> serde_json::Value {
     let path = vm.manifest(name, yaml);
     let out = vm.run(&["run", "-d", "--runtime", rt, path.to_str().unwrap()]);
@@ -131,8 +137,7 @@ pub fn containers_share_localhost_and_ipc(rt: &str) {
 "#
         ),
     );
-    let path = vm.manifest("pair", &yaml);
-    let out = vm.run(&["run", "--runtime", rt, path.to_str().unwrap()]);
+    let out = run_in_foreground(&vm, rt, "pair", &yaml);
     assert!(out.status.success(), "{}", describe(&out));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("[client] net-ok"), "{stdout}");
@@ -387,8 +392,7 @@ data:
             )
         )
     );
-    let path = vm.manifest("files", &yaml);
-    let out = vm.run(&["run", "--runtime", rt, path.to_str().unwrap()]);
+    let out = run_in_foreground(&vm, rt, "files", &yaml);
     assert!(out.status.success(), "{}", describe(&out));
     let lines: Vec<String> = text(&out.stdout)
         .lines()
@@ -591,8 +595,7 @@ pub fn logs_and_exit_codes(rt: &str) {
 "#
         ),
     );
-    let path = vm.manifest("exit7", &yaml);
-    let out = vm.run(&["run", "--runtime", rt, path.to_str().unwrap()]);
+    let out = run_in_foreground(&vm, rt, "exit7", &yaml);
     assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
     assert!(text(&out.stdout).contains("[ok] fine"));
     assert!(text(&out.stderr).contains("[ok] warn"));
@@ -630,8 +633,7 @@ pub fn empty_dir_size_limit_is_enforced(rt: &str) {
 "#
         ),
     );
-    let path = vm.manifest("limited", &yaml);
-    let out = vm.run(&["run", "--runtime", rt, path.to_str().unwrap()]);
+    let out = run_in_foreground(&vm, rt, "limited", &yaml);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("[c] half-fits"), "{}", describe(&out));
@@ -733,8 +735,7 @@ pub fn host_path_file_is_read_and_written(rt: &str) {
             disk = disk.display()
         ),
     );
-    let path = vm.manifest("hostdisk", &yaml);
-    let out = vm.run(&["run", "--runtime", rt, path.to_str().unwrap()]);
+    let out = run_in_foreground(&vm, rt, "hostdisk", &yaml);
     assert!(out.status.success(), "{}", describe(&out));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("[io] hello-from-host"), "{stdout}");
@@ -766,8 +767,7 @@ pub fn host_path_file_is_read_and_written(rt: &str) {
             dir = dir.path().display()
         ),
     );
-    let path = vm.manifest("hostdir", &yaml);
-    let out = vm.run(&["run", "--runtime", rt, path.to_str().unwrap()]);
+    let out = run_in_foreground(&vm, rt, "hostdir", &yaml);
     if rt == "vm" {
         assert!(!out.status.success(), "{}", describe(&out));
         let stderr = text(&out.stderr);
@@ -812,8 +812,7 @@ pub fn guest_kernel_hides_the_host(rt: &str) {
             marker = marker_file.display()
         ),
     );
-    let path = vm.manifest("isolated", &yaml);
-    let out = vm.run(&["run", "--runtime", rt, path.to_str().unwrap()]);
+    let out = run_in_foreground(&vm, rt, "isolated", &yaml);
     let _ = host_sleeper.kill();
     let _ = host_sleeper.wait();
     assert!(out.status.success(), "{}", describe(&out));

@@ -232,12 +232,9 @@ pub fn discard(memory: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result
         if !(host as usize).is_multiple_of(PAGE_SIZE as usize) {
             return Err(unaligned);
         }
-        // SAFETY: `host..host + slice.len()` lies inside one region of this
-        // VMM's guest memory mapping (checked by `get_slices`), which is a
-        // private anonymous mapping that stays mapped while `memory` lives.
-        // MADV_DONTNEED only replaces those pages with zero-fill-on-demand
-        // pages; it touches no other memory of this process, and the guest
-        // gave the range up, so no host code relies on its contents.
+        // SAFETY: the range lies in one region of `memory`'s private anonymous
+        // mapping, alive while `memory` is (checked by `get_slices`); MADV_DONTNEED
+        // only swaps those pages, which the guest gave up, for zero-fill ones.
         let rc = unsafe { libc::madvise(host.cast(), slice.len(), libc::MADV_DONTNEED) };
         if rc != 0 {
             return Err(DiscardError::Madvise(
