@@ -104,6 +104,17 @@ fn pid1(boot_ns: u64) -> ! {
     if !missing.is_empty() {
         tracing::warn!("cgroup controllers not available: {}", missing.join(" "));
     }
+    match std::fs::read_to_string("/proc/cmdline") {
+        Ok(cmdline) => match init::apply_page_reporting_order(
+            &cmdline,
+            std::path::Path::new(init::PAGE_REPORTING_ORDER_SYSFS),
+        ) {
+            Ok(Some(order)) => tracing::info!("free page reporting from order {order}"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("{e}"),
+        },
+        Err(e) => tracing::warn!("read /proc/cmdline: {e}"),
+    }
     if let Err(e) = init::loopback_up() {
         tracing::warn!("bring up lo: {e}");
     }

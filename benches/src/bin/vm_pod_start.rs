@@ -169,6 +169,11 @@ struct PodProcess {
     pid: u32,
     name: String,
     pss_kib: u64,
+    /// Where the PSS lies: anonymous memory (of it in transparent huge
+    /// pages) and files (mostly the binary's text).
+    anon_kib: u64,
+    file_kib: u64,
+    huge_kib: u64,
 }
 
 struct IdleMemory {
@@ -201,7 +206,11 @@ impl Results {
                     .idle
                     .processes
                     .iter()
-                    .map(|p| serde_json::json!([p.pid, p.name, p.pss_kib]))
+                    .map(|p| {
+                        serde_json::json!([
+                            p.pid, p.name, p.pss_kib, p.anon_kib, p.file_kib, p.huge_kib
+                        ])
+                    })
                     .collect::<Vec<_>>(),
                 "vmm_pss_kib": self.idle.vmm_pss_kib,
                 "guest_ram_pss_kib": self.idle.guest_ram_pss_kib,
@@ -233,6 +242,9 @@ impl Results {
                     pid: p[0].as_u64()? as u32,
                     name: p[1].as_str()?.to_string(),
                     pss_kib: p[2].as_u64()?,
+                    anon_kib: p[3].as_u64()?,
+                    file_kib: p[4].as_u64()?,
+                    huge_kib: p[5].as_u64()?,
                 })
             })
             .collect::<Option<Vec<_>>>()
@@ -643,10 +655,20 @@ fn pod_processes_pss(supervisor: u32) -> anyhow::Result<Vec<PodProcess>> {
             } else {
                 comm.trim().to_string()
             };
+            let rollup = smaps_rollup(pid)?;
+            let field = |name: &str| {
+                rollup
+                    .get(name)
+                    .copied()
+                    .with_context(|| format!("no {name} in /proc/{pid}/smaps_rollup"))
+            };
             Ok(PodProcess {
                 pid,
                 name,
-                pss_kib: pss_kib(pid)?,
+                pss_kib: field("Pss")?,
+                anon_kib: field("Pss_Anon")?,
+                file_kib: field("Pss_File")?,
+                huge_kib: field("AnonHugePages")?,
             })
         })
         .collect()
@@ -687,15 +709,23 @@ fn parent_pid(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The process's proportional set size: shared pages count divided by
-/// their number of users, so summing PSS over processes never counts a page twice.
-fn pss_kib(pid: u32) -> anyhow::Result<u64> {
+/// The process's memory totals in KiB by name (`Pss`, `Pss_Anon`, ...).
+/// PSS is the proportional set size: shared pages count divided by their
+/// number of users, so summing PSS over processes never counts a page twice.
+fn smaps_rollup(pid: u32) -> anyhow::Result<HashMap<String, u64>> {
     let path = format!("/proc/{pid}/smaps_rollup");
     let text = std::fs::read_to_string(&path).with_context(|| path.clone())?;
+    Ok(parse_smaps_rollup(&text))
+}
+
+fn parse_smaps_rollup(text: &str) -> HashMap<String, u64> {
     text.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no Pss in {path}"))
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            let kib = value.split_whitespace().next()?.parse().ok()?;
+            Some((name.to_string(), kib))
+        })
+        .collect()
 }
 
 /// The guest memory size the VMM was started with (`--memory MIB`).
@@ -815,10 +845,13 @@ fn print_report(
     );
     for p in &idle.processes {
         println!(
-            "  {:<24} pid {:<8} {:>8.1} MiB",
+            "  {:<24} pid {:<8} {:>8.1} MiB   (anonymous {:.1}, of it huge pages {:.1}; files {:.1})",
             p.name,
             p.pid,
-            mib(p.pss_kib)
+            mib(p.pss_kib),
+            mib(p.anon_kib),
+            mib(p.huge_kib),
+            mib(p.file_kib)
         );
     }
     let total = idle.total_pss_kib();
@@ -880,6 +913,20 @@ fn print_report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn smaps_rollup_fields_are_read_by_name() {
+        let text = "55d0c5a0e000-7ffd2b9fe000 ---p 00000000 00:00 0   [rollup]\n\
+                    Rss:                6040 kB\nPss:                6036 kB\n\
+                    Pss_Anon:           1396 kB\nPss_File:           4640 kB\n\
+                    AnonHugePages:      2048 kB\n";
+        let fields = parse_smaps_rollup(text);
+        assert_eq!(fields["Pss"], 6036);
+        assert_eq!(fields["Pss_Anon"], 1396);
+        assert_eq!(fields["Pss_File"], 4640);
+        assert_eq!(fields["AnonHugePages"], 2048);
+        assert!(!fields.contains_key("Rollup"));
+    }
 
     #[test]
     fn smaps_headers_tell_anonymous_mappings_and_their_size() {

@@ -71,7 +71,13 @@ pub struct VmmProcess {
 /// Kernel command line of pod VMs; the VMM appends the virtio-mmio devices.
 /// `reboot=k panic=-1`: a shutdown and a panic both reset the VM, which the
 /// VMM tells apart (it reports a panic as a failure).
-pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet printk.devkmsg=on";
+/// `vmrun.page_reporting_order=5`: the agent has the guest report free
+/// blocks from 128 KiB up instead of 2 MiB up; an idle pod VM then hands
+/// back its fragmented free memory too (guest RAM PSS 31.0 -> 29.6 MiB,
+/// nested, docs/benchmarks.md), while a busy guest still reports no
+/// single pages it is about to reuse.
+pub const GUEST_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 quiet printk.devkmsg=on vmrun.page_reporting_order=5";
 
 impl VmmProcess {
     pub fn spawn(
