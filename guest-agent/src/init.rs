@@ -167,7 +167,7 @@ pub fn apply_page_reporting_order(
     let Some(value) = cmdline
         .split_whitespace()
         .filter_map(|arg| arg.strip_prefix(&prefix))
-        .last()
+        .next_back()
     else {
         return Ok(None);
     };
@@ -178,11 +178,9 @@ pub fn apply_page_reporting_order(
         .ok_or_else(|| PageReportingError::BadOrder {
             value: value.to_string(),
         })?;
-    std::fs::write(sysfs_param, order.to_string()).map_err(|source| {
-        PageReportingError::Write {
-            path: sysfs_param.display().to_string(),
-            source,
-        }
+    std::fs::write(sysfs_param, order.to_string()).map_err(|source| PageReportingError::Write {
+        path: sysfs_param.display().to_string(),
+        source,
     })?;
     Ok(Some(order))
 }
@@ -231,7 +229,10 @@ mod tests {
         let param = dir.path().join("page_reporting_order");
         std::fs::write(&param, "9").unwrap();
         let cmdline = "console=ttyS0 vmrun.page_reporting_order=3 quiet";
-        assert_eq!(apply_page_reporting_order(cmdline, &param).unwrap(), Some(3));
+        assert_eq!(
+            apply_page_reporting_order(cmdline, &param).unwrap(),
+            Some(3)
+        );
         assert_eq!(std::fs::read_to_string(&param).unwrap(), "3");
     }
 
@@ -240,7 +241,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let param = dir.path().join("page_reporting_order");
         std::fs::write(&param, "9").unwrap();
-        assert_eq!(apply_page_reporting_order("console=ttyS0 quiet", &param).unwrap(), None);
+        assert_eq!(
+            apply_page_reporting_order("console=ttyS0 quiet", &param).unwrap(),
+            None
+        );
         assert_eq!(std::fs::read_to_string(&param).unwrap(), "9");
     }
 
@@ -264,8 +268,7 @@ mod tests {
     fn a_missing_sysfs_file_names_the_kernel_option() {
         let dir = tempfile::tempdir().unwrap();
         let param = dir.path().join("absent/page_reporting_order");
-        let err =
-            apply_page_reporting_order("vmrun.page_reporting_order=0", &param).unwrap_err();
+        let err = apply_page_reporting_order("vmrun.page_reporting_order=0", &param).unwrap_err();
         assert!(err.to_string().contains("CONFIG_PAGE_REPORTING"), "{err}");
     }
 }
