@@ -4,6 +4,7 @@
 mod config;
 mod image_cmd;
 mod pod_cmds;
+mod prepare;
 mod run_cmd;
 
 use std::path::PathBuf;

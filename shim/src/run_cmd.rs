@@ -1,7 +1,6 @@
 //! `vmrun run`: a pod in the foreground (the CLI process supervises it) or, with
 //! `-d`, under a detached `vmrun supervise` process.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -11,16 +10,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio_util::sync::CancellationToken;
-use vmrun_image::{ImageStore, PullPolicy as ImagePullPolicy, PullProgress};
-use vmrun_pod::controller::{run_pod, ResolvedImage, RunOptions};
-use vmrun_pod::native::NativeRuntime;
-use vmrun_pod::plan::{PodPlan, PullPolicy};
-use vmrun_pod::runtime::Runtime;
-use vmrun_pod::spec::ImageDefaults;
+use vmrun_pod::controller::{run_pod, RunOptions};
+use vmrun_pod::plan::PodPlan;
 use vmrun_pod::state::{self, ContainerPhase, ContainerRecord, PodPhase, PodRecord, StateStore};
-use vmrun_pod::vm::VmRuntime;
 
 use crate::config::Config;
+use crate::prepare::{prepare, PreparedPod, PREPARED};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -42,12 +37,9 @@ pub struct RunArgs {
 
 #[derive(clap::Args)]
 pub struct SuperviseArgs {
+    /// The pod as `vmrun run -d` prepared it (read, then removed).
     #[arg(long)]
-    manifest: PathBuf,
-    #[arg(long)]
-    runtime: String,
-    #[arg(long)]
-    uid: String,
+    prepared: PathBuf,
     /// Pipe to report "ok" or the start error to the waiting `vmrun run -d`.
     #[arg(long)]
     ready_fd: i32,
@@ -77,111 +69,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-struct Prepared {
-    plan: Arc<PodPlan>,
-    images: Arc<HashMap<String, ResolvedImage>>,
-    runtime: Arc<dyn Runtime>,
-}
-
 fn random_uid() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/uuid")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| format!("{:x}", std::process::id()))
-}
-
-/// Picks the runtime: the flag, else the pod's runtimeClassName, else native.
-fn select_runtime(flag: Option<&str>, class: Option<&str>) -> anyhow::Result<&'static str> {
-    let (name, source) = match (flag, class) {
-        (Some(f), _) => (f, "--runtime"),
-        (None, Some(c)) => (c, "spec.runtimeClassName"),
-        (None, None) => return Ok("native"),
-    };
-    match name {
-        "native" | "runc" => Ok("native"),
-        "vm" => Ok("vm"),
-        "wasm" => bail!(
-            "{source}: runtime {name:?} is not available yet in this version of vmrun (use native)"
-        ),
-        other => bail!("{source}: unknown runtime {other:?} (expected native, vm or wasm)"),
-    }
-}
-
-async fn prepare(
-    config: &Config,
-    manifest: &Path,
-    runtime_flag: Option<&str>,
-    uid: &str,
-    pull: bool,
-) -> anyhow::Result<Prepared> {
-    let manifest = vmrun_pod::manifest::load(manifest)?;
-    let node = nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let plan = vmrun_pod::plan::plan(&manifest, uid, &node)?;
-    let runtime_name = select_runtime(runtime_flag, plan.runtime_class.as_deref())?;
-    let store = ImageStore::open(&config.root, config.registries.clone())?;
-    let progress: Box<dyn PullProgress> = if pull {
-        Box::new(crate::image_cmd::TerminalProgress::new())
-    } else {
-        Box::new(vmrun_image::NoProgress)
-    };
-    let mut images = HashMap::new();
-    let mut image_disks = std::collections::BTreeMap::new();
-    for c in plan.all_containers() {
-        if images.contains_key(&c.image) {
-            continue;
-        }
-        let policy = match (pull, c.pull_policy) {
-            (false, _) | (_, PullPolicy::Never) => ImagePullPolicy::Never,
-            (true, PullPolicy::Always) => ImagePullPolicy::Always,
-            (true, PullPolicy::IfNotPresent) => ImagePullPolicy::IfNotPresent,
-        };
-        let image = store
-            .ensure(&c.image, policy, progress.as_ref())
-            .await
-            .with_context(|| format!("container {:?}: image {:?}", c.name, c.image))?;
-        if runtime_name == "vm" {
-            // A guest reads the image from a block device: built once per image.
-            let disk = store
-                .block_image(&image)
-                .with_context(|| format!("container {:?}: image {:?}", c.name, c.image))?;
-            image_disks.insert(c.image.clone(), disk);
-        }
-        let cfg = &image.config;
-        images.insert(
-            c.image.clone(),
-            ResolvedImage {
-                defaults: ImageDefaults {
-                    entrypoint: cfg.entrypoint.clone(),
-                    cmd: cfg.cmd.clone(),
-                    env: cfg.env.clone(),
-                    working_dir: cfg.working_dir.clone(),
-                    user: cfg.user.clone(),
-                },
-                layers: image.layers.clone(),
-            },
-        );
-    }
-    let runtime: Arc<dyn Runtime> = match runtime_name {
-        "native" => Arc::new(NativeRuntime {
-            state_root: config.state.clone(),
-            pids_limit: config.pids_limit,
-        }),
-        "vm" => Arc::new(VmRuntime {
-            state_root: config.state.clone(),
-            assets: config.vm_assets(),
-            image_disks,
-            pids_limit: config.pids_limit,
-            max_vcpus: config.vm.max_vcpus,
-            boot_timeout: VmRuntime::boot_timeout_from_env(),
-        }),
-        other => bail!("runtime {other:?} is not available yet"),
-    };
-    Ok(Prepared {
-        plan: Arc::new(plan),
-        images: Arc::new(images),
-        runtime,
-    })
 }
 
 /// Makes the pod's directory, refusing a pod of that name that still runs and
@@ -260,12 +151,13 @@ fn stop_on_signals(stop: CancellationToken) -> anyhow::Result<Arc<std::sync::ato
 
 pub async fn run(config: &Config, args: RunArgs) -> anyhow::Result<i32> {
     let uid = random_uid();
-    let prepared = prepare(config, &args.manifest, args.runtime.as_deref(), &uid, true).await?;
-    let name = prepared.plan.name.clone();
+    let pod = prepare(config, &args.manifest, args.runtime.as_deref(), &uid, true).await?;
+    let name = pod.plan.name.clone();
     let dir = claim_pod_dir(config, &name)?;
     if args.detach {
-        return detach(config, &args, &prepared, &uid, &dir);
+        return detach(config, &args, &pod, &dir);
     }
+    let prepared = pod.with_runtime(config)?;
     let store = Arc::new(StateStore::create(
         dir.clone(),
         new_record(&prepared.plan, prepared.runtime.name()),
@@ -299,17 +191,12 @@ pub async fn run(config: &Config, args: RunArgs) -> anyhow::Result<i32> {
     })
 }
 
-fn detach(
-    config: &Config,
-    args: &RunArgs,
-    prepared: &Prepared,
-    uid: &str,
-    dir: &Path,
-) -> anyhow::Result<i32> {
+fn detach(config: &Config, args: &RunArgs, pod: &PreparedPod, dir: &Path) -> anyhow::Result<i32> {
+    let prepared_file = dir.join(PREPARED);
+    pod.write(&prepared_file)?;
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let log = std::fs::File::create(dir.join("supervisor.log"))?;
     let exe = std::env::current_exe()?;
-    let manifest = std::fs::canonicalize(&args.manifest)?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--root")
         .arg(&config.root)
@@ -319,12 +206,8 @@ fn detach(
         cmd.arg("--config").arg(path);
     }
     cmd.arg("supervise")
-        .arg("--manifest")
-        .arg(&manifest)
-        .arg("--runtime")
-        .arg(prepared.runtime.name())
-        .arg("--uid")
-        .arg(uid)
+        .arg("--prepared")
+        .arg(&prepared_file)
         .arg("--ready-fd")
         .arg("3")
         .arg("--restart-backoff-ms")
@@ -349,7 +232,7 @@ fn detach(
     std::fs::File::from(ready_r).read_to_string(&mut answer)?;
     let answer = answer.trim();
     if answer == "ok" {
-        println!("{}", prepared.plan.name);
+        println!("{}", pod.plan.name);
         Ok(0)
     } else {
         let _ = std::fs::remove_dir_all(dir);
@@ -380,14 +263,7 @@ pub async fn supervise(config: &Config, args: SuperviseArgs) -> anyhow::Result<i
             let _ = writeln!(pipe, "{message}");
         }
     };
-    let prepared = match prepare(
-        config,
-        &args.manifest,
-        Some(&args.runtime),
-        &args.uid,
-        false,
-    )
-    .await
+    let prepared = match PreparedPod::take(&args.prepared).and_then(|pod| pod.with_runtime(config))
     {
         Ok(p) => p,
         Err(e) => {

@@ -19,7 +19,7 @@ use crate::spec::ImageDefaults;
 use crate::state::{ContainerPhase, PodPhase, StateStore};
 
 /// A container image as the controller needs it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ResolvedImage {
     pub defaults: ImageDefaults,
     pub layers: Vec<PathBuf>,

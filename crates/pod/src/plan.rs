@@ -27,14 +27,14 @@ pub enum RestartPolicy {
     Never,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PullPolicy {
     Always,
     IfNotPresent,
     Never,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PodPlan {
     pub name: String,
     pub namespace: String,
@@ -55,7 +55,7 @@ pub struct PodPlan {
     pub volumes: Vec<VolumePlan>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ContainerPlan {
     pub name: String,
     pub image: String,
@@ -76,7 +76,7 @@ pub struct ContainerPlan {
     pub pre_stop: Option<Handler>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Resources {
     pub memory_limit: Option<u64>,
     pub memory_request: Option<u64>,
@@ -84,7 +84,7 @@ pub struct Resources {
     pub cpu_request_milli: Option<u64>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Security {
     pub run_as_user: Option<u32>,
     pub run_as_group: Option<u32>,
@@ -96,7 +96,7 @@ pub struct Security {
     pub caps_drop: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MountPlan {
     pub volume: String,
     pub path: String,
@@ -104,7 +104,7 @@ pub struct MountPlan {
     pub sub_path: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Handler {
     Exec(Vec<String>),
     HttpGet {
@@ -119,7 +119,7 @@ pub enum Handler {
     Sleep(Duration),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ProbePlan {
     pub handler: Handler,
     pub initial_delay: Duration,
@@ -130,14 +130,14 @@ pub struct ProbePlan {
 }
 
 /// A file a volume holds: path relative to the volume root, content, mode.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VolumeFile {
     pub path: String,
     pub data: Vec<u8>,
     pub mode: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum VolumeSource {
     EmptyDir {
         memory: bool,
@@ -151,7 +151,7 @@ pub enum VolumeSource {
     Files(Vec<VolumeFile>),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VolumePlan {
     pub name: String,
     pub source: VolumeSource,

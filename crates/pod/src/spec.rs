@@ -15,7 +15,7 @@ use crate::command::resolve_argv;
 use crate::plan::{ContainerPlan, PodPlan};
 
 /// What the image contributes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ImageDefaults {
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,

@@ -20,7 +20,7 @@ use vmrun_vmm::devices::virtio::vsock::packet::{Header, HEADER_SIZE, TYPE_STREAM
 pub const GUEST_CID: u64 = 3;
 pub const HOST_CID: u64 = 2;
 pub const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-pub const QUEUE_SIZE: u16 = 256;
+pub use vmrun_vmm::devices::virtio::vsock::QUEUE_SIZE;
 /// One rx buffer: header and a page of payload in one descriptor, as
 /// Linux allocates them.
 pub const RX_BUFFER: u32 = 4096 + HEADER_SIZE as u32;
