@@ -51,9 +51,6 @@ enum Command {
     /// Manage images.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
-    /// The detached pod supervisor (started by `run -d`).
-    #[command(hide = true)]
-    Supervise(run_cmd::SuperviseArgs),
 }
 
 fn main() {
@@ -88,16 +85,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Some(state) = cli.state {
         config.state = state;
     }
-    if matches!(cli.command, Command::Supervise(_)) {
-        one_malloc_arena();
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => run_cmd::run(&config, args).await,
-            Command::Supervise(args) => run_cmd::supervise(&config, args).await,
             Command::Ps => pod_cmds::ps(&config).map(|_| 0),
             Command::Logs(args) => pod_cmds::logs(&config, args).await.map(|_| 0),
             Command::Exec(args) => pod_cmds::exec(&config, args),
@@ -109,22 +102,4 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
     })
-}
-
-/// A detached pod's supervisor lives as long as its pod and mostly waits, so
-/// its memory is per-pod overhead. glibc gives each thread that allocates
-/// its own arena, and where transparent huge pages are on ("always") each
-/// arena's first touch costs a whole 2 MiB huge page: 2-4 MiB of the idle vm
-/// pod's PSS (nested, docs/benchmarks.md). One shared arena costs the
-/// mostly idle threads nothing measurable.
-fn one_malloc_arena() {
-    #[cfg(target_env = "gnu")]
-    {
-        // SAFETY: mallopt only changes glibc's allocator settings; it runs
-        // before the runtime starts any thread, so no allocation races it.
-        let set = unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-        if set == 0 {
-            tracing::debug!("mallopt(M_ARENA_MAX, 1) was refused; threads keep their own arenas");
-        }
-    }
 }

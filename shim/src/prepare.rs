@@ -1,96 +1,20 @@
-//! From a manifest to what a pod runs on: the validated plan, its images
-//! resolved in the store (for vm also their block images) and the runtime.
-//!
-//! `vmrun run -d` writes the result into the pod's directory for its
-//! supervisor, so the supervisor runs exactly what was checked, without
-//! parsing the manifest or opening the image store a second time (and
-//! without the code that does so in its memory for the pod's lifetime).
+//! From a manifest to a pod ready to run (`vmrun_pod::prepared`): the
+//! validated plan, its images pulled and resolved in the store (for vm also
+//! their block images) and the runtime with this installation's settings.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 use anyhow::{bail, Context};
 use vmrun_image::{ImageStore, PullPolicy as ImagePullPolicy, PullProgress};
 use vmrun_pod::controller::ResolvedImage;
 use vmrun_pod::native::NativeRuntime;
-use vmrun_pod::plan::{PodPlan, PullPolicy};
-use vmrun_pod::runtime::Runtime;
+use vmrun_pod::plan::PullPolicy;
+use vmrun_pod::prepared::{PodRuntime, PreparedPod};
 use vmrun_pod::spec::ImageDefaults;
 use vmrun_pod::vm::VmRuntime;
 
 use crate::config::Config;
-
-/// The prepared pod's file name in the pod's directory.
-pub const PREPARED: &str = "prepared.json";
-
-/// A pod ready to run, as plain data.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct PreparedPod {
-    pub plan: PodPlan,
-    pub images: HashMap<String, ResolvedImage>,
-    /// `native` or `vm`.
-    pub runtime: String,
-    /// vm: each image's read-only block image, by image reference.
-    pub image_disks: BTreeMap<String, PathBuf>,
-}
-
-/// A prepared pod with its runtime, as the controller takes it.
-pub struct Prepared {
-    pub plan: Arc<PodPlan>,
-    pub images: Arc<HashMap<String, ResolvedImage>>,
-    pub runtime: Arc<dyn Runtime>,
-}
-
-impl PreparedPod {
-    pub fn with_runtime(self, config: &Config) -> anyhow::Result<Prepared> {
-        let runtime: Arc<dyn Runtime> = match self.runtime.as_str() {
-            "native" => Arc::new(NativeRuntime {
-                state_root: config.state.clone(),
-                pids_limit: config.pids_limit,
-            }),
-            "vm" => Arc::new(VmRuntime {
-                state_root: config.state.clone(),
-                assets: config.vm_assets(),
-                image_disks: self.image_disks,
-                pids_limit: config.pids_limit,
-                max_vcpus: config.vm.max_vcpus,
-                boot_timeout: VmRuntime::boot_timeout_from_env(),
-            }),
-            other => bail!("runtime {other:?} is not available yet"),
-        };
-        Ok(Prepared {
-            plan: Arc::new(self.plan),
-            images: Arc::new(self.images),
-            runtime,
-        })
-    }
-
-    /// Writes the pod to `path`, readable by root only: secret volumes'
-    /// contents are part of the plan.
-    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
-        let text = serde_json::to_vec(self)?;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("creating {}", path.display()))?;
-        file.write_all(&text)
-            .with_context(|| format!("writing {}", path.display()))
-    }
-
-    /// Reads a pod written by `write` and removes the file, so no copy of
-    /// its secrets outlives the read.
-    pub fn take(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
-        serde_json::from_slice(&text)
-            .with_context(|| format!("{}: not a prepared pod of this vmrun", path.display()))
-    }
-}
 
 /// Picks the runtime: the flag, else the pod's runtimeClassName, else native.
 fn select_runtime(flag: Option<&str>, class: Option<&str>) -> anyhow::Result<&'static str> {
@@ -167,85 +91,31 @@ pub async fn prepare(
             },
         );
     }
+    let runtime = match runtime_name {
+        "native" => PodRuntime::Native(NativeRuntime {
+            state_root: config.state.clone(),
+            pids_limit: config.pids_limit,
+        }),
+        "vm" => PodRuntime::Vm(VmRuntime {
+            state_root: config.state.clone(),
+            assets: config.vm_assets(),
+            image_disks,
+            pids_limit: config.pids_limit,
+            max_vcpus: config.vm.max_vcpus,
+            boot_timeout: VmRuntime::boot_timeout_from_env(),
+        }),
+        other => bail!("runtime {other:?} is not available yet"),
+    };
     Ok(PreparedPod {
         plan,
         images,
-        runtime: runtime_name.to_string(),
-        image_disks,
+        runtime,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
-
-    const MANIFEST: &str = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\nstringData:\n  \
-        token: hunter2\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n  \
-        containers:\n  - name: c\n    image: busybox\n    command: [sh, -c, 'cat /s/token']\n    \
-        volumeMounts:\n    - {name: s, mountPath: /s}\n  volumes:\n  - name: s\n    \
-        secret: {secretName: s}\n";
-
-    fn prepared_pod() -> PreparedPod {
-        let manifest = vmrun_pod::manifest::parse("pod.yaml", MANIFEST).unwrap();
-        let plan = vmrun_pod::plan::plan(&manifest, "uid-1", "node").unwrap();
-        PreparedPod {
-            plan,
-            images: HashMap::from([(
-                "busybox".to_string(),
-                ResolvedImage {
-                    defaults: ImageDefaults {
-                        entrypoint: vec![],
-                        cmd: vec!["sh".into()],
-                        env: vec!["PATH=/bin".into()],
-                        working_dir: None,
-                        user: Some("1000".into()),
-                    },
-                    layers: vec!["/store/layers/a".into()],
-                },
-            )]),
-            runtime: "vm".into(),
-            image_disks: BTreeMap::from([("busybox".into(), "/store/block/a.erofs".into())]),
-        }
-    }
-
-    #[test]
-    fn the_supervisor_gets_the_pod_as_prepared_and_the_file_is_gone() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(PREPARED);
-        let pod = prepared_pod();
-        pod.write(&path).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "the file holds secret data");
-        let back = PreparedPod::take(&path).unwrap();
-        assert!(!path.exists(), "take removes the file");
-        assert_eq!(format!("{back:?}"), format!("{pod:?}"));
-        let secret = back.plan.volumes.iter().find(|v| v.name == "s").unwrap();
-        let vmrun_pod::plan::VolumeSource::Files(files) = &secret.source else {
-            panic!("secret volume became {:?}", secret.source);
-        };
-        assert_eq!(files[0].data, b"hunter2");
-    }
-
-    #[test]
-    fn an_existing_file_is_not_overwritten() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(PREPARED);
-        std::fs::write(&path, "other").unwrap();
-        let err = prepared_pod().write(&path).unwrap_err();
-        assert!(format!("{err:#}").contains(PREPARED), "{err:#}");
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "other");
-    }
-
-    #[test]
-    fn a_foreign_file_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(PREPARED);
-        std::fs::write(&path, "{\"plan\": 1}").unwrap();
-        let err = PreparedPod::take(&path).unwrap_err();
-        assert!(format!("{err:#}").contains("not a prepared pod"), "{err:#}");
-    }
 
     #[test]
     fn the_runtime_comes_from_the_flag_then_the_runtime_class() {

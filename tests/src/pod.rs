@@ -19,8 +19,8 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds `vmrun` and `vmrun-vmm` (its vm runtime spawns the VMM from beside
-/// itself). Inside the nested L1 guest the host has built them already:
+/// Builds `vmrun`, `vmrun-supervisor` and `vmrun-vmm` (`run -d` and the vm
+/// runtime spawn them from beside `vmrun`). Inside the nested L1 guest the host has built them already:
 /// cargo under emulation would only spend minutes finding nothing to do.
 fn build_vmrun(release: bool) -> PathBuf {
     let workspace = workspace();
@@ -36,6 +36,7 @@ fn build_vmrun(release: bool) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--quiet", "-p", "vmrun", "--bin", "vmrun"])
+        .args(["-p", "vmrun-supervisor"])
         .args(["-p", "vmrun-vmm", "--bin", "vmrun-vmm"])
         .current_dir(&workspace);
     if release {

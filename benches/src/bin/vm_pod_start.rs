@@ -8,8 +8,8 @@
 //!
 //! Idle memory: one `vmrun run -d --runtime vm` pod, once its container has
 //! printed its line and the pod's memory has stopped changing: the PSS
-//! (`/proc/<pid>/smaps_rollup`) of the pod's host processes (the `vmrun
-//! supervise` process and its descendants, among them `vmrun-vmm`), and the
+//! (`/proc/<pid>/smaps_rollup`) of the pod's host processes (the pod's
+//! `vmrun-supervisor` and its descendants, among them `vmrun-vmm`), and the
 //! part of the VMM's PSS that is guest RAM (its anonymous mapping of exactly
 //! the guest's size).
 //!
@@ -648,13 +648,7 @@ fn pod_processes_pss(supervisor: u32) -> anyhow::Result<Vec<PodProcess>> {
     process_tree(supervisor)?
         .into_iter()
         .map(|pid| {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .with_context(|| format!("process {pid} of the pod is gone"))?;
-            let name = if pid == supervisor {
-                format!("{} (supervisor)", comm.trim())
-            } else {
-                comm.trim().to_string()
-            };
+            let name = program_name(pid)?;
             let rollup = smaps_rollup(pid)?;
             let field = |name: &str| {
                 rollup
@@ -672,6 +666,22 @@ fn pod_processes_pss(supervisor: u32) -> anyhow::Result<Vec<PodProcess>> {
             })
         })
         .collect()
+}
+
+/// The process's program (argv[0]'s file name; `comm` cuts names at 15 bytes).
+fn program_name(pid: u32) -> anyhow::Result<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .with_context(|| format!("process {pid} of the pod is gone"))?;
+    let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+    let name = Path::new(std::str::from_utf8(argv0).unwrap_or_default())
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    match name {
+        Some(name) => Ok(name),
+        None => Ok(std::fs::read_to_string(format!("/proc/{pid}/comm"))?
+            .trim()
+            .to_string()),
+    }
 }
 
 /// `root` and all its descendants, by pid.

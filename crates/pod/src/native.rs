@@ -23,6 +23,7 @@ use crate::spec::{container_spec, SpecContext};
 /// Parent of every pod's cgroup, in each controller.
 pub const CGROUP_PARENT: &str = "/vmrun";
 
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NativeRuntime {
     pub state_root: PathBuf,
     /// Per-container pids limit (the kubelet's podPidsLimit, applied per container).

@@ -7,6 +7,7 @@ use std::sync::{Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use crate::plan::PodPlan;
 use crate::runtime::ExitInfo;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +55,47 @@ pub struct PodRecord {
     pub exit_code: Option<i32>,
     pub message: Option<String>,
     pub containers: BTreeMap<String, ContainerRecord>,
+}
+
+impl PodRecord {
+    /// The record of a pod about to start, supervised by this process.
+    pub fn pending(plan: &PodPlan, runtime: &str) -> PodRecord {
+        let containers = plan
+            .init_containers
+            .iter()
+            .map(|c| (c, true))
+            .chain(plan.containers.iter().map(|c| (c, false)))
+            .map(|(c, init)| {
+                (
+                    c.name.clone(),
+                    ContainerRecord {
+                        name: c.name.clone(),
+                        init,
+                        phase: ContainerPhase::Waiting,
+                        pid: None,
+                        restarts: 0,
+                        attempt: 0,
+                        ready: false,
+                        last_exit: None,
+                        reason: None,
+                        exec_target: None,
+                    },
+                )
+            })
+            .collect();
+        PodRecord {
+            name: plan.name.clone(),
+            namespace: plan.namespace.clone(),
+            uid: plan.uid.clone(),
+            runtime: runtime.to_string(),
+            phase: PodPhase::Pending,
+            supervisor_pid: std::process::id(),
+            created: chrono::Utc::now().to_rfc3339(),
+            exit_code: None,
+            message: None,
+            containers,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

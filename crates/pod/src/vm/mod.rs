@@ -28,6 +28,7 @@ pub use vmm_process::{VmAssets, VmFiles, GUEST_CMDLINE};
 /// setups boot in seconds, hardware KVM in well under one.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmRuntime {
     pub state_root: PathBuf,
     pub assets: VmAssets,

@@ -12,7 +12,7 @@ use super::sizing::VmSize;
 
 /// The guest side of every pod VM: the VMM binary, the guest kernel and the
 /// agent's initramfs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmAssets {
     pub vmm: PathBuf,
     pub kernel: PathBuf,
