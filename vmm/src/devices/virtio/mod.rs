@@ -11,6 +11,7 @@ pub mod block_request;
 pub mod mmio;
 pub mod net;
 pub mod vsock;
+pub mod worker_thread;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -30,8 +31,18 @@ pub enum ActivateError {
     QueueCount { expected: usize, got: usize },
     #[error("queue {0} is not ready or does not fit in guest memory")]
     InvalidQueue(usize),
-    #[error("the device cannot start: {0}")]
-    Unavailable(&'static str),
+    #[error("the {device} worker of a previous activation did not stop")]
+    WorkerNotStopped { device: &'static str },
+    #[error("the {device} device cannot create its worker's eventfds: {source}")]
+    WorkerEventFds {
+        device: &'static str,
+        source: io::Error,
+    },
+    #[error("cannot start the {device} thread: {source}")]
+    WorkerThread {
+        device: &'static str,
+        source: io::Error,
+    },
 }
 
 /// What every device checks when the driver activates it: as many queues as
@@ -63,20 +74,6 @@ pub(crate) fn complete_chain(chain: DescriptorChain<&GuestMemoryMmap>) -> Option
         Some(last) if !last.has_next() => Some(descriptors),
         _ => None,
     }
-}
-
-/// The descriptors a device worker thread waits on: clones of the queue
-/// notification eventfds, plus a stop eventfd and the clone the thread keeps.
-pub(crate) fn worker_eventfds(
-    queue_events: &[EventFd],
-) -> io::Result<(Vec<EventFd>, EventFd, EventFd)> {
-    let events = queue_events
-        .iter()
-        .map(EventFd::try_clone)
-        .collect::<io::Result<Vec<_>>>()?;
-    let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-    let thread_stop = stop.try_clone()?;
-    Ok((events, stop, thread_stop))
 }
 
 /// A device's interrupt: the virtio-mmio InterruptStatus bits and the

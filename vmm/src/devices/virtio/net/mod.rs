@@ -16,8 +16,7 @@ pub mod tap;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
@@ -25,6 +24,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::worker_thread::WorkerThread;
 use super::{read_config_bytes, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::config::NetConfig;
 use mac::MacAddr;
@@ -96,20 +96,11 @@ impl NetStats {
     }
 }
 
-struct Running {
-    stop: EventFd,
-    thread: JoinHandle<Box<dyn NetBackend>>,
-}
-
 pub struct Net {
     mac: MacAddr,
-    queue_events: Vec<EventFd>,
     acked_features: u64,
-    /// Here while no worker runs; the worker owns it while it does.
-    backend: Option<Box<dyn NetBackend>>,
-    running: Option<Running>,
-    /// Why the worker stopped on its own, if it did.
-    failure: Arc<Mutex<Option<String>>>,
+    /// The device thread and, while it does not run, the backend.
+    worker: WorkerThread<Box<dyn NetBackend>>,
     stats: Arc<NetStats>,
 }
 
@@ -130,17 +121,12 @@ impl Net {
 
     /// A device on any backend.
     pub fn new(backend: Box<dyn NetBackend>, mac: MacAddr) -> Result<Net, NetError> {
-        let queue_events = (0..QUEUE_SIZES.len())
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
+        let worker = WorkerThread::new("virtio-net", QUEUE_SIZES.len(), backend)
             .map_err(NetError::EventFd)?;
         Ok(Net {
             mac,
-            queue_events,
             acked_features: 0,
-            backend: Some(backend),
-            running: None,
-            failure: Arc::new(Mutex::new(None)),
+            worker,
             stats: Arc::new(NetStats::default()),
         })
     }
@@ -155,36 +141,7 @@ impl Net {
 
     /// Whether the device thread runs.
     pub fn is_running(&self) -> bool {
-        self.running
-            .as_ref()
-            .is_some_and(|running| !running.thread.is_finished())
-    }
-
-    /// Stops the worker and takes the backend back.
-    fn stop_worker(&mut self) {
-        if let Some(running) = self.running.take() {
-            // The eventfd counter cannot overflow from one write; should the
-            // write fail anyway, join would hang, so only join on success.
-            if running.stop.write(1).is_ok() {
-                if let Ok(backend) = running.thread.join() {
-                    self.backend = Some(backend);
-                }
-            }
-        }
-    }
-
-    /// Activation failed before the worker took the backend: keep it.
-    fn keep(&mut self, backend: Box<dyn NetBackend>) -> Result<(), ActivateError> {
-        self.backend = Some(backend);
-        Err(ActivateError::Unavailable(
-            "cannot create the virtio-net eventfds",
-        ))
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.stop_worker();
+        self.worker.is_running()
     }
 }
 
@@ -224,7 +181,7 @@ impl VirtioDevice for Net {
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+        self.worker.queue_events()
     }
 
     fn activate(
@@ -234,55 +191,21 @@ impl VirtioDevice for Net {
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         super::check_queues(&queues, &memory, QUEUE_SIZES.len())?;
-        self.stop_worker();
-        let backend = self.backend.take().ok_or(ActivateError::Unavailable(
-            "the virtio-net worker of a previous activation did not stop",
-        ))?;
-        let Ok((events, stop, thread_stop)) = super::worker_eventfds(&self.queue_events) else {
-            return self.keep(backend);
-        };
-        let worker = Worker::new(memory, queues, interrupt, backend, self.stats.clone());
-        let failure = self.failure.clone();
-        *failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let thread = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || worker.run(events, thread_stop, failure));
-        match thread {
-            Ok(thread) => {
-                self.running = Some(Running { stop, thread });
-                Ok(())
-            }
-            // The closure (and the backend) is gone; the device cannot
-            // serve again.
-            Err(_) => Err(ActivateError::Unavailable(
-                "cannot start the virtio-net thread",
-            )),
-        }
+        let stats = self.stats.clone();
+        self.worker.start(move |backend, events, stop, failure| {
+            Worker::new(memory, queues, interrupt, backend, stats).run(events, stop, failure)
+        })
     }
 
     fn process_queue(&mut self, index: u16) -> Result<(), String> {
-        if let Some(reason) = self
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
-            return Err(reason);
-        }
-        if self.running.is_none() {
-            return Err("queue notified before activation".into());
-        }
         // Without an ioeventfd the transport calls us on the vCPU thread:
         // hand over to the worker.
-        match self.queue_events.get(usize::from(index)) {
-            Some(event) => event.write(1).map_err(|e| e.to_string()),
-            None => Ok(()),
-        }
+        self.worker.notify(index)
     }
 
     fn reset(&mut self) {
         // A frame waiting in the worker goes with it.
-        self.stop_worker();
+        self.worker.stop();
         self.acked_features = 0;
     }
 }

@@ -17,14 +17,14 @@ pub mod packet;
 pub mod worker;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::worker_thread::WorkerThread;
 use super::{read_config_bytes, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use muxer::{Muxer, MuxerError};
 use worker::Worker;
@@ -47,21 +47,12 @@ pub enum VsockError {
     EventFd(std::io::Error),
 }
 
-struct Running {
-    stop: EventFd,
-    thread: JoinHandle<Muxer>,
-}
-
 pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
-    queue_events: Vec<EventFd>,
     acked_features: u64,
-    /// Here while no worker runs; the worker owns it while it does.
-    muxer: Option<Muxer>,
-    running: Option<Running>,
-    /// Why the worker stopped on its own, if it did.
-    failure: Arc<Mutex<Option<String>>>,
+    /// The device thread and, while it does not run, the muxer.
+    worker: WorkerThread<Muxer>,
 }
 
 impl Vsock {
@@ -69,18 +60,15 @@ impl Vsock {
     /// the backlog) before the guest driver is up.
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Vsock, VsockError> {
         let muxer = Muxer::new(guest_cid, uds_path)?;
-        let queue_events = (0..QUEUE_SIZES.len())
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(VsockError::EventFd)?;
+        // Dropped with the device (after its thread, if one runs), the muxer
+        // removes the socket file.
+        let worker =
+            WorkerThread::new("vsock", QUEUE_SIZES.len(), muxer).map_err(VsockError::EventFd)?;
         Ok(Vsock {
             guest_cid,
             uds_path: uds_path.to_owned(),
-            queue_events,
             acked_features: 0,
-            muxer: Some(muxer),
-            running: None,
-            failure: Arc::new(Mutex::new(None)),
+            worker,
         })
     }
 
@@ -96,29 +84,9 @@ impl Vsock {
     /// now on; takes effect while the device is not running (before
     /// activation or after a reset).
     pub fn set_connect_timeout(&mut self, timeout: std::time::Duration) {
-        if let Some(muxer) = self.muxer.as_mut() {
+        if let Some(muxer) = self.worker.backend_mut() {
             muxer.set_connect_timeout(timeout);
         }
-    }
-
-    /// Stops the worker and takes the muxer back.
-    fn stop_worker(&mut self) {
-        if let Some(running) = self.running.take() {
-            // The eventfd counter cannot overflow from one write; should the
-            // write fail anyway, join would hang, so only join on success.
-            if running.stop.write(1).is_ok() {
-                if let Ok(muxer) = running.thread.join() {
-                    self.muxer = Some(muxer);
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Vsock {
-    fn drop(&mut self) {
-        // Joins the thread; dropping the muxer then removes the socket file.
-        self.stop_worker();
     }
 }
 
@@ -147,7 +115,7 @@ impl VirtioDevice for Vsock {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+        self.worker.queue_events()
     }
 
     fn activate(
@@ -157,65 +125,22 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         super::check_queues(&queues, &memory, QUEUE_SIZES.len())?;
-        self.stop_worker();
-        let muxer = self.muxer.take().ok_or(ActivateError::Unavailable(
-            "the vsock worker of a previous activation did not stop",
-        ))?;
-        let Ok((events, stop, thread_stop)) = super::worker_eventfds(&self.queue_events) else {
-            return self.keep(muxer);
-        };
-        let worker = Worker::new(memory, queues, interrupt, muxer);
-        let failure = self.failure.clone();
-        *failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let thread = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || worker.run(events, thread_stop, failure));
-        match thread {
-            Ok(thread) => {
-                self.running = Some(Running { stop, thread });
-                Ok(())
-            }
-            // The closure (and the muxer with the listener) is gone; the
-            // device cannot serve again.
-            Err(_) => Err(ActivateError::Unavailable("cannot start the vsock thread")),
-        }
+        self.worker.start(move |muxer, events, stop, failure| {
+            Worker::new(memory, queues, interrupt, muxer).run(events, stop, failure)
+        })
     }
 
     fn process_queue(&mut self, index: u16) -> Result<(), String> {
-        if let Some(reason) = self
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
-            return Err(reason);
-        }
-        if self.running.is_none() {
-            return Err("queue notified before activation".into());
-        }
         // Without an ioeventfd (or on a hypervisor that lacks them) the
         // transport calls us on the vCPU thread: hand over to the worker.
-        match self.queue_events.get(usize::from(index)) {
-            Some(event) => event.write(1).map_err(|e| e.to_string()),
-            None => Ok(()),
-        }
+        self.worker.notify(index)
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
-        if let Some(muxer) = self.muxer.as_mut() {
+        self.worker.stop();
+        if let Some(muxer) = self.worker.backend_mut() {
             muxer.reset();
         }
         self.acked_features = 0;
-    }
-}
-
-impl Vsock {
-    /// Activation failed before the worker took the muxer: keep it.
-    fn keep(&mut self, muxer: Muxer) -> Result<(), ActivateError> {
-        self.muxer = Some(muxer);
-        Err(ActivateError::Unavailable(
-            "cannot create the vsock eventfds",
-        ))
     }
 }
