@@ -223,11 +223,17 @@ pub fn power_off() -> ! {
 mod tests {
     use super::*;
 
-    #[test]
-    fn page_reporting_order_comes_from_the_command_line() {
+    /// A stand-in for the sysfs file, holding the kernel's default (9).
+    fn kernel_default_param() -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let param = dir.path().join("page_reporting_order");
         std::fs::write(&param, "9").unwrap();
+        (dir, param)
+    }
+
+    #[test]
+    fn page_reporting_order_comes_from_the_command_line() {
+        let (_dir, param) = kernel_default_param();
         let cmdline = "console=ttyS0 vmrun.page_reporting_order=3 quiet";
         assert_eq!(
             apply_page_reporting_order(cmdline, &param).unwrap(),
@@ -238,9 +244,7 @@ mod tests {
 
     #[test]
     fn without_the_parameter_the_kernel_default_stays() {
-        let dir = tempfile::tempdir().unwrap();
-        let param = dir.path().join("page_reporting_order");
-        std::fs::write(&param, "9").unwrap();
+        let (_dir, param) = kernel_default_param();
         assert_eq!(
             apply_page_reporting_order("console=ttyS0 quiet", &param).unwrap(),
             None
@@ -250,9 +254,7 @@ mod tests {
 
     #[test]
     fn a_bad_order_is_named_and_nothing_is_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let param = dir.path().join("page_reporting_order");
-        std::fs::write(&param, "9").unwrap();
+        let (_dir, param) = kernel_default_param();
         for bad in ["x", "11", "-1", ""] {
             let cmdline = format!("vmrun.page_reporting_order={bad}");
             let err = apply_page_reporting_order(&cmdline, &param).unwrap_err();
