@@ -108,15 +108,20 @@ mod tests {
         assert_eq!(record.memory_regions[0].guest_phys_addr, 0);
     }
 
-    /// The VmFlags line of the mapping that starts at `addr` in /proc/self/smaps.
+    /// The VmFlags line of the mapping that holds `addr` in /proc/self/smaps.
+    /// It need not start there: the kernel merges the mapping with a
+    /// neighbour of the same flags, e.g. another test's guest memory.
     fn vm_flags(addr: usize) -> Vec<String> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let mut in_mapping = false;
         for line in smaps.lines() {
             if let Some((range, _)) = line.split_once(' ') {
-                if let Some((start, _)) = range.split_once('-') {
-                    if let Ok(start) = usize::from_str_radix(start, 16) {
-                        in_mapping = start == addr;
+                if let Some((start, end)) = range.split_once('-') {
+                    if let (Ok(start), Ok(end)) = (
+                        usize::from_str_radix(start, 16),
+                        usize::from_str_radix(end, 16),
+                    ) {
+                        in_mapping = (start..end).contains(&addr);
                         continue;
                     }
                 }
