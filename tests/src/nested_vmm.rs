@@ -97,7 +97,9 @@ fn build_guest_kernel() -> PathBuf {
 }
 
 /// A busybox initramfs whose `/init` prints `marker`, then `cpus=<N>` (processors in
-/// `/proc/cpuinfo`), then `MemTotal:` from `/proc/meminfo`, then reboots at once.
+/// `/proc/cpuinfo`: the CPUs that came up), `present=<list>` (the CPUs the firmware
+/// tables describe, `/sys/devices/system/cpu/present`), then `MemTotal:` from
+/// `/proc/meminfo`, then reboots at once.
 pub fn probe_initramfs(marker: &str) -> anyhow::Result<Vec<u8>> {
     ensure!(
         !marker.contains(['\'', '\n']),
@@ -106,8 +108,10 @@ pub fn probe_initramfs(marker: &str) -> anyhow::Result<Vec<u8>> {
     let init = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox mount -t proc proc /proc\n\
+         /bin/busybox mount -t sysfs sysfs /sys\n\
          echo '{marker}'\n\
          echo \"cpus=$(/bin/busybox grep -c ^processor /proc/cpuinfo)\"\n\
+         echo \"present=$(/bin/busybox cat /sys/devices/system/cpu/present)\"\n\
          /bin/busybox grep MemTotal: /proc/meminfo\n\
          echo \"uptime=$(/bin/busybox cut -d' ' -f1 /proc/uptime)\"\n\
          /bin/busybox reboot -f\n"
@@ -117,6 +121,7 @@ pub fn probe_initramfs(marker: &str) -> anyhow::Result<Vec<u8>> {
     cpio.dir("/bin")
         .dir("/dev")
         .dir("/proc")
+        .dir("/sys")
         .char_device("/dev/console", 0o600, 5, 1)
         .file("/bin/busybox", 0o755, &busybox)
         .symlink("/bin/sh", "busybox")
