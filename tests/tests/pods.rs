@@ -44,14 +44,23 @@ fn start_detached(vm: &Vmrun, rt: &str, name: &str, yaml: &str) -> serde_json::V
     let out = vm.run(&["run", "-d", "--runtime", rt, path.to_str().unwrap()]);
     assert!(out.status.success(), "run -d: {}", describe(&out));
     assert_eq!(text(&out.stdout).trim(), name);
-    vm.wait_record(name, Duration::from_secs(60), |r| {
+    let record = vm.wait_record(name, Duration::from_secs(60), |r| {
         r["containers"]
             .as_object()
             .unwrap()
             .values()
             .filter(|c| c["init"] == false)
             .all(|c| c["phase"] == "running")
-    })
+    });
+    // The prepared pod `run -d` handed its supervisor holds secret volumes'
+    // contents: the supervisor removes it as it reads it.
+    let handoff = vm.pod_dir(name).join("prepared.json");
+    assert!(
+        !handoff.exists(),
+        "{} outlived the pod's start",
+        handoff.display()
+    );
+    record
 }
 
 fn exec(vm: &Vmrun, pod: &str, container: &str, cmd: &[&str]) -> std::process::Output {
@@ -1005,4 +1014,40 @@ mod vm {
 #[test]
 fn wasm_runtime_says_not_available_yet() {
     wasm_is_refused_until_available("native");
+}
+
+/// `run -d` hands the pod to `vmrun-supervisor` beside `vmrun`: without it,
+/// the error names the missing binary and nothing of the pod is left.
+#[test]
+fn detached_without_the_supervisor_binary_is_a_clear_error() {
+    require_root("detached_without_the_supervisor_binary_is_a_clear_error");
+    let vm = Vmrun::new();
+    let bin = vmrun_tests::pod::vmrun_bin();
+    // A hard link in a directory of its own (same filesystem as the build):
+    // `vmrun` looks for the supervisor beside the path it runs from.
+    let lone = tempfile::tempdir_in(bin.parent().unwrap()).unwrap();
+    let lone_vmrun = lone.path().join("vmrun");
+    std::fs::hard_link(bin, &lone_vmrun).unwrap();
+    let path = vm.manifest(
+        "lonely",
+        &pod(
+            "lonely",
+            &format!("  containers:\n  - name: c\n    image: {}\n", busybox()),
+        ),
+    );
+    let mut cmd = vm.cmd();
+    cmd.args(["run", "-d", path.to_str().unwrap()]);
+    let out = std::process::Command::new(&lone_vmrun)
+        .args(cmd.get_args())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("vmrun-supervisor") && stderr.contains("not found"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!vm.pod_dir("lonely").exists(), "pod directory left behind");
 }
