@@ -13,12 +13,72 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::ActivateError;
+use super::{ActivateError, VirtioInterrupt};
 
 /// Where the thread leaves why it stopped on its own.
 pub type Failure = Arc<Mutex<Option<String>>>;
+
+/// A failure that stops a device thread (the driver must reset the device).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot set up the {device} epoll set: {source}")]
+    Epoll {
+        device: &'static str,
+        source: io::Error,
+    },
+    #[error("cannot return a buffer to {device} queue {queue}: {error}")]
+    Used {
+        device: &'static str,
+        queue: usize,
+        error: String,
+    },
+    #[error("cannot interrupt the guest: {0}")]
+    Interrupt(io::Error),
+}
+
+/// Leaves `error` as the reason the thread stopped, for the device's next
+/// queue notification to report.
+pub fn record_failure(failure: &Failure, error: &WorkerError) {
+    *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+}
+
+/// Puts a chain the device is done with on the used ring of `queue` (the
+/// device's queue `index`), `len` bytes written into it.
+pub fn add_used(
+    device: &'static str,
+    (queue, index): (&mut Queue, usize),
+    memory: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+) -> Result<(), WorkerError> {
+    queue
+        .add_used(memory, head, len)
+        .map_err(|e| WorkerError::Used {
+            device,
+            queue: index,
+            error: e.to_string(),
+        })
+}
+
+/// Interrupts the guest for new used buffers in `queue`, unless the driver
+/// asked not to be (VIRTIO_RING_F_EVENT_IDX or VRING_AVAIL_F_NO_INTERRUPT);
+/// when that cannot be read, it is interrupted.
+pub fn notify_used(
+    queue: &mut Queue,
+    memory: &GuestMemoryMmap,
+    interrupt: &VirtioInterrupt,
+) -> Result<(), WorkerError> {
+    if queue.needs_notification(memory).unwrap_or(true) {
+        interrupt
+            .signal_used_queue()
+            .map_err(WorkerError::Interrupt)?;
+    }
+    Ok(())
+}
 
 struct Running<B> {
     stop: EventFd,

@@ -11,7 +11,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -21,20 +21,22 @@ use vmm_sys_util::eventfd::EventFd;
 use super::chain::{read_tx, RxBuffer, ETH_HLEN, MAX_FRAME};
 use super::tap::NetBackend;
 use super::{NetStats, RX_QUEUE, TX_QUEUE};
+use crate::devices::virtio::worker_thread::{
+    add_used, notify_used, record_failure, Failure, WorkerError,
+};
 use crate::devices::virtio::VirtioInterrupt;
 
 const TOKEN_BACKEND: u64 = 10;
 const TOKEN_STOP: u64 = 11;
 
-/// A failure that stops the device (the driver must reset it).
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error("cannot set up the virtio-net epoll set: {0}")]
-    Epoll(io::Error),
-    #[error("cannot return a buffer to virtio-net queue {queue}: {error}")]
-    Used { queue: usize, error: String },
-    #[error("cannot interrupt the guest: {0}")]
-    Interrupt(io::Error),
+/// The device in error messages.
+const DEVICE: &str = "virtio-net";
+
+fn epoll_error(source: io::Error) -> WorkerError {
+    WorkerError::Epoll {
+        device: DEVICE,
+        source,
+    }
 }
 
 pub struct Worker {
@@ -123,20 +125,20 @@ impl Worker {
         mut self,
         queue_events: Vec<EventFd>,
         stop: EventFd,
-        failure: Arc<Mutex<Option<String>>>,
+        failure: Failure,
     ) -> Box<dyn NetBackend> {
         if let Err(e) = self.serve(&queue_events, &stop) {
-            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            record_failure(&failure, &e);
         }
         self.backend
     }
 
     fn serve(&mut self, queue_events: &[EventFd], stop: &EventFd) -> Result<(), WorkerError> {
-        let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
+        let epoll = Epoll::new().map_err(epoll_error)?;
         let add = |fd: i32, events: EventSet, token: u64| {
             epoll
                 .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
-                .map_err(WorkerError::Epoll)
+                .map_err(epoll_error)
         };
         for (index, event) in queue_events.iter().enumerate() {
             add(event.as_raw_fd(), EventSet::IN, index as u64)?;
@@ -157,7 +159,7 @@ impl Worker {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(WorkerError::Epoll(e)),
+                Err(e) => return Err(epoll_error(e)),
             };
             for event in &events[..n] {
                 match event.data() {
@@ -225,12 +227,7 @@ impl Worker {
                 Err(_) => bump(&self.stats.tx_bad_chains),
             }
             // The device writes nothing into tx buffers.
-            queue
-                .add_used(memory, head, 0)
-                .map_err(|e| WorkerError::Used {
-                    queue: TX_QUEUE,
-                    error: e.to_string(),
-                })?;
+            add_used(DEVICE, (queue, TX_QUEUE), memory, head, 0)?;
             used = true;
         }
         if used {
@@ -279,12 +276,7 @@ impl Worker {
                     0
                 }
             };
-            queue
-                .add_used(memory, head, len)
-                .map_err(|e| WorkerError::Used {
-                    queue: RX_QUEUE,
-                    error: e.to_string(),
-                })?;
+            add_used(DEVICE, (queue, RX_QUEUE), memory, head, len)?;
             used = true;
         }
         if used {
@@ -294,14 +286,6 @@ impl Worker {
     }
 
     fn notify(&mut self, queue: usize) -> Result<(), WorkerError> {
-        let needed = self.queues[queue]
-            .needs_notification(&self.memory)
-            .unwrap_or(true);
-        if needed {
-            self.interrupt
-                .signal_used_queue()
-                .map_err(WorkerError::Interrupt)?;
-        }
-        Ok(())
+        notify_used(&mut self.queues[queue], &self.memory, &self.interrupt)
     }
 }

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -16,20 +16,22 @@ use vmm_sys_util::eventfd::EventFd;
 use super::muxer::Muxer;
 use super::packet::{read_tx, RxBuffer};
 use super::{RX_QUEUE, TX_QUEUE};
+use crate::devices::virtio::worker_thread::{
+    add_used, notify_used, record_failure, Failure, WorkerError,
+};
 use crate::devices::virtio::VirtioInterrupt;
 
 const TOKEN_STOP: u64 = 10;
 const TOKEN_MUXER: u64 = 11;
 
-/// A failure that stops the device (the driver must reset it).
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error("cannot set up the vsock epoll set: {0}")]
-    Epoll(io::Error),
-    #[error("cannot return a buffer to vsock queue {queue}: {error}")]
-    Used { queue: usize, error: String },
-    #[error("cannot interrupt the guest: {0}")]
-    Interrupt(io::Error),
+/// The device in error messages.
+const DEVICE: &str = "vsock";
+
+fn epoll_error(source: io::Error) -> WorkerError {
+    WorkerError::Epoll {
+        device: DEVICE,
+        source,
+    }
 }
 
 pub struct Worker {
@@ -57,20 +59,15 @@ impl Worker {
 
     /// Serves until `stop` is signalled or the device fails; gives the
     /// muxer back so the listener survives a device reset.
-    pub fn run(
-        mut self,
-        queue_events: Vec<EventFd>,
-        stop: EventFd,
-        failure: Arc<Mutex<Option<String>>>,
-    ) -> Muxer {
+    pub fn run(mut self, queue_events: Vec<EventFd>, stop: EventFd, failure: Failure) -> Muxer {
         if let Err(e) = self.serve(&queue_events, &stop) {
-            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            record_failure(&failure, &e);
         }
         self.muxer
     }
 
     fn serve(&mut self, queue_events: &[EventFd], stop: &EventFd) -> Result<(), WorkerError> {
-        let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
+        let epoll = Epoll::new().map_err(epoll_error)?;
         let add = |fd: i32, token: u64| {
             epoll
                 .ctl(
@@ -78,7 +75,7 @@ impl Worker {
                     fd,
                     EpollEvent::new(EventSet::IN, token),
                 )
-                .map_err(WorkerError::Epoll)
+                .map_err(epoll_error)
         };
         for (index, event) in queue_events.iter().enumerate() {
             add(event.as_raw_fd(), index as u64)?;
@@ -99,7 +96,7 @@ impl Worker {
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(WorkerError::Epoll(e)),
+                Err(e) => return Err(epoll_error(e)),
             };
             for event in &events[..n] {
                 match event.data() {
@@ -135,12 +132,13 @@ impl Worker {
                 }
             }
             // The device writes nothing into tx buffers.
-            self.queues[TX_QUEUE]
-                .add_used(memory, head, 0)
-                .map_err(|e| WorkerError::Used {
-                    queue: TX_QUEUE,
-                    error: e.to_string(),
-                })?;
+            add_used(
+                DEVICE,
+                (&mut self.queues[TX_QUEUE], TX_QUEUE),
+                memory,
+                head,
+                0,
+            )?;
             used = true;
         }
         if used {
@@ -171,12 +169,7 @@ impl Worker {
                 // A malformed buffer is returned unused.
                 Err(_) => 0,
             };
-            queue
-                .add_used(memory, head, len)
-                .map_err(|e| WorkerError::Used {
-                    queue: RX_QUEUE,
-                    error: e.to_string(),
-                })?;
+            add_used(DEVICE, (queue, RX_QUEUE), memory, head, len)?;
             used = true;
         }
         if used {
@@ -186,14 +179,6 @@ impl Worker {
     }
 
     fn notify(&mut self, queue: usize) -> Result<(), WorkerError> {
-        let needed = self.queues[queue]
-            .needs_notification(&self.memory)
-            .unwrap_or(true);
-        if needed {
-            self.interrupt
-                .signal_used_queue()
-                .map_err(WorkerError::Interrupt)?;
-        }
-        Ok(())
+        notify_used(&mut self.queues[queue], &self.memory, &self.interrupt)
     }
 }
