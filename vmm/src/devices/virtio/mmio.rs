@@ -96,7 +96,16 @@ impl MmioTransport {
     }
 
     /// Marks the device broken: the driver must reset it.
-    fn needs_reset(&mut self) {
+    /// The device broke (or the driver set it up wrong): the driver must
+    /// reset it. Said once on stderr (the VMM's log), since a guest that
+    /// loses a device often cannot say so itself.
+    fn needs_reset(&mut self, why: &str) {
+        if self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0 {
+            eprintln!(
+                "vmrun-vmm: virtio {} device needs a reset: {why}",
+                device_name(self.device.device_type())
+            );
+        }
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
         if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             let _ = self.interrupt.signal_config_change();
@@ -145,7 +154,7 @@ impl MmioTransport {
                 .iter()
                 .all(|q| q.ready() && q.is_valid(&self.memory));
         if !valid {
-            self.needs_reset();
+            self.needs_reset("the driver activated it with a queue that is not ready or valid");
             return;
         }
         let mut queues = std::mem::replace(&mut self.queues, new_queues(self.device.as_ref()));
@@ -155,7 +164,7 @@ impl MmioTransport {
             .activate(self.memory.clone(), queues, self.interrupt.clone())
         {
             Ok(()) => self.activated = true,
-            Err(_) => self.needs_reset(),
+            Err(e) => self.needs_reset(&e.to_string()),
         }
     }
 
@@ -163,8 +172,8 @@ impl MmioTransport {
         if !self.activated {
             return;
         }
-        if self.device.process_queue(index as u16).is_err() {
-            self.needs_reset();
+        if let Err(e) = self.device.process_queue(index as u16) {
+            self.needs_reset(&e);
         }
     }
 
@@ -294,5 +303,17 @@ impl BusDevice for MmioTransport {
                 self.write_register(offset as u32, u32::from_le_bytes(bytes));
             }
         }
+    }
+}
+
+/// A device type's name for people (VIRTIO_ID_*).
+fn device_name(device_type: u32) -> String {
+    use virtio_bindings::virtio_ids::*;
+    match device_type {
+        VIRTIO_ID_NET => "net".into(),
+        VIRTIO_ID_BLOCK => "block".into(),
+        VIRTIO_ID_BALLOON => "balloon".into(),
+        VIRTIO_ID_VSOCK => "vsock".into(),
+        other => format!("type-{other}"),
     }
 }
