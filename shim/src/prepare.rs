@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use vmrun_image::{ImageStore, PullPolicy as ImagePullPolicy, PullProgress};
+use vmrun_image::{ImageStore, PullPolicy as ImagePullPolicy};
 use vmrun_pod::controller::ResolvedImage;
 use vmrun_pod::native::NativeRuntime;
 use vmrun_pod::plan::PullPolicy;
@@ -33,14 +33,13 @@ fn select_runtime(flag: Option<&str>, class: Option<&str>) -> anyhow::Result<&'s
     }
 }
 
-/// Loads and validates the manifest, then pulls (if `pull`, by each
-/// container's policy; else only what the store has) and resolves its images.
+/// Loads and validates the manifest, then pulls its images by each
+/// container's pull policy (with progress on the terminal) and resolves them.
 pub async fn prepare(
     config: &Config,
     manifest: &Path,
     runtime_flag: Option<&str>,
     uid: &str,
-    pull: bool,
 ) -> anyhow::Result<PreparedPod> {
     let manifest = vmrun_pod::manifest::load(manifest)?;
     let node = nix::unistd::gethostname()
@@ -49,24 +48,20 @@ pub async fn prepare(
     let plan = vmrun_pod::plan::plan(&manifest, uid, &node)?;
     let runtime_name = select_runtime(runtime_flag, plan.runtime_class.as_deref())?;
     let store = ImageStore::open(&config.root, config.registries.clone())?;
-    let progress: Box<dyn PullProgress> = if pull {
-        Box::new(crate::image_cmd::TerminalProgress::new())
-    } else {
-        Box::new(vmrun_image::NoProgress)
-    };
+    let progress = crate::image_cmd::TerminalProgress::new();
     let mut images = HashMap::new();
     let mut image_disks = BTreeMap::new();
     for c in plan.all_containers() {
         if images.contains_key(&c.image) {
             continue;
         }
-        let policy = match (pull, c.pull_policy) {
-            (false, _) | (_, PullPolicy::Never) => ImagePullPolicy::Never,
-            (true, PullPolicy::Always) => ImagePullPolicy::Always,
-            (true, PullPolicy::IfNotPresent) => ImagePullPolicy::IfNotPresent,
+        let policy = match c.pull_policy {
+            PullPolicy::Never => ImagePullPolicy::Never,
+            PullPolicy::Always => ImagePullPolicy::Always,
+            PullPolicy::IfNotPresent => ImagePullPolicy::IfNotPresent,
         };
         let image = store
-            .ensure(&c.image, policy, progress.as_ref())
+            .ensure(&c.image, policy, &progress)
             .await
             .with_context(|| format!("container {:?}: image {:?}", c.name, c.image))?;
         if runtime_name == "vm" {

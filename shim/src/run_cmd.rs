@@ -86,7 +86,7 @@ fn claim_pod_dir(config: &Config, name: &str) -> anyhow::Result<PathBuf> {
 
 pub async fn run(config: &Config, args: RunArgs) -> anyhow::Result<i32> {
     let uid = random_uid();
-    let pod = prepare(config, &args.manifest, args.runtime.as_deref(), &uid, true).await?;
+    let pod = prepare(config, &args.manifest, args.runtime.as_deref(), &uid).await?;
     let name = pod.plan.name.clone();
     let dir = claim_pod_dir(config, &name)?;
     if args.detach {
