@@ -20,6 +20,10 @@ use crate::prepare::prepare;
 
 /// The detached supervisor's binary, found beside `vmrun`.
 const SUPERVISOR: &str = "vmrun-supervisor";
+/// How long a supervisor whose pod failed to start may take to tear down
+/// what it made (a pod VM is killed after 5 s) before `run -d` gives up
+/// waiting and removes the pod's directory anyway.
+const SUPERVISOR_TEARDOWN: Duration = Duration::from_secs(60);
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -163,7 +167,7 @@ fn detach(args: &RunArgs, pod: &PreparedPod, dir: &Path) -> anyhow::Result<()> {
             Ok(())
         });
     }
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .with_context(|| format!("starting the pod supervisor {}", supervisor.display()))?;
     drop(ready_w);
@@ -172,21 +176,26 @@ fn detach(args: &RunArgs, pod: &PreparedPod, dir: &Path) -> anyhow::Result<()> {
     let answer = answer.trim();
     if answer == "ok" {
         println!("{}", pod.plan.name);
-        Ok(())
-    } else {
-        if answer.is_empty() {
-            // The pod's directory goes away with the failed pod: say here
-            // what the supervisor said.
-            let log = std::fs::read_to_string(dir.join("supervisor.log")).unwrap_or_default();
-            bail!(
-                "the pod supervisor (pid {}) exited before the pod started{}",
-                child.id(),
-                match log.trim() {
-                    "" => String::new(),
-                    said => format!(": {said}"),
-                }
-            );
-        }
-        bail!("{answer}");
+        return Ok(());
     }
+    // The supervisor tears down what it made before it exits; the pod's
+    // directory goes once it has, so the removal cannot race the teardown.
+    if let Ok(pidfd) = vmrun_pod::native::pidfd_open(child.id() as i32) {
+        let _ = vmrun_pod::native::poll_exit(&pidfd, Some(SUPERVISOR_TEARDOWN));
+    }
+    let _ = child.try_wait();
+    if answer.is_empty() {
+        // The pod's directory goes away with the failed pod: say here what
+        // the supervisor said.
+        let log = std::fs::read_to_string(dir.join("supervisor.log")).unwrap_or_default();
+        bail!(
+            "the pod supervisor (pid {}) exited before the pod started{}",
+            child.id(),
+            match log.trim() {
+                "" => String::new(),
+                said => format!(": {said}"),
+            }
+        );
+    }
+    bail!("{answer}")
 }

@@ -1051,3 +1051,46 @@ fn detached_without_the_supervisor_binary_is_a_clear_error() {
     );
     assert!(!vm.pod_dir("lonely").exists(), "pod directory left behind");
 }
+
+/// A detached pod whose sandbox cannot be made (here: a vm pod whose guest
+/// kernel is missing, found before any VM starts, so this runs anywhere):
+/// `run -d` says why, and once its supervisor has torn down, nothing of the
+/// pod is left, neither its directory nor the supervisor.
+#[test]
+fn detached_pod_whose_sandbox_fails_leaves_nothing() {
+    require_root("detached_pod_whose_sandbox_fails_leaves_nothing");
+    let vm = Vmrun::new();
+    std::fs::write(
+        &vm.config,
+        "pids_limit = 1024\n[vm]\nkernel = \"/nonexistent/vmlinux\"\n",
+    )
+    .unwrap();
+    let path = vm.manifest(
+        "nokernel",
+        &pod(
+            "nokernel",
+            &format!("  containers:\n  - name: c\n    image: {}\n", busybox()),
+        ),
+    );
+    let out = vm.run(&["run", "-d", "--runtime", "vm", path.to_str().unwrap()]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("guest kernel /nonexistent/vmlinux not found"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        !vm.pod_dir("nokernel").exists(),
+        "pod directory left behind"
+    );
+    // No pod uid survives to look its cgroups up by (a vm pod makes none on
+    // the host): processes (the supervisor names the state dir) and mounts.
+    let state = vm.state.path().to_string_lossy().into_owned();
+    let left: Vec<String> = vm
+        .leftovers("", &state)
+        .into_iter()
+        .filter(|l| !l.starts_with("cgroup:"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
