@@ -85,7 +85,7 @@ struct Running<B> {
     thread: JoinHandle<B>,
 }
 
-pub struct WorkerThread<B> {
+pub struct WorkerThread<B: Send + 'static> {
     /// The thread's name, also the device in error messages.
     name: &'static str,
     queue_events: Vec<EventFd>,
@@ -204,14 +204,10 @@ impl<B: Send + 'static> WorkerThread<B> {
     }
 }
 
-impl<B> Drop for WorkerThread<B> {
+impl<B: Send + 'static> Drop for WorkerThread<B> {
     fn drop(&mut self) {
-        if let Some(running) = self.running.take() {
-            if running.stop.write(1).is_ok() {
-                // The backend is dropped here, after its thread ended.
-                let _ = running.thread.join();
-            }
-        }
+        // The backend comes back from its thread and is dropped with `self`.
+        self.stop();
     }
 }
 
