@@ -63,6 +63,19 @@ fn start_detached(vm: &Vmrun, rt: &str, name: &str, yaml: &str) -> serde_json::V
     record
 }
 
+/// `vmrun` refused the pod: it failed, its stderr names every one of
+/// `needles`, and the pod's directory is gone.
+fn assert_refused(vm: &Vmrun, out: &std::process::Output, pod: &str, needles: &[&str]) {
+    assert!(!out.status.success(), "{}", describe(out));
+    let stderr = text(&out.stderr);
+    assert!(
+        needles.iter().all(|n| stderr.contains(n)),
+        "stderr does not name all of {needles:?}: {}",
+        describe(out)
+    );
+    assert!(!vm.pod_dir(pod).exists(), "pod directory left behind");
+}
+
 fn exec(vm: &Vmrun, pod: &str, container: &str, cmd: &[&str]) -> std::process::Output {
     let mut args = vec!["exec", pod, "-c", container, "--"];
     args.extend_from_slice(cmd);
@@ -778,14 +791,7 @@ pub fn host_path_file_is_read_and_written(rt: &str) {
     );
     let out = run_in_foreground(&vm, rt, "hostdir", &yaml);
     if rt == "vm" {
-        assert!(!out.status.success(), "{}", describe(&out));
-        let stderr = text(&out.stderr);
-        assert!(
-            stderr.contains("volume \"d\"") && stderr.contains("is a directory"),
-            "{}",
-            describe(&out)
-        );
-        assert!(!vm.pod_dir("hostdir").exists(), "pod directory left behind");
+        assert_refused(&vm, &out, "hostdir", &["volume \"d\"", "is a directory"]);
     } else {
         assert!(out.status.success(), "{}", describe(&out));
         assert!(
@@ -1042,14 +1048,7 @@ fn detached_without_the_supervisor_binary_is_a_clear_error() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(!out.status.success(), "{}", describe(&out));
-    let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("vmrun-supervisor") && stderr.contains("not found"),
-        "{}",
-        describe(&out)
-    );
-    assert!(!vm.pod_dir("lonely").exists(), "pod directory left behind");
+    assert_refused(&vm, &out, "lonely", &["vmrun-supervisor", "not found"]);
 }
 
 /// A detached pod whose sandbox cannot be made (here: a vm pod whose guest
@@ -1073,16 +1072,11 @@ fn detached_pod_whose_sandbox_fails_leaves_nothing() {
         ),
     );
     let out = vm.run(&["run", "-d", "--runtime", "vm", path.to_str().unwrap()]);
-    assert!(!out.status.success(), "{}", describe(&out));
-    let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("guest kernel /nonexistent/vmlinux not found"),
-        "{}",
-        describe(&out)
-    );
-    assert!(
-        !vm.pod_dir("nokernel").exists(),
-        "pod directory left behind"
+    assert_refused(
+        &vm,
+        &out,
+        "nokernel",
+        &["guest kernel /nonexistent/vmlinux not found"],
     );
     // No pod uid survives to look its cgroups up by (a vm pod makes none on
     // the host): processes (the supervisor names the state dir) and mounts.
