@@ -37,7 +37,8 @@ pub struct SpecContext<'a> {
     /// The pod's shared /dev/shm, /etc/hosts, /etc/hostname, /etc/resolv.conf.
     pub shm_dir: Option<&'a Path>,
     pub etc_files: &'a [(String, PathBuf)],
-    /// Whether the host mounts cgroup v2 at /sys/fs/cgroup (then the container gets a cgroup2 mount).
+    /// Whether the host mounts cgroup v2 at /sys/fs/cgroup (then the container gets
+    /// a cgroup2 mount, else one per v1 hierarchy).
     pub cgroup2: bool,
     /// The image's rootfs layers, bottom first, for resolving user names in /etc/passwd.
     pub layers: &'a [PathBuf],
@@ -188,9 +189,16 @@ pub fn container_spec(
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", if privileged { "rw" } else { "ro" }]}),
     ];
-    if ctx.cgroup2 {
-        mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup2", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
-    }
+    // The container's own cgroup (it has a cgroup namespace rooted there),
+    // as runc mounts it: cgroup2 on a v2 host, each v1 hierarchy under
+    // /sys/fs/cgroup/<controller> on a v1 or hybrid host. Read-only unless
+    // privileged.
+    mounts.push(json!({
+        "destination": "/sys/fs/cgroup",
+        "type": if ctx.cgroup2 { "cgroup2" } else { "cgroup" },
+        "source": "cgroup",
+        "options": ["nosuid", "noexec", "nodev", "relatime", if privileged { "rw" } else { "ro" }],
+    }));
     match ctx.shm_dir {
         Some(shm) => mounts.push(bind(shm, "/dev/shm", false)),
         None => mounts.push(json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]})),
