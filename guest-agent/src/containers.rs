@@ -317,6 +317,7 @@ impl Containers {
                 what: format!("container {id:?}: OCI spec"),
                 reason: e.to_string(),
             })?;
+        drop_proc_view_if_absent(&mut spec);
         // Mounting an image disk is one quick mount(2), done inline.
         let mut lower = self.lower_dirs(id, source)?;
 
@@ -671,4 +672,23 @@ impl Containers {
         }
         failed
     }
+}
+
+/// The host asks for the guest's /proc view by bind-mounting its files; a
+/// guest that could not start it (a kernel without FUSE) drops those mounts
+/// instead of failing the container, which then reads the kernel's own.
+fn drop_proc_view_if_absent(spec: &mut Spec) {
+    let view = Path::new(vmrun_procview::DEFAULT_MOUNTPOINT);
+    let Some(mounts) = spec.mounts().clone() else {
+        return;
+    };
+    let from_view =
+        |m: &oci_spec::runtime::Mount| m.source().as_deref().is_some_and(|s| s.starts_with(view));
+    if !mounts.iter().any(from_view) || vmrun_procview::is_served(view) {
+        return;
+    }
+    tracing::warn!(
+        "the /proc view is not served in this guest: containers read the kernel's /proc"
+    );
+    spec.set_mounts(Some(mounts.into_iter().filter(|m| !from_view(m)).collect()));
 }

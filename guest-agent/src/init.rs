@@ -185,6 +185,19 @@ pub fn apply_page_reporting_order(
     Ok(Some(order))
 }
 
+/// Starts the guest's /proc view (`vmrun_procview`), so that a container's
+/// /proc/meminfo says its own limit, not the VM's size (which adds the
+/// agent's overhead). Runs while PID 1 is single-threaded (the keeper is
+/// forked). Without it, containers read the guest kernel's own files.
+pub fn start_proc_view() {
+    let mountpoint = Path::new(vmrun_procview::DEFAULT_MOUNTPOINT);
+    let log = mountpoint.with_extension("log");
+    match vmrun_procview::daemon::start_detached(mountpoint, &log) {
+        Ok(()) => tracing::info!("/proc view on {}", mountpoint.display()),
+        Err(e) => tracing::warn!("no /proc view: {e}"),
+    }
+}
+
 /// Brings up the loopback interface of the guest's network namespace.
 pub fn loopback_up() -> std::io::Result<()> {
     LinuxSyscall.set_interface_up("lo")

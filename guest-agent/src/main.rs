@@ -118,6 +118,7 @@ fn pid1(boot_ns: u64) -> ! {
     if let Err(e) = init::loopback_up() {
         tracing::warn!("bring up lo: {e}");
     }
+    init::start_proc_view();
     // SAFETY: PID 1 is still single-threaded here (no runtime, no threads
     // yet), so the child may run arbitrary code after fork.
     match unsafe { fork() } {

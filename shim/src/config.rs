@@ -11,6 +11,10 @@
 //! vmm = "<dir of vmrun>/vmrun-vmm"
 //! kernel = "<root>/guest/vmlinux"            # installed by scripts/build-guest
 //! initramfs = "<root>/guest/initramfs.cpio"
+//! [proc_view]                 # native containers' /proc/meminfo etc.; defaults shown
+//! enabled = true              # pods opt out with annotation vmrun.io/proc-view: "false"
+//! mountpoint = "/run/vmrun/procview"          # one per host, shared by all state roots
+//! binary = "<dir of vmrun>/vmrun-procview"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -29,6 +33,7 @@ pub struct Config {
     pub pids_limit: Option<i64>,
     pub registries: RegistryConfig,
     pub vm: VmConfig,
+    pub proc_view: ProcViewConfig,
     /// The file this was read from, handed on to a detached supervisor.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -42,6 +47,7 @@ impl Default for Config {
             pids_limit: Some(4096),
             registries: RegistryConfig::default(),
             vm: VmConfig::default(),
+            proc_view: ProcViewConfig::default(),
             source: None,
         }
     }
@@ -58,16 +64,54 @@ pub struct VmConfig {
     pub initramfs: Option<PathBuf>,
 }
 
+/// The host's /proc view daemon (see the `vmrun-procview` crate).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProcViewConfig {
+    pub enabled: bool,
+    pub mountpoint: PathBuf,
+    pub binary: Option<PathBuf>,
+}
+
+impl Default for ProcViewConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            mountpoint: PathBuf::from(vmrun_procview::DEFAULT_MOUNTPOINT),
+            binary: None,
+        }
+    }
+}
+
+/// A binary installed beside `vmrun`.
+fn beside_vmrun(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
 impl Config {
+    /// The native runtime's /proc view, None when disabled.
+    pub fn proc_view_setup(&self) -> Option<vmrun_pod::native::ProcViewSetup> {
+        let c = &self.proc_view;
+        c.enabled.then(|| vmrun_pod::native::ProcViewSetup {
+            binary: c
+                .binary
+                .clone()
+                .unwrap_or_else(|| beside_vmrun("vmrun-procview")),
+            mountpoint: c.mountpoint.clone(),
+        })
+    }
+
     /// The vm runtime's files, defaults filled in.
     pub fn vm_assets(&self) -> vmrun_pod::vm::VmAssets {
         let guest = self.root.join("guest");
-        let vmm = self.vm.vmm.clone().unwrap_or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|exe| exe.parent().map(|dir| dir.join("vmrun-vmm")))
-                .unwrap_or_else(|| PathBuf::from("vmrun-vmm"))
-        });
+        let vmm = self
+            .vm
+            .vmm
+            .clone()
+            .unwrap_or_else(|| beside_vmrun("vmrun-vmm"));
         vmrun_pod::vm::VmAssets {
             vmm,
             kernel: self

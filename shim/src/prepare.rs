@@ -90,6 +90,7 @@ pub async fn prepare(
         "native" => PodRuntime::Native(NativeRuntime {
             state_root: config.state.clone(),
             pids_limit: config.pids_limit,
+            proc_view: config.proc_view_setup(),
         }),
         "vm" => PodRuntime::Vm(VmRuntime {
             state_root: config.state.clone(),

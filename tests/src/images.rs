@@ -168,6 +168,16 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// Its path in the layer.
+    pub fn path(&self) -> &str {
+        match self {
+            Entry::Dir { path, .. }
+            | Entry::File { path, .. }
+            | Entry::FileWith { path, .. }
+            | Entry::Symlink { path, .. }
+            | Entry::Hardlink { path, .. } => path,
+        }
+    }
     pub fn dir(path: &str) -> Self {
         Entry::Dir {
             path: path.into(),
@@ -529,6 +539,61 @@ pub fn busybox_entries() -> anyhow::Result<Vec<Entry>> {
         }
     }
     Ok(entries)
+}
+
+/// The host's `file` with the shared libraries `ldd` says it needs, as image
+/// entries at the same paths (parents included), for a glibc tool in a test
+/// image.
+fn host_program_entries(file: &str) -> anyhow::Result<Vec<Entry>> {
+    let ldd = Command::new("ldd")
+        .arg(file)
+        .output()
+        .with_context(|| format!("ldd {file}"))?;
+    let mut paths = vec![file.to_string()];
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|r| r.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        paths.extend(path.map(str::to_string));
+    }
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut entries = Vec::new();
+    for path in &paths {
+        let rel = path.trim_start_matches('/');
+        let mut parent = std::path::Path::new(rel).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            dirs.insert(p.to_string_lossy().into_owned());
+            parent = p.parent();
+        }
+        let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        entries.push(Entry::File {
+            path: rel.into(),
+            mode: 0o755,
+            data,
+        });
+    }
+    let mut out: Vec<Entry> = dirs.iter().map(|d| Entry::dir(d)).collect();
+    out.extend(entries);
+    Ok(out)
+}
+
+/// Busybox plus procps' `/usr/bin/free` (with its libraries, from the host):
+/// busybox's own `free` asks sysinfo(2), procps's reads /proc/meminfo, as
+/// the `free` of Debian or Ubuntu images does.
+pub fn procps_image() -> anyhow::Result<TestImage> {
+    let mut entries = busybox_entries()?;
+    let known: std::collections::BTreeSet<String> =
+        entries.iter().map(|e| e.path().to_string()).collect();
+    entries.extend(
+        host_program_entries("/usr/bin/free")?
+            .into_iter()
+            .filter(|e| !known.contains(e.path())),
+    );
+    let layer = Layer::new(layer_tar(&entries)?, Compression::Gzip)?;
+    Ok(ImageSpec::new(vec![layer]).build())
 }
 
 /// The busybox image: one layer, `Cmd ["sh"]`, Docker's default `PATH`.

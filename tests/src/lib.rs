@@ -27,6 +27,7 @@ struct Shared {
 static SHARED: OnceCell<Shared> = OnceCell::const_new();
 static ENTRYPOINT: OnceCell<String> = OnceCell::const_new();
 static ZSTD: OnceCell<String> = OnceCell::const_new();
+static PROCPS: OnceCell<String> = OnceCell::const_new();
 
 async fn shared() -> anyhow::Result<&'static Shared> {
     SHARED
@@ -62,6 +63,19 @@ pub async fn shared_entrypoint_image() -> anyhow::Result<String> {
 pub async fn shared_busybox_zstd() -> anyhow::Result<String> {
     let registry = shared_registry().await?;
     ZSTD.get_or_try_init(|| images::push_busybox_zstd(registry, "test/busybox-zstd:latest"))
+        .await
+        .cloned()
+}
+
+/// `127.0.0.1:PORT/test/procps:latest`: busybox plus procps's `free` (see
+/// [`images::procps_image`]).
+pub async fn shared_procps_image() -> anyhow::Result<String> {
+    let registry = shared_registry().await?;
+    PROCPS
+        .get_or_try_init(|| async {
+            let image = images::procps_image()?;
+            images::push_image(&registry.addr(), "test/procps:latest", &image).await
+        })
         .await
         .cloned()
 }

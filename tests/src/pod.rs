@@ -19,8 +19,8 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds `vmrun`, `vmrun-supervisor` and `vmrun-vmm` (`run -d` and the vm
-/// runtime spawn them from beside `vmrun`). Inside the nested L1 guest the host has built them already:
+/// Builds `vmrun`, `vmrun-supervisor`, `vmrun-procview` and `vmrun-vmm`
+/// (`run -d`, the /proc view and the vm runtime spawn them from beside `vmrun`). Inside the nested L1 guest the host has built them already:
 /// cargo under emulation would only spend minutes finding nothing to do.
 fn build_vmrun(release: bool) -> PathBuf {
     let workspace = workspace();
@@ -36,7 +36,7 @@ fn build_vmrun(release: bool) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--quiet", "-p", "vmrun", "--bin", "vmrun"])
-        .args(["-p", "vmrun-supervisor"])
+        .args(["-p", "vmrun-supervisor", "-p", "vmrun-procview"])
         .args(["-p", "vmrun-vmm", "--bin", "vmrun-vmm"])
         .current_dir(&workspace);
     if release {
@@ -286,6 +286,22 @@ pub fn vmrun_release_bin() -> &'static Path {
 }
 
 /// `127.0.0.1:PORT/test/busybox:latest` in the process-wide test registry.
+/// [`crate::shared_procps_image`], for synchronous tests.
+pub fn procps_reference() -> String {
+    static REFERENCE: OnceLock<String> = OnceLock::new();
+    REFERENCE
+        .get_or_init(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            runtime
+                .block_on(crate::shared_procps_image())
+                .expect("pushing the procps test image")
+        })
+        .clone()
+}
+
 pub fn busybox_reference() -> String {
     static REFERENCE: OnceLock<String> = OnceLock::new();
     REFERENCE

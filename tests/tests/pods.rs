@@ -802,6 +802,112 @@ pub fn host_path_file_is_read_and_written(rt: &str) {
     }
 }
 
+/// What a process in a container reads about itself: its own cgroup
+/// (read-only, at the top of /sys/fs/cgroup through its cgroup namespace)
+/// and a /proc that tells its limits, from the container's command and from
+/// `vmrun exec`. `free` is procps's, which reads /proc/meminfo.
+const SELF_REPORT: &str = r#"
+if [ -f /sys/fs/cgroup/cpu.max ]; then
+  q=/sys/fs/cgroup/cpu.max; echo "quota=$(cat $q)"; echo "mem=$(cat /sys/fs/cgroup/memory.max)"
+else
+  q=/sys/fs/cgroup/cpu/cpu.cfs_quota_us; echo "quota=$(cat $q)"; echo "mem=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes)"
+fi
+if echo 50000 > $q 2>/dev/null; then echo write=ok; else echo write=refused; fi
+echo "cgroups=$(grep -vc ':/$' /proc/self/cgroup)"
+echo "nproc=$(nproc)"
+echo "cpuinfo=$(grep -c ^processor /proc/cpuinfo)"
+echo "statcpus=$(grep -c '^cpu[0-9]' /proc/stat)"
+echo "online=$(cat /sys/devices/system/cpu/online)"
+echo "free=$(/usr/bin/free -m | awk '/^Mem:/ {print $2}')"
+echo "memtotal=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+echo "uptime=$(cut -d. -f1 /proc/uptime)"
+echo "loadavg=$(wc -w < /proc/loadavg)"
+echo done
+"#;
+
+fn report_value<'a>(report: &'a str, key: &str) -> &'a str {
+    report
+        .lines()
+        .find_map(|l| {
+            // `vmrun run` prefixes a container's lines with "[name] ".
+            let l = l.split_once("] ").map_or(l, |(_, rest)| rest);
+            l.trim().strip_prefix(key)?.strip_prefix('=')
+        })
+        .unwrap_or_else(|| panic!("no {key}= in:\n{report}"))
+}
+
+fn assert_own_limits(report: &str, v2: bool) {
+    let v = |k| report_value(report, k);
+    assert_eq!(
+        v("quota"),
+        if v2 { "20000 100000" } else { "20000" },
+        "{report}"
+    );
+    assert_eq!(v("mem"), (64u64 << 20).to_string(), "{report}");
+    assert_eq!(
+        v("write"),
+        "refused",
+        "the cgroup fs is read-only: {report}"
+    );
+    assert_eq!(
+        v("cgroups"),
+        "0",
+        "every hierarchy is rooted at the container: {report}"
+    );
+    assert_eq!(v("nproc"), "1", "{report}");
+    assert_eq!(v("cpuinfo"), "1", "{report}");
+    assert_eq!(v("statcpus"), "1", "{report}");
+    assert_eq!(v("online"), "0", "{report}");
+    assert_eq!(v("free"), "64", "{report}");
+    assert_eq!(v("memtotal"), "65536", "{report}");
+    assert_eq!(v("loadavg"), "5", "{report}");
+    let up: u64 = v("uptime").parse().unwrap();
+    assert!(
+        up < 120,
+        "uptime {up}s for a container just started: {report}"
+    );
+}
+
+pub fn container_sees_its_own_cgroup_and_limits(rt: &str) {
+    require_root("container_sees_its_own_cgroup_and_limits");
+    let vm = Vmrun::for_runtime(rt);
+    // procps's `free` (busybox's asks sysinfo(2), which no /proc view changes).
+    let image = vmrun_tests::pod::procps_reference();
+    let yaml = pod(
+        "selfview",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: {image}
+    command: ["sh", "-c", {script:?}]
+    resources:
+      limits: {{cpu: 200m, memory: 64Mi}}
+"#,
+            script = format!("{SELF_REPORT}\nexec sleep 3603")
+        ),
+    );
+    let record = start_detached(&vm, rt, "selfview", &yaml);
+    let uid = uid_of(&record);
+    // The vm guest has only cgroup v2; a native container has the host's.
+    let v2 = rt == "vm" || std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let logs = loop {
+        let out = vm.run(&["logs", "selfview", "app"]);
+        let stdout = text(&out.stdout);
+        if stdout.contains("done") || Instant::now() > deadline {
+            break stdout;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_own_limits(&logs, v2);
+    let out = exec(&vm, "selfview", "app", &["sh", "-c", SELF_REPORT]);
+    assert!(out.status.success(), "exec: {}", describe(&out));
+    assert_own_limits(&text(&out.stdout), v2);
+    stop_and_rm(&vm, "selfview");
+    assert_clean(&vm, &uid, "sleep 3603");
+}
+
 /// vm only: the container runs on the guest's own kernel, and sees neither
 /// the host's processes nor its files.
 pub fn guest_kernel_hides_the_host(rt: &str) {
@@ -947,6 +1053,7 @@ macro_rules! runtime_cases {
             case!(bad_input_is_refused_cleanly);
             case!(host_path_file_is_read_and_written);
             case!(empty_dir_size_limit_is_enforced);
+            case!(container_sees_its_own_cgroup_and_limits);
         }
     )*};
 }
@@ -1003,6 +1110,7 @@ mod vm {
             init_container_fills_empty_dir_served_by_main,
             oom_kill_is_reported,
             cpu_and_memory_limits_reach_the_cgroup,
+            container_sees_its_own_cgroup_and_limits,
         ],
         nested_2: [
             config_secret_and_downward_files,

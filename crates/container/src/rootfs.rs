@@ -480,8 +480,12 @@ fn mount_one(plan: &RootfsPlan, m: &MountPlan, sys: &dyn Syscall) -> Result<(), 
                 sys.mkdir_all(parent, 0o755)
                     .map_err(|e| fail(format!("{what}: mkdir"), e))?;
             }
-            sys.create_file(&dest, 0o644)
-                .map_err(|e| fail(format!("{what}: create mount point"), e))?;
+            // An existing file is the mount point as it is (it may sit on a
+            // read-only filesystem, as /sys/devices/system/cpu/online does).
+            if std::fs::symlink_metadata(&dest).is_err() {
+                sys.create_file(&dest, 0o644)
+                    .map_err(|e| fail(format!("{what}: create mount point"), e))?;
+            }
         }
         let bind = MsFlags::MS_BIND | (m.options.flags & MsFlags::MS_REC);
         sys.mount(Some(src), &dest, None, bind, None)

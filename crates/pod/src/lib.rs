@@ -3,6 +3,7 @@
 
 pub mod command;
 pub mod controller;
+pub mod cpu_placement;
 pub mod logs;
 pub mod manifest;
 pub mod native;

@@ -14,6 +14,7 @@ use nix::sys::signal::Signal;
 use serde_json::json;
 use vmrun_container::{cgroups, LinuxSyscall, Rootfs, Stdio};
 
+use crate::cpu_placement;
 use crate::plan::{PodPlan, VolumeSource};
 use crate::runtime::{
     ExecOutput, ExitInfo, Launch, PodStream, Running, Runtime, RuntimeError, Sandbox,
@@ -28,6 +29,40 @@ pub struct NativeRuntime {
     pub state_root: PathBuf,
     /// Per-container pids limit (the kubelet's podPidsLimit, applied per container).
     pub pids_limit: Option<i64>,
+    /// The host's /proc view, when configured (pods may still opt out).
+    #[serde(default)]
+    pub proc_view: Option<ProcViewSetup>,
+}
+
+/// Where the host's /proc view daemon is and where it mounts.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ProcViewSetup {
+    /// The `vmrun-procview` binary, started when no daemon serves yet.
+    pub binary: PathBuf,
+    pub mountpoint: PathBuf,
+}
+
+impl NativeRuntime {
+    /// The view's mount point for `pod`, starting the host's daemon if
+    /// needed; None when the pod opts out or none is configured. A daemon
+    /// that cannot start is a warning, not a failed pod: the containers
+    /// then read the host's /proc, as under runc.
+    fn proc_view_for(&self, pod: &PodPlan) -> Result<Option<PathBuf>, RuntimeError> {
+        let wanted = crate::spec::proc_view_wanted(pod).map_err(RuntimeError::Sandbox)?;
+        let Some(setup) = self.proc_view.as_ref().filter(|_| wanted) else {
+            return Ok(None);
+        };
+        match vmrun_procview::ensure_running(&setup.binary, &setup.mountpoint) {
+            Ok(()) => Ok(Some(setup.mountpoint.clone())),
+            Err(e) => {
+                tracing::warn!(
+                    "pod {}: no /proc view, containers see the host's /proc: {e}",
+                    pod.name
+                );
+                Ok(None)
+            }
+        }
+    }
 }
 
 impl Runtime for NativeRuntime {
@@ -37,7 +72,9 @@ impl Runtime for NativeRuntime {
 
     fn create_sandbox(&self, pod: &PodPlan) -> Result<Arc<dyn Sandbox>, RuntimeError> {
         let dir = crate::state::pod_dir(&self.state_root, &pod.name);
+        let proc_view = self.proc_view_for(pod)?;
         let mut sandbox = NativeSandbox {
+            proc_view,
             pod: pod.clone(),
             dir: dir.clone(),
             cgroup: format!("{CGROUP_PARENT}/{}", pod.uid),
@@ -72,6 +109,7 @@ struct NativeSandbox {
     pause: Option<vmrun_container::Sandbox>,
     running: Mutex<Vec<Arc<NativeContainer>>>,
     cgroup2: bool,
+    proc_view: Option<PathBuf>,
 }
 
 fn sandbox_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> RuntimeError {
@@ -224,6 +262,26 @@ impl NativeSandbox {
         }
     }
 
+    /// With the /proc view, a container limited to fewer CPUs than the host
+    /// is pinned to as many (see `cpu_placement`).
+    fn cpuset_for(&self, c: &crate::plan::ContainerPlan) -> Option<String> {
+        self.proc_view.as_ref()?;
+        let online = cpu_placement::online_cpus();
+        let n = cpu_placement::cpus_for_limit(c.resources.cpu_limit_milli, online.len())?;
+        let root = Path::new(cgroups::DEFAULT_ROOT);
+        let parent = if self.cgroup2 {
+            root.join(CGROUP_PARENT.trim_start_matches('/'))
+        } else {
+            root.join("cpuset")
+                .join(CGROUP_PARENT.trim_start_matches('/'))
+        };
+        Some(cpu_placement::pick(
+            n,
+            &online,
+            &cpu_placement::in_use(&parent, &online),
+        ))
+    }
+
     fn spec_context(&self) -> SpecContext<'_> {
         SpecContext {
             pod: &self.pod,
@@ -238,6 +296,8 @@ impl NativeSandbox {
             etc_files: &self.etc_files,
             cgroup2: self.cgroup2,
             layers: &[],
+            proc_view: self.proc_view.as_deref(),
+            cpuset: None,
         }
     }
 }
@@ -365,6 +425,7 @@ impl Sandbox for NativeSandbox {
         let mut ctx = self.spec_context();
         ctx.cgroup_path = cgroup_path.clone();
         ctx.layers = &launch.layers;
+        ctx.cpuset = self.cpuset_for(c);
         let mut spec =
             container_spec(&ctx, c, &launch.image).map_err(|e| start_err(e.to_string()))?;
         // The overlay is mounted here, inside the container's mount namespace only.

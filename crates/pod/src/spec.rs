@@ -42,6 +42,30 @@ pub struct SpecContext<'a> {
     pub cgroup2: bool,
     /// The image's rootfs layers, bottom first, for resolving user names in /etc/passwd.
     pub layers: &'a [PathBuf],
+    /// The mount point of the /proc view (`vmrun-procview`), when this pod
+    /// has it: its files are bind-mounted over the container's.
+    pub proc_view: Option<&'a Path>,
+    /// The container's cpuset (a kernel CPU list), when it has one.
+    pub cpuset: Option<String>,
+}
+
+/// Pod annotation that turns the /proc view off (`"false"`) or on (`"true"`, the default).
+pub const PROC_VIEW_ANNOTATION: &str = "vmrun.io/proc-view";
+
+/// Whether `pod` wants the /proc view; an annotation value other than
+/// true/false is an error naming it.
+pub fn proc_view_wanted(pod: &PodPlan) -> Result<bool, String> {
+    match pod
+        .annotations
+        .get(PROC_VIEW_ANNOTATION)
+        .map(String::as_str)
+    {
+        None | Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(format!(
+            "annotation {PROC_VIEW_ANNOTATION}: {other:?} is neither \"true\" nor \"false\""
+        )),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +223,16 @@ pub fn container_spec(
         "source": "cgroup",
         "options": ["nosuid", "noexec", "nodev", "relatime", if privileged { "rw" } else { "ro" }],
     }));
+    if let Some(view) = ctx.proc_view {
+        for f in vmrun_procview::ViewFile::ALL {
+            mounts.push(json!({
+                "destination": f.container_path(),
+                "type": "bind",
+                "source": view.join(f.name()),
+                "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
+            }));
+        }
+    }
     match ctx.shm_dir {
         Some(shm) => mounts.push(bind(shm, "/dev/shm", false)),
         None => mounts.push(json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]})),
@@ -265,6 +299,9 @@ pub fn container_spec(
             json!(((limit * period) / 1000).max(1000) as i64),
         );
         cpu.insert("period".into(), json!(period));
+    }
+    if let Some(cpus) = &ctx.cpuset {
+        cpu.insert("cpus".into(), json!(cpus));
     }
     if !cpu.is_empty() {
         resources.insert("cpu".into(), Value::Object(cpu));

@@ -19,9 +19,15 @@ pub const DEFAULT_MOUNTPOINT: &str = "/run/vmrun/procview";
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("lock {path}: {source}")]
-    Lock { path: PathBuf, source: std::io::Error },
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("run {binary}: {source}")]
-    Spawn { binary: PathBuf, source: std::io::Error },
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{binary} could not serve the /proc view on {mountpoint}: {message}")]
     Failed {
         binary: PathBuf,

@@ -98,6 +98,9 @@ pub fn render_for(roots: &Roots, loads: &Loads, file: ViewFile, pid: u32) -> Vec
     text.into_bytes()
 }
 
+/// The size files claim; more than any rendered file.
+const SPLICE_SIZE: u64 = 1 << 20;
+
 /// Attributes are valid this long in the kernel's cache.
 const TTL: Duration = Duration::from_secs(1);
 
@@ -124,8 +127,13 @@ impl ProcView {
         let dir = ino == FUSE_ROOT_ID;
         FileAttr {
             ino,
-            // procfs files say 0 bytes; reads (direct I/O) return the content.
-            size: 0,
+            // Not 0 as procfs says: read(2) goes straight to us (direct
+            // I/O) whatever the size, but since Linux 6.5 splice and
+            // sendfile(2) (busybox cat) read FUSE files through the page
+            // cache, bounded by the size. Our short read there makes the
+            // kernel cut the size to what we returned, so they get exactly
+            // the content, as read(2) does.
+            size: if dir { 0 } else { SPLICE_SIZE },
             blocks: 0,
             atime: self.started,
             mtime: self.started,

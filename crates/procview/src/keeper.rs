@@ -59,7 +59,10 @@ pub enum KeeperError {
     #[error("{0} is already served by a running vmrun-procview")]
     AlreadyServed(PathBuf),
     #[error("create mount point {path}: {source}")]
-    MountPoint { path: PathBuf, source: std::io::Error },
+    MountPoint {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("open /dev/fuse: {0} (is the fuse module loaded?)")]
     OpenFuse(Errno),
     #[error("mount the /proc view on {path}: {source}")]
@@ -75,7 +78,7 @@ pub enum KeeperError {
 /// Whether `mountpoint` is a live FUSE mount answering requests.
 pub fn is_served(mountpoint: &Path) -> bool {
     let fuse = nix::sys::statfs::statfs(mountpoint)
-        .map(|s| s.filesystem_type().0 as i64 == FUSE_SUPER_MAGIC)
+        .map(|s| s.filesystem_type().0 == FUSE_SUPER_MAGIC)
         .unwrap_or(false);
     fuse && std::fs::metadata(mountpoint.join("meminfo")).is_ok()
 }
@@ -85,11 +88,8 @@ fn is_our_mount(mountpoint: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let want = mountpoint.to_string_lossy();
     info.lines()
-        .filter(|l| {
-            let mut f = l.split_whitespace();
-            f.nth(4) == Some(&*want)
-        })
-        .last()
+        .rev()
+        .find(|l| l.split_whitespace().nth(4) == Some(&*want))
         .is_some_and(|l| l.contains(" - fuse.vmrun-procview "))
 }
 
@@ -249,7 +249,8 @@ impl Keeper {
         let _ = nix::sys::signal::kill(w.pid, Signal::SIGKILL);
         let _ = waitpid(w.pid, None);
         let now = Instant::now();
-        self.restarts.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        self.restarts
+            .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
         self.restarts.push(now);
         if self.restarts.len() > RESTART_BURST {
             self.restart_at = Some(now + Duration::from_secs(1));
@@ -259,7 +260,7 @@ impl Keeper {
         }
     }
 
-    fn from_kernel(&mut self, msg: &[u8]) -> Result<(), KeeperError> {
+    fn relay_request(&mut self, msg: &[u8]) -> Result<(), KeeperError> {
         let Some((opcode, unique)) = header(msg) else {
             return Ok(());
         };
@@ -281,7 +282,7 @@ impl Keeper {
         Ok(())
     }
 
-    fn from_worker(&mut self, buf: &mut [u8]) -> Result<(), KeeperError> {
+    fn relay_reply(&mut self, buf: &mut [u8]) -> Result<(), KeeperError> {
         let Some(w) = self.worker.as_mut() else {
             return Ok(());
         };
@@ -393,13 +394,13 @@ pub fn serve(mountpoint: &Path, roots: Roots, ready: impl FnOnce()) -> Result<()
             break;
         }
         if worker_ready {
-            k.from_worker(&mut buf)?;
+            k.relay_reply(&mut buf)?;
         }
         if kernel_ready {
             match nix::unistd::read(&k.fuse, &mut buf) {
                 Ok(n) => {
                     let msg = buf[..n].to_vec();
-                    k.from_kernel(&msg)?;
+                    k.relay_request(&msg)?;
                 }
                 // Interrupted before we read it / try again.
                 Err(Errno::ENOENT | Errno::EINTR | Errno::EAGAIN) => {}

@@ -98,7 +98,9 @@ fn runnable_tasks(proc_root: &Path, dir: &Path) -> Option<u32> {
                 .ok()
                 .and_then(|s| {
                     let (_, rest) = s.rsplit_once(')')?;
-                    rest.split_whitespace().next().map(|st| st == "R" || st == "D")
+                    rest.split_whitespace()
+                        .next()
+                        .map(|st| st == "R" || st == "D")
                 })
                 .unwrap_or(false)
         })
@@ -129,6 +131,9 @@ mod tests {
         loads.sample(|p| (p == Path::new("/a")).then_some(2));
         assert!(loads.read(Path::new("/a"))[0] > 0.0);
         let map = loads.inner.lock().unwrap();
-        assert!(!map.contains_key(Path::new("/b")), "a gone cgroup is forgotten");
+        assert!(
+            !map.contains_key(Path::new("/b")),
+            "a gone cgroup is forgotten"
+        );
     }
 }

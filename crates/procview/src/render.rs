@@ -120,9 +120,8 @@ pub fn stat(host: &str, v: &ContainerView, hz: u64) -> String {
     let per_user = user / n;
     let per_system = system / n;
     let per_idle = lifetime.saturating_sub(per_user + per_system);
-    let line = |name: &str, u: u64, s: u64, idle: u64| {
-        format!("{name} {u} 0 {s} {idle} 0 0 0 0 0 0\n")
-    };
+    let line =
+        |name: &str, u: u64, s: u64, idle: u64| format!("{name} {u} 0 {s} {idle} 0 0 0 0 0 0\n");
     let mut out = line("cpu ", per_user * n, per_system * n, per_idle * n);
     for i in 0..n {
         out.push_str(&line(&format!("cpu{i}"), per_user, per_system, per_idle));
@@ -165,7 +164,13 @@ pub fn swaps(host_meminfo: &str, v: &ContainerView) -> String {
     let info = meminfo(host_meminfo, v);
     let kb = |key: &str| {
         info.lines()
-            .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse::<u64>().ok())
+            .find_map(|l| {
+                l.strip_prefix(key)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
             .unwrap_or(0)
     };
     let total = kb("SwapTotal:");
@@ -243,7 +248,12 @@ mod tests {
             out,
             "processor\t: 0\nmodel name\t: X\nsiblings\t: 1\ncore id\t\t: 0\n\n"
         );
-        assert_eq!(cpuinfo(host, &view(None, &[0, 1])).matches("processor").count(), 2);
+        assert_eq!(
+            cpuinfo(host, &view(None, &[0, 1]))
+                .matches("processor")
+                .count(),
+            2
+        );
     }
 
     #[test]
@@ -254,14 +264,20 @@ mod tests {
         assert_eq!(lines[0], "cpu  200 0 100 700 0 0 0 0 0 0");
         assert_eq!(lines[1], "cpu0 200 0 100 700 0 0 0 0 0 0");
         assert!(!out.contains("cpu1"), "{out}");
-        assert!(out.contains("btime 100\n") && out.contains("procs_running 1\n"), "{out}");
+        assert!(
+            out.contains("btime 100\n") && out.contains("procs_running 1\n"),
+            "{out}"
+        );
     }
 
     #[test]
     fn uptime_loadavg_swaps_and_online() {
         let v = view(Some(64 << 20), &[0, 1]);
         assert_eq!(uptime(&v), "10.00 17.00\n");
-        assert_eq!(loadavg("0.5 0.4 0.3 2/300 4242\n", &v, [0.25, 0.5, 1.0]), "0.25 0.50 1.00 1/3 4242\n");
+        assert_eq!(
+            loadavg("0.5 0.4 0.3 2/300 4242\n", &v, [0.25, 0.5, 1.0]),
+            "0.25 0.50 1.00 1/3 4242\n"
+        );
         assert_eq!(
             swaps(HOST_MEMINFO, &v),
             "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"

@@ -477,7 +477,10 @@ mod tests {
         write(&pod.join("c/cpu.max"), "20000 100000\n");
         write(&pod.join("c/cpuset.cpus.effective"), "0-1\n");
         write(&pod.join("c/cgroup.procs"), "7\n");
-        write(&pod.join("c/cpu.stat"), "usage_usec 5\nuser_usec 3\nsystem_usec 2\n");
+        write(
+            &pod.join("c/cpu.stat"),
+            "usage_usec 5\nuser_usec 3\nsystem_usec 2\n",
+        );
         let v = roots.view_of(7);
         assert_eq!(v.memory.limit, Some(32 << 20), "the pod's limit is tighter");
         assert_eq!(v.cpus, vec![0], "200m is one CPU");

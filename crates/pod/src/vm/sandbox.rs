@@ -2,7 +2,7 @@
 //! has the agent build the sandbox, volumes and containers inside.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,6 +45,8 @@ pub(super) struct VmSandbox {
     running: Mutex<Vec<Arc<VmContainer>>>,
     exec_ids: AtomicU64,
     destroyed: AtomicBool,
+    /// Whether containers get the guest's /proc view (the agent serves it).
+    proc_view: bool,
 }
 
 pub(super) fn status_msg(what: &str, status: &tonic::Status) -> String {
@@ -58,6 +60,7 @@ impl VmSandbox {
         rt: Handle,
     ) -> Result<Self, RuntimeError> {
         let sandbox_err = RuntimeError::Sandbox;
+        let proc_view = crate::spec::proc_view_wanted(pod).map_err(sandbox_err)?;
         let disks = DiskPlan::for_pod(pod, &runtime.image_disks)?;
         let dir = crate::state::pod_dir(&runtime.state_root, &pod.name).join("vm");
         let _ = std::fs::remove_dir_all(&dir);
@@ -81,6 +84,7 @@ impl VmSandbox {
             }
         };
         let mut sandbox = VmSandbox {
+            proc_view,
             pod: pod.clone(),
             vmm,
             agent,
@@ -222,6 +226,10 @@ impl VmSandbox {
             // The guest kernel mounts only cgroup v2.
             cgroup2: true,
             layers,
+            proc_view: self
+                .proc_view
+                .then_some(Path::new(vmrun_procview::DEFAULT_MOUNTPOINT)),
+            cpuset: None,
         }
     }
 
