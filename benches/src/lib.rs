@@ -57,3 +57,29 @@ pub fn summarize(samples: &[Duration]) -> Summary {
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
+
+/// Imports the test busybox image into the image store at `root` as
+/// `localhost/busybox:latest` (no registry needed).
+pub fn import_busybox(
+    vmrun: &std::path::Path,
+    root: &std::path::Path,
+    work: &std::path::Path,
+) -> anyhow::Result<()> {
+    use vmrun_tests::images::{busybox_image, write_oci_archive, Compression};
+    let archive = work.join("busybox.oci.tar");
+    write_oci_archive(
+        &archive,
+        &busybox_image(Compression::Gzip)?,
+        Some("localhost/busybox:latest"),
+    )?;
+    let status = Command::new(vmrun)
+        .arg("--root")
+        .arg(root)
+        .args(["image", "import"])
+        .arg(&archive)
+        .status()?;
+    if !status.success() {
+        bail!("vmrun image import failed");
+    }
+    Ok(())
+}

@@ -1125,6 +1125,213 @@ mod vm {
     }
 }
 
+/// The pod that reads its own view, annotated with `vmrun.io/proc-view: VALUE`.
+fn view_pod(name: &str, view: &str, sleep: u32) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  annotations:
+    vmrun.io/proc-view: "{view}"
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: {image}
+    command: ["sleep", "{sleep}"]
+    resources:
+      limits: {{cpu: 200m, memory: 64Mi}}
+"#,
+        image = vmrun_tests::pod::procps_reference()
+    )
+}
+
+/// native: `vmrun.io/proc-view: "false"` gives the container the host's
+/// /proc (and no cpuset), as runc does; its own cgroup fs stays.
+#[test]
+fn proc_view_can_be_turned_off() {
+    require_root("proc_view_can_be_turned_off");
+    let vm = Vmrun::new();
+    let record = start_detached(
+        &vm,
+        "native",
+        "hostview",
+        &view_pod("hostview", "false", 3604),
+    );
+    let uid = uid_of(&record);
+    let out = exec(&vm, "hostview", "app", &["sh", "-c", SELF_REPORT]);
+    assert!(out.status.success(), "exec: {}", describe(&out));
+    let report = text(&out.stdout);
+    let host_total = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let host_total = host_total
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap();
+    assert_eq!(report_value(&report, "memtotal"), host_total, "{report}");
+    let host_cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(
+        report_value(&report, "nproc"),
+        host_cpus.to_string(),
+        "{report}"
+    );
+    assert_eq!(
+        report_value(&report, "mem"),
+        (64u64 << 20).to_string(),
+        "{report}"
+    );
+    stop_and_rm(&vm, "hostview");
+    assert_clean(&vm, &uid, "sleep 3604");
+
+    let path = vm.manifest("badview", &view_pod("badview", "maybe", 3604));
+    let out = vm.run(&["run", path.to_str().unwrap()]);
+    assert_refused(&vm, &out, "badview", &["vmrun.io/proc-view", "\"maybe\""]);
+}
+
+/// (pid, parent pid, command line) of every process.
+fn process_table() -> Vec<(i32, i32, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            Some((pid, ppid, cmd))
+        })
+        .collect()
+}
+
+/// The keeper serving `mountpoint` and its current worker.
+fn view_daemon(mountpoint: &std::path::Path) -> (i32, i32) {
+    let table = process_table();
+    let want = format!("vmrun-procview start {}", mountpoint.display());
+    // The worker is forked from the keeper: same command line, keeper as parent.
+    let ours: Vec<_> = table
+        .iter()
+        .filter(|(_, _, cmd)| cmd.contains(&want))
+        .collect();
+    let keeper = ours
+        .iter()
+        .find(|(_, ppid, _)| !ours.iter().any(|(pid, _, _)| pid == ppid))
+        .map(|(pid, _, _)| *pid)
+        .unwrap_or_else(|| panic!("no keeper for {}", mountpoint.display()));
+    let worker = table
+        .iter()
+        .find(|(_, ppid, _)| *ppid == keeper)
+        .map(|(pid, _, _)| *pid)
+        .unwrap_or_else(|| panic!("keeper {keeper} has no worker"));
+    (keeper, worker)
+}
+
+/// native: the view's worker hung or killed under a running container:
+/// reads fail with EIO within the keeper's timeout instead of hanging, and
+/// the next read is served by a new worker; a stopped keeper leaves no mount.
+#[test]
+fn proc_view_survives_its_worker() {
+    require_root("proc_view_survives_its_worker");
+    let vm = Vmrun::new();
+    // Outside the state directory, which must hold no mount after the pod.
+    let view_dir = tempfile::tempdir().unwrap();
+    let mountpoint = view_dir.path().join("procview");
+    std::fs::write(
+        &vm.config,
+        format!(
+            "pids_limit = 1024\n[proc_view]\nmountpoint = {:?}\n",
+            mountpoint
+        ),
+    )
+    .unwrap();
+    let record = start_detached(
+        &vm,
+        "native",
+        "crashview",
+        &view_pod("crashview", "true", 3606),
+    );
+    let uid = uid_of(&record);
+    let memtotal = |vm: &Vmrun| {
+        exec(
+            vm,
+            "crashview",
+            "app",
+            &["grep", "MemTotal", "/proc/meminfo"],
+        )
+    };
+    let out = memtotal(&vm);
+    assert!(
+        text(&out.stdout).contains(" 65536 kB"),
+        "{}",
+        describe(&out)
+    );
+
+    let (keeper, worker) = view_daemon(&mountpoint);
+    let signal = |pid: i32, s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s).unwrap();
+    signal(worker, nix::sys::signal::Signal::SIGSTOP);
+    let started = Instant::now();
+    let out = memtotal(&vm);
+    let took = started.elapsed();
+    assert!(
+        !out.status.success(),
+        "a hung worker answered: {}",
+        describe(&out)
+    );
+    assert!(
+        text(&out.stderr).contains("Input/output error"),
+        "not EIO: {}",
+        describe(&out)
+    );
+    assert!(took < Duration::from_secs(20), "the read took {took:?}");
+    let (same_keeper, new_worker) = view_daemon(&mountpoint);
+    assert_eq!(same_keeper, keeper);
+    assert_ne!(new_worker, worker, "the hung worker was not replaced");
+    let out = memtotal(&vm);
+    assert!(
+        text(&out.stdout).contains(" 65536 kB"),
+        "after restart: {}",
+        describe(&out)
+    );
+
+    signal(new_worker, nix::sys::signal::Signal::SIGKILL);
+    // The keeper sees the worker gone at once and starts another; at most a
+    // read racing the kill fails.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = memtotal(&vm);
+        if text(&out.stdout).contains(" 65536 kB") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never served again: {}",
+            describe(&out)
+        );
+    }
+    stop_and_rm(&vm, "crashview");
+    assert_clean(&vm, &uid, "sleep 3606");
+
+    signal(keeper, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(mountpoint.to_str().unwrap())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the view stayed mounted after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn wasm_runtime_says_not_available_yet() {
     wasm_is_refused_until_available("native");

@@ -7,8 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context};
-use vmrun_benches::{ms, summarize, time_to_first_line, Summary};
-use vmrun_tests::images::{busybox_image, write_oci_archive, Compression};
+use vmrun_benches::{import_busybox, ms, summarize, time_to_first_line, Summary};
 
 fn main() -> anyhow::Result<()> {
     let runs: usize = std::env::args()
@@ -21,21 +20,7 @@ fn main() -> anyhow::Result<()> {
     let root = work.path().join("root");
     let state = work.path().join("state");
 
-    let archive = work.path().join("busybox.oci.tar");
-    write_oci_archive(
-        &archive,
-        &busybox_image(Compression::Gzip)?,
-        Some("localhost/busybox:latest"),
-    )?;
-    let status = Command::new(vmrun)
-        .arg("--root")
-        .arg(&root)
-        .args(["image", "import"])
-        .arg(&archive)
-        .status()?;
-    if !status.success() {
-        bail!("vmrun image import failed");
-    }
+    import_busybox(vmrun, &root, work.path())?;
 
     let manifest = work.path().join("pod.yaml");
     std::fs::write(

@@ -77,8 +77,10 @@ pub enum KeeperError {
 
 /// Whether `mountpoint` is a live FUSE mount answering requests.
 pub fn is_served(mountpoint: &Path) -> bool {
+    // f_type is i64 with glibc and u64 with musl (the guest agent).
+    #[allow(clippy::unnecessary_cast)]
     let fuse = nix::sys::statfs::statfs(mountpoint)
-        .map(|s| s.filesystem_type().0 == FUSE_SUPER_MAGIC)
+        .map(|s| s.filesystem_type().0 as i64 == FUSE_SUPER_MAGIC)
         .unwrap_or(false);
     fuse && std::fs::metadata(mountpoint.join("meminfo")).is_ok()
 }
