@@ -285,34 +285,38 @@ pub fn vmrun_release_bin() -> &'static Path {
     BIN.get_or_init(|| build_vmrun(true))
 }
 
-/// `127.0.0.1:PORT/test/busybox:latest` in the process-wide test registry.
+/// Runs one of the crate's async image pushes to completion, for synchronous tests.
+fn pushed(what: &str, push: impl std::future::Future<Output = anyhow::Result<String>>) -> String {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(push)
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
 /// [`crate::shared_procps_image`], for synchronous tests.
 pub fn procps_reference() -> String {
     static REFERENCE: OnceLock<String> = OnceLock::new();
     REFERENCE
         .get_or_init(|| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            runtime
-                .block_on(crate::shared_procps_image())
-                .expect("pushing the procps test image")
+            pushed(
+                "pushing the procps test image",
+                crate::shared_procps_image(),
+            )
         })
         .clone()
 }
 
+/// `127.0.0.1:PORT/test/busybox:latest` in the process-wide test registry.
 pub fn busybox_reference() -> String {
     static REFERENCE: OnceLock<String> = OnceLock::new();
     REFERENCE
         .get_or_init(|| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            runtime
-                .block_on(crate::shared_busybox())
-                .expect("starting the test registry with busybox")
+            pushed(
+                "starting the test registry with busybox",
+                crate::shared_busybox(),
+            )
         })
         .clone()
 }

@@ -397,6 +397,18 @@ mod tests {
         std::fs::write(p, s).unwrap();
     }
 
+    /// Empty /proc, cgroup and cpu roots in a temporary directory (kept
+    /// while the first value lives).
+    fn temp_roots() -> (tempfile::TempDir, Roots) {
+        let t = tempfile::tempdir().unwrap();
+        let roots = Roots {
+            proc: t.path().join("proc"),
+            cgroup: t.path().join("cg"),
+            cpu: t.path().join("cpu"),
+        };
+        (t, roots)
+    }
+
     /// A /proc with one process `pid`, started `start` ticks after boot.
     fn proc_with(dir: &Path, pid: u32, cgroup: &str, start: u64) {
         write(&dir.join("uptime"), "1000.00 1800.00\n");
@@ -419,12 +431,7 @@ mod tests {
 
     #[test]
     fn v1_view_reads_quota_cpuset_memory_and_start() {
-        let t = tempfile::tempdir().unwrap();
-        let roots = Roots {
-            proc: t.path().join("proc"),
-            cgroup: t.path().join("cg"),
-            cpu: t.path().join("cpu"),
-        };
+        let (_t, roots) = temp_roots();
         write(&roots.cpu.join("online"), "0-3\n");
         let hz = clock_ticks();
         proc_with(
@@ -460,12 +467,7 @@ mod tests {
 
     #[test]
     fn v2_view_takes_the_tightest_ancestor_limit() {
-        let t = tempfile::tempdir().unwrap();
-        let roots = Roots {
-            proc: t.path().join("proc"),
-            cgroup: t.path().join("cg"),
-            cpu: t.path().join("cpu"),
-        };
+        let (_t, roots) = temp_roots();
         write(&roots.cpu.join("online"), "0-1\n");
         write(&roots.cgroup.join("cgroup.controllers"), "cpu memory\n");
         proc_with(&roots.proc, 7, "0::/pod/c\n", 0);
@@ -489,12 +491,7 @@ mod tests {
 
     #[test]
     fn a_process_in_no_container_sees_the_host() {
-        let t = tempfile::tempdir().unwrap();
-        let roots = Roots {
-            proc: t.path().join("proc"),
-            cgroup: t.path().join("cg"),
-            cpu: t.path().join("cpu"),
-        };
+        let (_t, roots) = temp_roots();
         write(&roots.cpu.join("online"), "0-1\n");
         write(&roots.proc.join("uptime"), "55.5 100\n");
         let v = roots.view_of(99);
