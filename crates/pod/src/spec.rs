@@ -515,3 +515,105 @@ fn lookup_group(group: Option<&str>, name: &str) -> Option<u32> {
             .flatten()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_of(yaml: &str) -> PodPlan {
+        let manifest = crate::manifest::parse("t.yaml", yaml).unwrap();
+        crate::plan::plan(&manifest, "uid-1", "node-1").unwrap()
+    }
+
+    fn spec_of(pod: &PodPlan, cgroup2: bool, view: Option<&Path>) -> Spec {
+        let dirs = BTreeMap::new();
+        let ctx = SpecContext {
+            pod,
+            sandbox_ns_dir: None,
+            cgroup_path: "/vmrun/uid-1/c".into(),
+            pids_limit: None,
+            volume_dirs: &dirs,
+            shm_dir: None,
+            etc_files: &[],
+            cgroup2,
+            layers: &[],
+            proc_view: view,
+            cpuset: Some("1".into()),
+        };
+        let image = ImageDefaults {
+            cmd: vec!["sh".into()],
+            ..ImageDefaults::default()
+        };
+        container_spec(&ctx, &pod.containers[0], &image).unwrap()
+    }
+
+    fn mount_at<'a>(spec: &'a Spec, dest: &str) -> Option<&'a oci_spec::runtime::Mount> {
+        spec.mounts()
+            .iter()
+            .flatten()
+            .find(|m| m.destination() == Path::new(dest))
+    }
+
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n  containers:\n  - name: c\n    image: busybox\n";
+
+    #[test]
+    fn the_cgroup_fs_is_read_only_unless_privileged() {
+        let pod = plan_of(POD);
+        for (cgroup2, typ) in [(true, "cgroup2"), (false, "cgroup")] {
+            let spec = spec_of(&pod, cgroup2, None);
+            let m = mount_at(&spec, "/sys/fs/cgroup").expect("a cgroup mount");
+            assert_eq!(m.typ().as_deref(), Some(typ));
+            assert!(m.options().as_ref().unwrap().contains(&"ro".to_string()));
+        }
+        let privileged = plan_of(&format!("{POD}    securityContext: {{privileged: true}}\n"));
+        let spec = spec_of(&privileged, false, None);
+        let m = mount_at(&spec, "/sys/fs/cgroup").unwrap();
+        assert!(m.options().as_ref().unwrap().contains(&"rw".to_string()));
+    }
+
+    #[test]
+    fn the_proc_view_binds_its_files_read_only_with_the_cpuset() {
+        let pod = plan_of(POD);
+        let spec = spec_of(&pod, true, Some(Path::new("/run/vmrun/procview")));
+        for f in vmrun_procview::ViewFile::ALL {
+            let m = mount_at(&spec, f.container_path())
+                .unwrap_or_else(|| panic!("no mount on {}", f.container_path()));
+            assert_eq!(
+                m.source().as_deref(),
+                Some(Path::new("/run/vmrun/procview").join(f.name()).as_path())
+            );
+            assert!(m.options().as_ref().unwrap().contains(&"ro".to_string()));
+        }
+        let cpus = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .resources()
+            .as_ref()
+            .unwrap()
+            .cpu()
+            .as_ref()
+            .unwrap()
+            .cpus()
+            .clone();
+        assert_eq!(cpus.as_deref(), Some("1"));
+        assert!(mount_at(&spec_of(&pod, true, None), "/proc/meminfo").is_none());
+    }
+
+    #[test]
+    fn the_proc_view_annotation_is_true_or_false() {
+        let with = |v: &str| {
+            plan_of(&POD.replace(
+                "  name: p\n",
+                &format!("  name: p\n  annotations:\n    vmrun.io/proc-view: \"{v}\"\n"),
+            ))
+        };
+        assert_eq!(proc_view_wanted(&plan_of(POD)), Ok(true));
+        assert_eq!(proc_view_wanted(&with("false")), Ok(false));
+        let err = proc_view_wanted(&with("nope")).unwrap_err();
+        assert!(
+            err.contains("vmrun.io/proc-view") && err.contains("\"nope\""),
+            "{err}"
+        );
+    }
+}
