@@ -94,6 +94,9 @@ pub fn ensure_running(binary: &Path, mountpoint: &Path) -> Result<(), StartError
 pub fn start_detached(mountpoint: &Path, log: &Path) -> Result<(), String> {
     let (rx, tx) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
     let (mut rx, tx) = (std::fs::File::from(rx), std::fs::File::from(tx));
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
