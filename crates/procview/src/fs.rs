@@ -15,7 +15,7 @@ use fuser::{
 
 use crate::loadavg::Loads;
 use crate::render;
-use crate::view::{clock_ticks, Roots};
+use crate::view::{clock_ticks, Needs, Roots};
 
 /// The files served, their inode numbers, and where a container sees them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +66,33 @@ impl ViewFile {
         }
     }
 
+    /// What rendering it reads about the container.
+    fn needs(self) -> Needs {
+        let none = Needs {
+            memory: false,
+            cpus: false,
+            cpu_time: false,
+            tasks: false,
+        };
+        match self {
+            ViewFile::Meminfo | ViewFile::Swaps => Needs {
+                memory: true,
+                ..none
+            },
+            ViewFile::Cpuinfo | ViewFile::CpuOnline => Needs { cpus: true, ..none },
+            ViewFile::Loadavg => Needs {
+                tasks: true,
+                ..none
+            },
+            ViewFile::Stat | ViewFile::Uptime => Needs {
+                cpus: true,
+                cpu_time: true,
+                tasks: true,
+                ..none
+            },
+        }
+    }
+
     fn ino(self) -> u64 {
         FUSE_ROOT_ID + 1 + Self::ALL.iter().position(|f| *f == self).unwrap_or(0) as u64
     }
@@ -77,7 +104,7 @@ impl ViewFile {
 
 /// Renders `file` as the process `pid` should see it.
 pub fn render_for(roots: &Roots, loads: &Loads, file: ViewFile, pid: u32) -> Vec<u8> {
-    let view = roots.view_of(pid);
+    let view = roots.view_for(pid, file.needs());
     let host = |name: &str| std::fs::read_to_string(roots.proc.join(name)).unwrap_or_default();
     let text = match file {
         ViewFile::Meminfo => render::meminfo(&host("meminfo"), &view),

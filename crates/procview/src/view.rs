@@ -56,6 +56,26 @@ pub enum CgroupDirs {
     V1(BTreeMap<String, PathBuf>),
 }
 
+/// Which parts of a [`ContainerView`] a file needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    pub memory: bool,
+    /// CPUs from the cpuset and quota.
+    pub cpus: bool,
+    pub cpu_time: bool,
+    /// Processes: count, running, uptime.
+    pub tasks: bool,
+}
+
+impl Needs {
+    pub const ALL: Needs = Needs {
+        memory: true,
+        cpus: true,
+        cpu_time: true,
+        tasks: true,
+    };
+}
+
 /// Everything the rendered files need about the reader's container.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ContainerView {
@@ -161,8 +181,19 @@ impl Roots {
 
     /// The view of the container `pid` is in.
     pub fn view_of(&self, pid: u32) -> ContainerView {
-        let host_cpus = self.online_cpus();
-        let host_uptime = self.host_uptime();
+        self.view_for(pid, Needs::ALL)
+    }
+
+    /// [`Roots::view_of`], reading only what `needs` asks for (the rest is
+    /// left default): every file read is a syscall round on the reader's
+    /// critical path.
+    pub fn view_for(&self, pid: u32, needs: Needs) -> ContainerView {
+        let host_cpus = if needs.cpus {
+            self.online_cpus()
+        } else {
+            Vec::new()
+        };
+        let host_uptime = if needs.tasks { self.host_uptime() } else { 0.0 };
         let Some(dirs) = self.cgroup_dirs(pid) else {
             return ContainerView {
                 cpus: host_cpus,
@@ -181,6 +212,7 @@ impl Roots {
         };
         let v2 = matches!(dirs, CgroupDirs::V2(_));
         let mut cpus = cpuset_dir
+            .filter(|_| needs.cpus)
             .and_then(|d| {
                 let names: &[&str] = if v2 {
                     &["cpuset.cpus.effective"]
@@ -194,13 +226,16 @@ impl Roots {
             })
             .filter(|c| !c.is_empty())
             .unwrap_or(host_cpus);
-        if let Some(n) = quota_dir.and_then(|d| quota_cpus(&self.cgroup, d, v2)) {
+        let quota = quota_dir.filter(|_| needs.cpus);
+        if let Some(n) = quota.and_then(|d| quota_cpus(&self.cgroup, d, v2)) {
             cpus.truncate(n.max(1));
         }
         let memory = mem_dir
+            .filter(|_| needs.memory)
             .map(|d| memory_of(&self.cgroup, d, v2))
             .unwrap_or_default();
         let (cpu_user_us, cpu_system_us) = match &dirs {
+            _ if !needs.cpu_time => (0, 0),
             CgroupDirs::V2(d) => {
                 let s = read_keyed(&d.join("cpu.stat"));
                 (
@@ -222,6 +257,7 @@ impl Roots {
             }
         };
         let pids = procs_dir
+            .filter(|_| needs.tasks)
             .and_then(|d| read(&d.join("cgroup.procs")))
             .unwrap_or_default();
         let mut tasks = 0;
