@@ -90,7 +90,9 @@ pub fn ensure_running(binary: &Path, mountpoint: &Path) -> Result<(), StartError
 
 /// `vmrun-procview start`: forks the keeper into a session of its own and
 /// returns once it serves the mount (Ok), or with the reason it could not.
-/// The keeper's later messages go to `log`.
+/// The keeper's later messages go to `log`. The caller must have a single
+/// thread (the keeper is forked and goes on running Rust code): the binary's
+/// `main`, or the guest agent as PID 1 before it starts its server.
 pub fn start_detached(mountpoint: &Path, log: &Path) -> Result<(), String> {
     let (rx, tx) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
     let (mut rx, tx) = (std::fs::File::from(rx), std::fs::File::from(tx));
@@ -102,8 +104,8 @@ pub fn start_detached(mountpoint: &Path, log: &Path) -> Result<(), String> {
         .append(true)
         .open(log)
         .map_err(|e| format!("open {}: {e}", log.display()))?;
-    // SAFETY: the binary is single-threaded at this point (main has started
-    // nothing), so the child may go on running Rust code after fork.
+    // SAFETY: callers are single-threaded (see above), so the child may go
+    // on running Rust code after fork.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Parent { .. } => {
             drop(tx);
@@ -120,6 +122,9 @@ pub fn start_detached(mountpoint: &Path, log: &Path) -> Result<(), String> {
         ForkResult::Child => {
             drop(rx);
             let _ = setsid();
+            // Hold no directory of whoever started it (a test's temporary
+            // directory, a pod's state) busy.
+            let _ = std::env::set_current_dir("/");
             let null = std::fs::File::open("/dev/null").ok();
             // SAFETY: dup2 onto the standard descriptors, which this process owns.
             unsafe {
