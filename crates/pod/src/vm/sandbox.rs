@@ -47,6 +47,9 @@ pub(super) struct VmSandbox {
     destroyed: AtomicBool,
     /// Whether containers get the guest's /proc view (the agent serves it).
     proc_view: bool,
+    vcpus: u8,
+    /// Guest CPUs each container (by name) is pinned to, with the view.
+    pinned: Mutex<BTreeMap<String, Vec<u32>>>,
 }
 
 pub(super) fn status_msg(what: &str, status: &tonic::Status) -> String {
@@ -85,6 +88,8 @@ impl VmSandbox {
         };
         let mut sandbox = VmSandbox {
             proc_view,
+            vcpus: size.vcpus,
+            pinned: Mutex::new(BTreeMap::new()),
             pod: pod.clone(),
             vmm,
             agent,
@@ -212,6 +217,37 @@ impl VmSandbox {
             )
             .map_err(RuntimeError::Sandbox)?;
         Ok(PathBuf::from(done.guest_path))
+    }
+
+    /// As on native (`cpu_placement`): with the view, a container limited to
+    /// fewer CPUs than the VM has is pinned to as many guest CPUs, the ones
+    /// its pod's other containers use least; a restart keeps its CPUs.
+    fn cpuset_for(&self, c: &crate::plan::ContainerPlan) -> Option<String> {
+        if !self.proc_view {
+            return None;
+        }
+        let online: Vec<u32> = (0..u32::from(self.vcpus)).collect();
+        let n = crate::cpu_placement::cpus_for_limit(c.resources.cpu_limit_milli, online.len())?;
+        let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        let mut in_use = BTreeMap::new();
+        for cpu in pinned
+            .iter()
+            .filter(|(name, _)| **name != c.name)
+            .flat_map(|(_, cpus)| cpus)
+        {
+            *in_use.entry(*cpu).or_default() += 1;
+        }
+        let list = pinned.get(&c.name).map_or_else(
+            || crate::cpu_placement::pick(n, &online, &in_use),
+            |cpus| {
+                cpus.iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
+        );
+        pinned.insert(c.name.clone(), vmrun_procview::view::parse_cpu_list(&list));
+        Some(list)
     }
 
     fn spec_context<'a>(&'a self, layers: &'a [PathBuf]) -> SpecContext<'a> {
@@ -345,6 +381,7 @@ impl Sandbox for VmSandbox {
         }
         let mut ctx = self.spec_context(&launch.layers);
         ctx.cgroup_path = format!("/vmrun/{id}");
+        ctx.cpuset = self.cpuset_for(c);
         let spec = container_spec(&ctx, c, &launch.image).map_err(|e| start_err(e.to_string()))?;
         let process = serde_json::to_value(spec.process()).unwrap_or_default();
         let spec_json = serde_json::to_vec(&spec).map_err(|e| start_err(e.to_string()))?;
