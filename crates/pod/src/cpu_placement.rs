@@ -22,8 +22,12 @@ pub fn pick(n: usize, online: &[u32], in_use: &BTreeMap<u32, usize>) -> String {
     cpus.sort_by_key(|c| (in_use.get(c).copied().unwrap_or(0), *c));
     let mut chosen: Vec<u32> = cpus.into_iter().take(n).collect();
     chosen.sort_unstable();
-    chosen
-        .iter()
+    format_list(&chosen)
+}
+
+/// CPUs as a kernel CPU list, one by one: `1,3`.
+pub fn format_list(cpus: &[u32]) -> String {
+    cpus.iter()
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",")

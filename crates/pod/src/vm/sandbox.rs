@@ -239,12 +239,7 @@ impl VmSandbox {
         }
         let list = pinned.get(&c.name).map_or_else(
             || crate::cpu_placement::pick(n, &online, &in_use),
-            |cpus| {
-                cpus.iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            },
+            |cpus| crate::cpu_placement::format_list(cpus),
         );
         pinned.insert(c.name.clone(), vmrun_procview::view::parse_cpu_list(&list));
         Some(list)
