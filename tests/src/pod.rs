@@ -252,15 +252,33 @@ impl Vmrun {
 
 /// Every process as (pid, command line with NULs as spaces).
 fn processes() -> impl Iterator<Item = (i32, String)> {
+    process_table().into_iter().map(|(pid, _, cmd)| (pid, cmd))
+}
+
+/// Every process as (pid, parent pid, command line with NULs as spaces).
+pub fn process_table() -> Vec<(i32, i32, String)> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|proc| {
             let pid: i32 = proc.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(proc.path().join("stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
             let cmdline = std::fs::read(proc.path().join("cmdline")).unwrap_or_default();
-            Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")))
+            Some((
+                pid,
+                ppid,
+                String::from_utf8_lossy(&cmdline).replace('\0', " "),
+            ))
         })
+        .collect()
 }
 
 impl Default for Vmrun {

@@ -1189,31 +1189,9 @@ fn proc_view_can_be_turned_off() {
     assert_refused(&vm, &out, "badview", &["vmrun.io/proc-view", "\"maybe\""]);
 }
 
-/// (pid, parent pid, command line) of every process.
-fn process_table() -> Vec<(i32, i32, String)> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let ppid = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            Some((pid, ppid, cmd))
-        })
-        .collect()
-}
-
 /// The keeper serving `mountpoint` and its current worker.
 fn view_daemon(mountpoint: &std::path::Path) -> (i32, i32) {
-    let table = process_table();
+    let table = vmrun_tests::pod::process_table();
     let want = format!("vmrun-procview start {}", mountpoint.display());
     // The worker is forked from the keeper: same command line, keeper as parent.
     let ours: Vec<_> = table

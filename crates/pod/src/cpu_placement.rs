@@ -61,13 +61,7 @@ pub fn in_use(parent: &Path, online: &[u32]) -> BTreeMap<u32, usize> {
 
 /// The host's online CPUs.
 pub fn online_cpus() -> Vec<u32> {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
-    let cpus = vmrun_procview::view::parse_cpu_list(&text);
-    if cpus.is_empty() {
-        vec![0]
-    } else {
-        cpus
-    }
+    vmrun_procview::view::Roots::default().online_cpus()
 }
 
 #[cfg(test)]

@@ -6,28 +6,38 @@ use std::fmt::Write;
 
 use crate::view::{format_first_cpus, ContainerView};
 
+/// A meminfo `key:` value of the host, in bytes.
+fn host_bytes(host: &str, key: &str) -> u64 {
+    host.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// The container's swap (total, used) in bytes: its swap limit, at most the
+/// host's swap.
+fn swap(host: &str, v: &ContainerView) -> (u64, u64) {
+    let host_swap = host_bytes(host, "SwapTotal");
+    let total = v.memory.swap_limit.map_or(host_swap, |s| s.min(host_swap));
+    (total, v.memory.swap_usage.min(total))
+}
+
 /// `/proc/meminfo`: totals from the container's limit, usage from its
 /// cgroup; lines a cgroup does not account stay the host's.
 pub fn meminfo(host: &str, v: &ContainerView) -> String {
-    let host_kb = |key: &str| -> u64 {
-        host.lines()
-            .find_map(|l| {
-                let rest = l.strip_prefix(key)?.strip_prefix(':')?;
-                rest.split_whitespace().next()?.parse().ok()
-            })
-            .unwrap_or(0)
-    };
     let m = &v.memory;
-    let host_total = host_kb("MemTotal") * 1024;
+    let host_total = host_bytes(host, "MemTotal");
     let Some(limit) = m.limit.filter(|l| *l < host_total) else {
         return host.to_string();
     };
     let kb = |bytes: u64| bytes / 1024;
     let free = limit.saturating_sub(m.usage);
     let available = (free + m.active_file + m.inactive_file + m.slab_reclaimable).min(limit);
-    let host_swap = host_kb("SwapTotal") * 1024;
-    let swap_total = m.swap_limit.map_or(host_swap, |s| s.min(host_swap));
-    let swap_free = swap_total.saturating_sub(m.swap_usage);
+    let (swap_total, swap_used) = swap(host, v);
+    let swap_free = swap_total - swap_used;
     let ours: [(&str, u64); 19] = [
         ("MemTotal", limit),
         ("MemFree", free),
@@ -161,22 +171,14 @@ pub fn uptime(v: &ContainerView) -> String {
 /// `/proc/swaps`: one virtual entry when the container may swap.
 pub fn swaps(host_meminfo: &str, v: &ContainerView) -> String {
     let mut out = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n".to_string();
-    let info = meminfo(host_meminfo, v);
-    let kb = |key: &str| {
-        info.lines()
-            .find_map(|l| {
-                l.strip_prefix(key)?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0)
-    };
-    let total = kb("SwapTotal:");
+    let (total, used) = swap(host_meminfo, v);
     if total > 0 {
-        let used = total.saturating_sub(kb("SwapFree:"));
-        let _ = writeln!(out, "none\t\t\t\t\tvirtual\t\t{total}\t\t{used}\t\t0");
+        let _ = writeln!(
+            out,
+            "none\t\t\t\t\tvirtual\t\t{}\t\t{}\t\t0",
+            total / 1024,
+            used / 1024
+        );
     }
     out
 }

@@ -163,7 +163,8 @@ impl Roots {
         Some(CgroupDirs::V1(dirs))
     }
 
-    fn online_cpus(&self) -> Vec<u32> {
+    /// The online CPUs under the `cpu` root (at least CPU 0).
+    pub fn online_cpus(&self) -> Vec<u32> {
         let cpus = parse_cpu_list(&read(&self.cpu.join("online")).unwrap_or_default());
         if cpus.is_empty() {
             vec![0]
