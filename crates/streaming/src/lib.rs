@@ -1,0 +1,1 @@
+//! The CRI streaming server (work in progress, see issue 11).
