@@ -218,6 +218,21 @@ impl ImageStore {
         &self.registries
     }
 
+    /// The same store, pulling from `reference`'s registry with `credentials`
+    /// (CRI PullImage carries them per request), whatever the configuration says.
+    pub fn with_credentials(
+        &self,
+        reference: &str,
+        credentials: crate::Credentials,
+    ) -> Result<ImageStore, crate::ReferenceError> {
+        let registry = crate::reference::parse_reference(reference)?
+            .registry()
+            .to_string();
+        let mut store = self.clone();
+        store.registries.auth.insert(registry, credentials);
+        Ok(store)
+    }
+
     pub(crate) fn blob_path(&self, digest: &str) -> Result<PathBuf, BlobError> {
         let hex = sha256_hex(digest).ok_or_else(|| BlobError::BadDigest(digest.to_string()))?;
         Ok(self.root.join("blobs/sha256").join(hex))
