@@ -11,7 +11,7 @@ use nix::sys::signal::Signal;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::logs::{self, LogTarget, Stream};
+use crate::logs::{self, LogTarget};
 use crate::plan::{ContainerPlan, PodPlan, ProbePlan, RestartPolicy};
 use crate::probe::run_handler;
 use crate::runtime::{ExitInfo, Launch, Running, Runtime, RuntimeError, Sandbox};
@@ -355,23 +355,14 @@ async fn start_and_supervise(
             c.name, c.image
         )
     })?;
-    let pipe = || {
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| format!("container {:?}: pipe: {e}", c.name))
-    };
-    let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
     let prefix = ctx.opts.terminal.then(|| c.name.clone());
     let log = logs::log_path(ctx.state.dir(), &c.name, attempt);
     let target = LogTarget::create(&log, prefix).map_err(|e| format!("{}: {e}", log.display()))?;
-    let readers = (
-        tokio::net::unix::pipe::Receiver::from_owned_fd(out_r).map_err(|e| e.to_string())?,
-        tokio::net::unix::pipe::Receiver::from_owned_fd(err_r).map_err(|e| e.to_string())?,
-    );
-    let pumps = [
-        tokio::spawn(logs::pump(readers.0, Stream::Stdout, target.clone())),
-        tokio::spawn(logs::pump(readers.1, Stream::Stderr, target)),
-    ];
+    let logs::OutputPipes {
+        stdout: out_w,
+        stderr: err_w,
+        pumps,
+    } = logs::output_pipes(target).map_err(|e| format!("container {:?}: pipe: {e}", c.name))?;
 
     let launch = Launch {
         container: c.clone(),

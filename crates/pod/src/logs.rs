@@ -48,6 +48,17 @@ impl LogTarget {
         })
     }
 
+    /// Points the target at a fresh file at `path` (the old one may have been
+    /// rotated away): CRI's ReopenContainerLog.
+    pub fn reopen(&self, path: &Path) -> std::io::Result<()> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = file;
+        Ok(())
+    }
+
     fn record(&self, stream: Stream, line: &[u8], partial: bool) {
         let stamp = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.9fZ");
         let tag = if partial { "P" } else { "F" };
@@ -70,6 +81,31 @@ impl LogTarget {
             };
         }
     }
+}
+
+/// The write ends a container's stdout and stderr get, and the tasks that
+/// copy what arrives into `target` (they end when every writer has closed).
+pub struct OutputPipes {
+    pub stdout: std::os::fd::OwnedFd,
+    pub stderr: std::os::fd::OwnedFd,
+    pub pumps: [tokio::task::JoinHandle<()>; 2],
+}
+
+/// Makes a container's output pipes; needs a tokio runtime.
+pub fn output_pipes(target: LogTarget) -> std::io::Result<OutputPipes> {
+    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from);
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let out_r = tokio::net::unix::pipe::Receiver::from_owned_fd(out_r)?;
+    let err_r = tokio::net::unix::pipe::Receiver::from_owned_fd(err_r)?;
+    Ok(OutputPipes {
+        stdout: out_w,
+        stderr: err_w,
+        pumps: [
+            tokio::spawn(pump(out_r, Stream::Stdout, target.clone())),
+            tokio::spawn(pump(err_r, Stream::Stderr, target)),
+        ],
+    })
 }
 
 /// Copies a pipe into the log target until EOF.

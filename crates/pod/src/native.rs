@@ -321,7 +321,10 @@ pub(crate) fn etc_contents(pod: &PodPlan) -> [(&'static str, String); 3] {
             pod.hostname.clone(),
         )
     };
-    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let resolv = match &pod.resolv_conf {
+        Some(text) => text.clone(),
+        None => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+    };
     [
         ("hosts", hosts),
         ("hostname", format!("{hostname}\n")),
@@ -412,6 +415,14 @@ impl Sandbox for NativeSandbox {
             std::fs::create_dir_all(d).map_err(|e| start_err(format!("{}: {e}", d.display())))?;
         }
         for m in &c.mounts {
+            if let Some(host) = &m.host_path {
+                // containerd creates a missing bind source as a directory.
+                if !host.exists() {
+                    std::fs::create_dir_all(host)
+                        .map_err(|e| start_err(format!("mount source {}: {e}", host.display())))?;
+                }
+                continue;
+            }
             if let (Some(sub), Some(root)) = (&m.sub_path, self.volume_dirs.get(&m.volume)) {
                 // Kubernetes creates a missing subPath as a directory.
                 let path = root.join(sub);

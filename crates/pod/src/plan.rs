@@ -5,6 +5,7 @@
 //! a half-made pod behind.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1 as core;
@@ -53,6 +54,10 @@ pub struct PodPlan {
     pub init_containers: Vec<ContainerPlan>,
     pub containers: Vec<ContainerPlan>,
     pub volumes: Vec<VolumePlan>,
+    /// The pod's /etc/resolv.conf when the caller decided it (CRI's DNSConfig);
+    /// None copies the host's.
+    #[serde(default)]
+    pub resolv_conf: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -102,6 +107,10 @@ pub struct MountPlan {
     pub path: String,
     pub read_only: bool,
     pub sub_path: Option<String>,
+    /// A host path bound directly, for CRI mounts (the kubelet resolved the
+    /// volume already); `volume` is then only a label.
+    #[serde(default)]
+    pub host_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -290,6 +299,7 @@ pub fn plan(manifest: &Manifest, uid: &str, node_name: &str) -> Result<PodPlan, 
         init_containers,
         containers,
         volumes,
+        resolv_conf: None,
     })
 }
 
@@ -353,6 +363,7 @@ fn plan_container(
             path: m.mount_path.clone(),
             read_only: m.read_only.unwrap_or(false),
             sub_path,
+            host_path: None,
         });
     }
 

@@ -248,6 +248,10 @@ pub fn container_spec(
         }
     }
     for m in &c.mounts {
+        if let Some(host) = &m.host_path {
+            mounts.push(bind(host, &m.path, m.read_only));
+            continue;
+        }
         let dir = ctx
             .volume_dirs
             .get(&m.volume)
