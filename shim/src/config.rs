@@ -15,6 +15,8 @@
 //! enabled = true              # pods opt out with annotation vmrun.io/proc-view: "false"
 //! mountpoint = "/run/vmrun/procview"          # one per host, shared by all state roots
 //! binary = "<dir of vmrun>/vmrun-procview"
+//! [cri]                       # `vmrun serve`, see vmrun_cri::config
+//! socket = "/run/vmrun/vmrun.sock"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -34,6 +36,8 @@ pub struct Config {
     pub registries: RegistryConfig,
     pub vm: VmConfig,
     pub proc_view: ProcViewConfig,
+    /// `vmrun serve` (see `vmrun_cri::config`).
+    pub cri: vmrun_cri::config::CriConfig,
     /// The file this was read from, handed on to a detached supervisor.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -48,6 +52,7 @@ impl Default for Config {
             registries: RegistryConfig::default(),
             vm: VmConfig::default(),
             proc_view: ProcViewConfig::default(),
+            cri: vmrun_cri::config::CriConfig::default(),
             source: None,
         }
     }
@@ -84,7 +89,7 @@ impl Default for ProcViewConfig {
 }
 
 /// A binary installed beside `vmrun`.
-fn beside_vmrun(name: &str) -> PathBuf {
+pub fn beside_vmrun(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join(name)))

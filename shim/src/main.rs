@@ -1,11 +1,12 @@
 //! `vmrun`: run Kubernetes pods standalone (`vmrun run pod.yaml`) on the native,
-//! vm or wasm runtime, and manage images.
+//! vm or wasm runtime, manage images, and serve CRI for kubelet (`vmrun serve`).
 
 mod config;
 mod image_cmd;
 mod pod_cmds;
 mod prepare;
 mod run_cmd;
+mod serve_cmd;
 
 use std::path::PathBuf;
 
@@ -51,6 +52,8 @@ enum Command {
     /// Manage images.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
+    /// Serve the CRI v1 API (RuntimeService, ImageService) for kubelet and crictl.
+    Serve(serve_cmd::ServeArgs),
 }
 
 fn main() {
@@ -96,6 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Command::Exec(args) => pod_cmds::exec(&config, args),
             Command::Stop(args) => pod_cmds::stop(&config, args).map(|_| 0),
             Command::Rm(args) => pod_cmds::rm(&config, args).map(|_| 0),
+            Command::Serve(args) => serve_cmd::serve(&config, args).await.map(|_| 0),
             Command::Image(cmd) => {
                 let store = vmrun_image::ImageStore::open(&config.root, config.registries.clone())?;
                 image_cmd::run(cmd, &store).await.map(|_| 0)

@@ -1,0 +1,598 @@
+//! The daemon's RuntimeService: validates each request, answers the node's
+//! own calls, and hands each pod's calls to the pod's owner.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::future::join_all;
+use tonic::{Request, Response, Status};
+use vmrun_image::ImageStore;
+use vmrun_pod::native::NativeRuntime;
+
+use super::cleanup;
+use super::registry::{Pod, Registry};
+use super::ServeOptions;
+use crate::api;
+use crate::api::runtime_service_server::RuntimeService;
+use crate::config::RuntimeKind;
+use crate::owner::OwnerSettings;
+use crate::translate;
+
+pub struct RuntimeServiceImpl {
+    opts: Arc<ServeOptions>,
+    registry: Arc<Registry>,
+    store: ImageStore,
+    /// The pod CIDR the kubelet last gave (UpdateRuntimeConfig).
+    pod_cidr: Mutex<String>,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// CRI's CgroupDriver value for cgroupfs.
+const CGROUP_DRIVER_CGROUPFS: i32 = 1;
+
+impl RuntimeServiceImpl {
+    pub fn new(opts: Arc<ServeOptions>, registry: Arc<Registry>, store: ImageStore) -> Self {
+        Self {
+            opts,
+            registry,
+            store,
+            pod_cidr: Mutex::new(String::new()),
+        }
+    }
+
+    fn not_ready_sandbox(pod: &Pod) -> api::PodSandbox {
+        api::PodSandbox {
+            id: pod.id.clone(),
+            metadata: pod.config.metadata.clone(),
+            state: crate::owner::sandbox_state::NOTREADY,
+            created_at: pod.settings.created_at,
+            labels: pod.config.labels.clone(),
+            annotations: pod.config.annotations.clone(),
+            runtime_handler: pod.settings.handler.clone(),
+        }
+    }
+
+    fn network_condition(&self) -> api::RuntimeCondition {
+        let dir = &self.opts.cri.cni_conf_dir;
+        let has_config = std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                [".conf", ".conflist", ".json"]
+                    .iter()
+                    .any(|ext| name.ends_with(ext))
+            })
+        });
+        api::RuntimeCondition {
+            r#type: "NetworkReady".into(),
+            status: has_config,
+            reason: if has_config {
+                String::new()
+            } else {
+                "NetworkPluginNotReady".into()
+            },
+            message: if has_config {
+                String::new()
+            } else {
+                format!("no CNI network configuration in {}", dir.display())
+            },
+        }
+    }
+
+    /// Every pod's answer to a list call, pods whose owner is gone included.
+    async fn each_pod<T, F, Fut>(&self, ask: F) -> Vec<Result<T, (Arc<Pod>, Status)>>
+    where
+        F: Fn(Arc<Pod>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        join_all(self.registry.pods().into_iter().map(|pod| {
+            let fut = ask(pod.clone());
+            async move { fut.await.map_err(|e| (pod, e)) }
+        }))
+        .await
+    }
+}
+
+/// Runs one call on a pod's owner; a pod whose owner is gone answers
+/// `Unavailable` naming it.
+macro_rules! forward {
+    ($pod:expr, $method:ident, $req:expr) => {{
+        let mut owner = $pod.owner()?;
+        owner.$method($req).await
+    }};
+}
+
+#[tonic::async_trait]
+impl RuntimeService for RuntimeServiceImpl {
+    async fn version(&self, _request: Request<api::VersionRequest>) -> Reply<api::VersionResponse> {
+        Ok(Response::new(api::VersionResponse {
+            version: "0.1.0".into(),
+            runtime_name: "vmrun".into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            runtime_api_version: vmrun_cri_api::RUNTIME_API_VERSION.into(),
+        }))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        request: Request<api::RunPodSandboxRequest>,
+    ) -> Reply<api::RunPodSandboxResponse> {
+        let r = request.into_inner();
+        let config = r
+            .config
+            .ok_or_else(|| Status::invalid_argument("config: is required"))?;
+        let runtime = self
+            .opts
+            .cri
+            .runtime_for(&r.runtime_handler)
+            .map_err(Status::invalid_argument)?;
+        match runtime {
+            RuntimeKind::Native => {}
+            RuntimeKind::Wasm => {
+                return Err(Status::unimplemented(format!(
+                    "runtime handler {:?}: the wasm runtime is not available yet in this version of vmrun",
+                    r.runtime_handler
+                )))
+            }
+            RuntimeKind::Vm => {
+                return Err(Status::unimplemented(format!(
+                    "runtime handler {:?}: vm pods are not served through CRI yet (a pod VM's image disks are fixed when it boots, and CRI adds containers after); use `vmrun run --runtime vm`",
+                    r.runtime_handler
+                )))
+            }
+        }
+        let id =
+            crate::ids::new_id().map_err(|e| Status::internal(format!("making an id: {e}")))?;
+        // Validated here, before anything is made, so a bad config leaves nothing.
+        translate::pod_plan(&id, &r.runtime_handler, &config)?;
+        let settings = OwnerSettings {
+            sandbox_id: id.clone(),
+            handler: r.runtime_handler.clone(),
+            runtime,
+            native: NativeRuntime {
+                state_root: self.opts.sandboxes_dir().join(&id),
+                pids_limit: self.opts.pids_limit,
+                proc_view: self.opts.proc_view.clone(),
+            },
+            image_root: self.opts.image_root.clone(),
+            created_at: crate::now_ns(),
+        };
+        let pod = self
+            .registry
+            .start_pod(&self.opts.shim, settings, config)
+            .await?;
+        Ok(Response::new(api::RunPodSandboxResponse {
+            pod_sandbox_id: pod.id.clone(),
+        }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        request: Request<api::StopPodSandboxRequest>,
+    ) -> Reply<api::StopPodSandboxResponse> {
+        let mut r = request.into_inner();
+        let pod = self.registry.pod(&r.pod_sandbox_id)?;
+        r.pod_sandbox_id = pod.id.clone();
+        if pod.client.is_none() {
+            cleanup::orphan(&pod.id, &pod.dir).map_err(Status::internal)?;
+            return Ok(Response::new(api::StopPodSandboxResponse {}));
+        }
+        forward!(pod, stop_pod_sandbox, r)
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        request: Request<api::RemovePodSandboxRequest>,
+    ) -> Reply<api::RemovePodSandboxResponse> {
+        let mut r = request.into_inner();
+        // Removing what is not there succeeds: the kubelet retries removals.
+        let Ok(pod) = self.registry.pod(&r.pod_sandbox_id) else {
+            return Ok(Response::new(api::RemovePodSandboxResponse {}));
+        };
+        r.pod_sandbox_id = pod.id.clone();
+        if pod.client.is_some() {
+            forward!(pod, remove_pod_sandbox, r)?;
+            let waited = pod.clone();
+            // Removed means gone: the owner's process too.
+            let _ = tokio::task::spawn_blocking(move || waited.wait_owner_exit()).await;
+        } else {
+            cleanup::orphan(&pod.id, &pod.dir).map_err(Status::internal)?;
+            std::fs::remove_dir_all(&pod.dir)
+                .map_err(|e| Status::internal(format!("removing {}: {e}", pod.dir.display())))?;
+        }
+        self.registry.forget_pod(&pod.id);
+        Ok(Response::new(api::RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        request: Request<api::PodSandboxStatusRequest>,
+    ) -> Reply<api::PodSandboxStatusResponse> {
+        let mut r = request.into_inner();
+        let pod = self.registry.pod(&r.pod_sandbox_id)?;
+        r.pod_sandbox_id = pod.id.clone();
+        if pod.client.is_none() {
+            let s = Self::not_ready_sandbox(&pod);
+            return Ok(Response::new(api::PodSandboxStatusResponse {
+                status: Some(api::PodSandboxStatus {
+                    id: s.id,
+                    metadata: s.metadata,
+                    state: s.state,
+                    created_at: s.created_at,
+                    network: Some(Default::default()),
+                    linux: None,
+                    labels: s.labels,
+                    annotations: s.annotations,
+                    runtime_handler: s.runtime_handler,
+                }),
+                info: HashMap::new(),
+                containers_statuses: Vec::new(),
+                timestamp: crate::now_ns(),
+            }));
+        }
+        forward!(pod, pod_sandbox_status, r)
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        request: Request<api::ListPodSandboxRequest>,
+    ) -> Reply<api::ListPodSandboxResponse> {
+        let r = request.into_inner();
+        let answers = self
+            .each_pod(|pod| {
+                let r = r.clone();
+                async move {
+                    match pod.client.clone() {
+                        Some(mut owner) => Ok(owner.list_pod_sandbox(r).await?.into_inner().items),
+                        None => Ok(vec![Self::not_ready_sandbox(&pod)]),
+                    }
+                }
+            })
+            .await;
+        let mut items = Vec::new();
+        for answer in answers {
+            match answer {
+                Ok(mut more) => items.append(&mut more),
+                Err((pod, e)) => {
+                    tracing::warn!("pod sandbox {}: {}", pod.id, e.message());
+                    items.push(Self::not_ready_sandbox(&pod));
+                }
+            }
+        }
+        if let Some(f) = &r.filter {
+            // Filters also apply to pods served from their files.
+            items.retain(|s| {
+                (f.id.is_empty() || s.id.starts_with(&f.id))
+                    && f.state.as_ref().is_none_or(|st| st.state == s.state)
+                    && f.label_selector
+                        .iter()
+                        .all(|(k, v)| s.labels.get(k) == Some(v))
+            });
+        }
+        items.sort_by_key(|s| std::cmp::Reverse(s.created_at));
+        Ok(Response::new(api::ListPodSandboxResponse { items }))
+    }
+
+    async fn create_container(
+        &self,
+        request: Request<api::CreateContainerRequest>,
+    ) -> Reply<api::CreateContainerResponse> {
+        let mut r = request.into_inner();
+        let pod = self.registry.pod(&r.pod_sandbox_id)?;
+        r.pod_sandbox_id = pod.id.clone();
+        let image = r
+            .config
+            .as_ref()
+            .and_then(|c| c.image.as_ref())
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
+        if !image.is_empty() {
+            let present = self
+                .store
+                .get(&image)
+                .map_err(|e| Status::internal(format!("image store: {e}")))?;
+            if present.is_none() {
+                return Err(Status::not_found(format!(
+                    "image {image:?} not found: pull it first (PullImage)"
+                )));
+            }
+        }
+        let created = forward!(pod, create_container, r)?;
+        self.registry
+            .add_container(created.get_ref().container_id.clone(), &pod.id);
+        Ok(created)
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<api::StartContainerRequest>,
+    ) -> Reply<api::StartContainerResponse> {
+        let mut r = request.into_inner();
+        let (id, pod) = self.registry.container(&r.container_id)?;
+        r.container_id = id;
+        forward!(pod, start_container, r)
+    }
+
+    async fn stop_container(
+        &self,
+        request: Request<api::StopContainerRequest>,
+    ) -> Reply<api::StopContainerResponse> {
+        let mut r = request.into_inner();
+        let (id, pod) = self.registry.container(&r.container_id)?;
+        r.container_id = id;
+        forward!(pod, stop_container, r)
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<api::RemoveContainerRequest>,
+    ) -> Reply<api::RemoveContainerResponse> {
+        let mut r = request.into_inner();
+        let Ok((id, pod)) = self.registry.container(&r.container_id) else {
+            return Ok(Response::new(api::RemoveContainerResponse {}));
+        };
+        r.container_id = id.clone();
+        let removed = forward!(pod, remove_container, r)?;
+        self.registry.forget_container(&id);
+        Ok(removed)
+    }
+
+    async fn list_containers(
+        &self,
+        request: Request<api::ListContainersRequest>,
+    ) -> Reply<api::ListContainersResponse> {
+        let r = request.into_inner();
+        let answers = self
+            .each_pod(|pod| {
+                let r = r.clone();
+                async move {
+                    match pod.client.clone() {
+                        Some(mut owner) => {
+                            Ok(owner.list_containers(r).await?.into_inner().containers)
+                        }
+                        None => Ok(Vec::new()),
+                    }
+                }
+            })
+            .await;
+        let mut containers = Vec::new();
+        for answer in answers {
+            match answer {
+                Ok(mut more) => containers.append(&mut more),
+                Err((pod, e)) => tracing::warn!("pod sandbox {}: {}", pod.id, e.message()),
+            }
+        }
+        containers.sort_by_key(|c| std::cmp::Reverse(c.created_at));
+        Ok(Response::new(api::ListContainersResponse { containers }))
+    }
+
+    async fn container_status(
+        &self,
+        request: Request<api::ContainerStatusRequest>,
+    ) -> Reply<api::ContainerStatusResponse> {
+        let mut r = request.into_inner();
+        let (id, pod) = self.registry.container(&r.container_id)?;
+        r.container_id = id;
+        forward!(pod, container_status, r)
+    }
+
+    async fn update_container_resources(
+        &self,
+        request: Request<api::UpdateContainerResourcesRequest>,
+    ) -> Reply<api::UpdateContainerResourcesResponse> {
+        let mut r = request.into_inner();
+        let (id, pod) = self.registry.container(&r.container_id)?;
+        r.container_id = id;
+        forward!(pod, update_container_resources, r)
+    }
+
+    async fn reopen_container_log(
+        &self,
+        request: Request<api::ReopenContainerLogRequest>,
+    ) -> Reply<api::ReopenContainerLogResponse> {
+        let mut r = request.into_inner();
+        let (id, pod) = self.registry.container(&r.container_id)?;
+        r.container_id = id;
+        forward!(pod, reopen_container_log, r)
+    }
+
+    async fn exec_sync(
+        &self,
+        request: Request<api::ExecSyncRequest>,
+    ) -> Reply<api::ExecSyncResponse> {
+        let mut r = request.into_inner();
+        let (id, pod) = self.registry.container(&r.container_id)?;
+        r.container_id = id;
+        forward!(pod, exec_sync, r)
+    }
+
+    async fn exec(&self, request: Request<api::ExecRequest>) -> Reply<api::ExecResponse> {
+        self.registry.container(&request.get_ref().container_id)?;
+        Err(Status::unimplemented(
+            "Exec: vmrun's streaming server is not available yet (use ExecSync)",
+        ))
+    }
+
+    async fn attach(&self, request: Request<api::AttachRequest>) -> Reply<api::AttachResponse> {
+        self.registry.container(&request.get_ref().container_id)?;
+        Err(Status::unimplemented(
+            "Attach: vmrun's streaming server is not available yet",
+        ))
+    }
+
+    async fn port_forward(
+        &self,
+        request: Request<api::PortForwardRequest>,
+    ) -> Reply<api::PortForwardResponse> {
+        self.registry.pod(&request.get_ref().pod_sandbox_id)?;
+        Err(Status::unimplemented(
+            "PortForward: vmrun's streaming server is not available yet",
+        ))
+    }
+
+    async fn container_stats(
+        &self,
+        request: Request<api::ContainerStatsRequest>,
+    ) -> Reply<api::ContainerStatsResponse> {
+        let mut r = request.into_inner();
+        let (id, pod) = self.registry.container(&r.container_id)?;
+        r.container_id = id;
+        forward!(pod, container_stats, r)
+    }
+
+    async fn list_container_stats(
+        &self,
+        request: Request<api::ListContainerStatsRequest>,
+    ) -> Reply<api::ListContainerStatsResponse> {
+        let r = request.into_inner();
+        let answers = self
+            .each_pod(|pod| {
+                let r = r.clone();
+                async move {
+                    match pod.client.clone() {
+                        Some(mut owner) => {
+                            Ok(owner.list_container_stats(r).await?.into_inner().stats)
+                        }
+                        None => Ok(Vec::new()),
+                    }
+                }
+            })
+            .await;
+        let stats = answers.into_iter().flat_map(Result::ok).flatten().collect();
+        Ok(Response::new(api::ListContainerStatsResponse { stats }))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        request: Request<api::PodSandboxStatsRequest>,
+    ) -> Reply<api::PodSandboxStatsResponse> {
+        let mut r = request.into_inner();
+        let pod = self.registry.pod(&r.pod_sandbox_id)?;
+        r.pod_sandbox_id = pod.id.clone();
+        forward!(pod, pod_sandbox_stats, r)
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        request: Request<api::ListPodSandboxStatsRequest>,
+    ) -> Reply<api::ListPodSandboxStatsResponse> {
+        let r = request.into_inner();
+        let answers = self
+            .each_pod(|pod| {
+                let r = r.clone();
+                async move {
+                    match pod.client.clone() {
+                        Some(mut owner) => {
+                            Ok(owner.list_pod_sandbox_stats(r).await?.into_inner().stats)
+                        }
+                        None => Ok(Vec::new()),
+                    }
+                }
+            })
+            .await;
+        let stats = answers.into_iter().flat_map(Result::ok).flatten().collect();
+        Ok(Response::new(api::ListPodSandboxStatsResponse { stats }))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        request: Request<api::UpdateRuntimeConfigRequest>,
+    ) -> Reply<api::UpdateRuntimeConfigResponse> {
+        let cidr = request
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        // Kept and reported in verbose Status; the CNI configuration on disk
+        // decides addresses (as with containerd without a CNI template).
+        *self.pod_cidr.lock().unwrap_or_else(|p| p.into_inner()) = cidr;
+        Ok(Response::new(api::UpdateRuntimeConfigResponse {}))
+    }
+
+    async fn status(&self, request: Request<api::StatusRequest>) -> Reply<api::StatusResponse> {
+        let verbose = request.get_ref().verbose;
+        let conditions = vec![
+            api::RuntimeCondition {
+                r#type: "RuntimeReady".into(),
+                status: true,
+                reason: String::new(),
+                message: String::new(),
+            },
+            self.network_condition(),
+        ];
+        let runtime_handlers = self
+            .opts
+            .cri
+            .runtimes
+            .keys()
+            .map(|name| api::RuntimeHandler {
+                name: name.clone(),
+                features: Some(api::RuntimeHandlerFeatures {
+                    recursive_read_only_mounts: false,
+                    user_namespaces: false,
+                }),
+            })
+            .collect();
+        let mut info = HashMap::new();
+        if verbose {
+            let detail = serde_json::json!({
+                "socket": self.opts.cri.socket,
+                "state": self.opts.state,
+                "imageRoot": self.opts.image_root,
+                "cniConfDir": self.opts.cri.cni_conf_dir,
+                "podCIDR": *self.pod_cidr.lock().unwrap_or_else(|p| p.into_inner()),
+                "pods": self.registry.len(),
+                "handlers": self.opts.cri.runtimes,
+            });
+            info.insert("config".to_string(), detail.to_string());
+        }
+        Ok(Response::new(api::StatusResponse {
+            status: Some(api::RuntimeStatus { conditions }),
+            info,
+            runtime_handlers,
+            features: Some(api::RuntimeFeatures {
+                supplemental_groups_policy: false,
+                user_namespaces_host_network: false,
+            }),
+        }))
+    }
+
+    async fn runtime_config(
+        &self,
+        _request: Request<api::RuntimeConfigRequest>,
+    ) -> Reply<api::RuntimeConfigResponse> {
+        Ok(Response::new(api::RuntimeConfigResponse {
+            linux: Some(api::LinuxRuntimeConfiguration {
+                cgroup_driver: CGROUP_DRIVER_CGROUPFS,
+            }),
+        }))
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _request: Request<api::CheckpointContainerRequest>,
+    ) -> Reply<api::CheckpointContainerResponse> {
+        Err(Status::unimplemented(
+            "CheckpointContainer: vmrun does not checkpoint containers",
+        ))
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _request: Request<api::ListMetricDescriptorsRequest>,
+    ) -> Reply<api::ListMetricDescriptorsResponse> {
+        Err(Status::unimplemented(
+            "ListMetricDescriptors: vmrun reports stats through ListContainerStats and ListPodSandboxStats",
+        ))
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _request: Request<api::ListPodSandboxMetricsRequest>,
+    ) -> Reply<api::ListPodSandboxMetricsResponse> {
+        Err(Status::unimplemented(
+            "ListPodSandboxMetrics: vmrun reports stats through ListContainerStats and ListPodSandboxStats",
+        ))
+    }
+}

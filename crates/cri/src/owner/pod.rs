@@ -1,0 +1,494 @@
+//! The pod an owner holds: its sandbox (through the runtime seam) and its
+//! containers, and every operation the kubelet asks of them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tonic::Status;
+use vmrun_pod::logs::{self, LogTarget};
+use vmrun_pod::native::CGROUP_PARENT;
+use vmrun_pod::plan::PodPlan;
+use vmrun_pod::runtime::{Launch, Runtime, Sandbox};
+use vmrun_pod::spec::ImageDefaults;
+
+use super::containers::{Container, Phase};
+use super::exec::{exec_sync, ExecError, ExecResult};
+use super::OwnerSettings;
+use crate::api;
+use crate::config::RuntimeKind;
+use crate::status::{container_not_found, runtime_status};
+use crate::translate;
+
+/// How long log copying may go on after a container's main process ended
+/// (a process it left behind in a shared pid namespace keeps the pipe open).
+const LOG_DRAIN: Duration = Duration::from_secs(2);
+
+/// CRI's PodSandboxState values.
+pub mod sandbox_state {
+    pub const READY: i32 = 0;
+    pub const NOTREADY: i32 = 1;
+}
+
+pub struct Owner {
+    pub id: String,
+    pub settings: OwnerSettings,
+    pub config: api::PodSandboxConfig,
+    pub plan: PodPlan,
+    pub dir: PathBuf,
+    store: vmrun_image::ImageStore,
+    sandbox: Mutex<Option<Arc<dyn Sandbox>>>,
+    containers: Mutex<BTreeMap<String, Arc<Container>>>,
+    removed: tokio::sync::watch::Sender<bool>,
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("{what}: {e}"))
+}
+
+impl Owner {
+    /// Reads the pod's files and makes its sandbox.
+    pub async fn create(dir: &Path) -> anyhow::Result<Self> {
+        let (settings, config) = OwnerSettings::read(dir)?;
+        let plan = translate::pod_plan(&settings.sandbox_id, &settings.handler, &config)?;
+        let store = vmrun_image::ImageStore::open(&settings.image_root, Default::default())
+            .with_context(|| {
+                format!("opening the image store {}", settings.image_root.display())
+            })?;
+        let sandbox: Arc<dyn Sandbox> = match settings.runtime {
+            RuntimeKind::Native => {
+                let runtime = settings.native.clone();
+                let pod = plan.clone();
+                tokio::task::spawn_blocking(move || runtime.create_sandbox(&pod))
+                    .await
+                    .context("sandbox creation panicked")??
+            }
+            other => anyhow::bail!(
+                "runtime handler {:?} (runtime {}) cannot run pods through CRI yet",
+                settings.handler,
+                other.as_str()
+            ),
+        };
+        Ok(Self {
+            id: settings.sandbox_id.clone(),
+            settings,
+            config,
+            plan,
+            dir: dir.to_path_buf(),
+            store,
+            sandbox: Mutex::new(Some(sandbox)),
+            containers: Mutex::new(BTreeMap::new()),
+            removed: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    /// Resolves once the pod has been removed: the owner's end.
+    pub async fn removed(&self) {
+        let mut rx = self.removed.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    fn sandbox(&self) -> Option<Arc<dyn Sandbox>> {
+        self.sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn ready(&self) -> bool {
+        self.sandbox().is_some()
+    }
+
+    fn list(&self) -> Vec<Arc<Container>> {
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn containers(&self) -> Vec<Arc<Container>> {
+        self.list()
+    }
+
+    pub fn container(&self, id: &str) -> Result<Arc<Container>, Status> {
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| container_not_found(id))
+    }
+
+    /// The directory of a container's writable layer (the native runtime's layout).
+    fn upper_dir(&self, c: &Container) -> PathBuf {
+        vmrun_pod::state::pod_dir(&self.settings.native.state_root, &self.plan.name)
+            .join("containers")
+            .join(format!("{}-{}", c.id, c.attempt()))
+            .join("upper")
+    }
+
+    pub fn cgroup_of(&self, c: &Container) -> String {
+        format!("{CGROUP_PARENT}/{}/{}", self.id, c.id)
+    }
+
+    pub fn log_path(&self, c: &Container) -> Option<PathBuf> {
+        c.request.log_path.clone()
+    }
+
+    pub async fn create_container(&self, config: api::ContainerConfig) -> Result<String, Status> {
+        if !self.ready() {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {} is not ready (stopped): no new containers",
+                self.id
+            )));
+        }
+        let meta = config.metadata.clone().unwrap_or_default();
+        let taken = self.list().into_iter().any(|c| {
+            c.config
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name == meta.name && m.attempt == meta.attempt)
+        });
+        if taken {
+            return Err(Status::already_exists(format!(
+                "container {:?} attempt {} already exists in pod sandbox {}",
+                meta.name, meta.attempt, self.id
+            )));
+        }
+        let id = crate::ids::new_id().map_err(|e| internal("making an id", e))?;
+        let request = translate::container_request(&id, &config, &self.config.log_directory)?;
+        let image = self
+            .store
+            .get(&request.image)
+            .map_err(|e| internal("reading the image store", e))?
+            .filter(|img| img.layers.iter().all(|l| l.is_dir()))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "image {:?} not found: pull it first (PullImage)",
+                    request.image
+                ))
+            })?;
+        let container = Arc::new(Container::new(id.clone(), config, request, image));
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), container);
+        Ok(id)
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<(), Status> {
+        let c = self.container(id)?;
+        let sandbox = self.sandbox().ok_or_else(|| {
+            Status::failed_precondition(format!("pod sandbox {} is stopped", self.id))
+        })?;
+        {
+            let mut s = c.lock();
+            if s.phase != Phase::Created {
+                return Err(Status::failed_precondition(format!(
+                    "container {id} is {:?}, not created: it cannot be started",
+                    s.phase
+                )));
+            }
+            s.phase = Phase::Starting;
+        }
+        let log_path = c
+            .request
+            .log_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/dev/null"));
+        let target = match LogTarget::create(&log_path, None) {
+            Ok(t) => t,
+            Err(e) => {
+                let message = format!("log file {}: {e}", log_path.display());
+                c.start_failed(message.clone());
+                return Err(Status::internal(message));
+            }
+        };
+        let pipes = match logs::output_pipes(target.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                c.start_failed(format!("pipes: {e}"));
+                return Err(internal("pipes", e));
+            }
+        };
+        let cfg = &c.image.config;
+        let mut plan = c.request.plan.clone();
+        plan.resources = translate::resources_of(&c.lock().resources)?;
+        let launch = Launch {
+            container: plan,
+            attempt: c.attempt(),
+            image: ImageDefaults {
+                entrypoint: cfg.entrypoint.clone(),
+                cmd: cfg.cmd.clone(),
+                env: cfg.env.clone(),
+                working_dir: cfg.working_dir.clone(),
+                user: c.request.user_name.clone().or_else(|| cfg.user.clone()),
+            },
+            layers: c.image.layers.clone(),
+            stdout: pipes.stdout,
+            stderr: pipes.stderr,
+        };
+        let started = tokio::task::spawn_blocking(move || sandbox.start(launch)).await;
+        let running = match started {
+            Ok(Ok(running)) => running,
+            Ok(Err(e)) => {
+                c.start_failed(e.to_string());
+                return Err(runtime_status(e));
+            }
+            Err(e) => {
+                c.start_failed(format!("start panicked: {e}"));
+                return Err(internal("starting the container", e));
+            }
+        };
+        c.started(running.clone(), target);
+        let watched = c.clone();
+        tokio::spawn(async move {
+            let waiter = running.clone();
+            let exit = match tokio::task::spawn_blocking(move || waiter.wait()).await {
+                Ok(Ok(exit)) => Ok(exit),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(format!("waiting panicked: {e}")),
+            };
+            // Output written just before the exit is in the log before the
+            // kubelet sees the container exited.
+            for pump in pipes.pumps {
+                let _ = tokio::time::timeout(LOG_DRAIN, pump).await;
+            }
+            watched.finished(exit);
+        });
+        Ok(())
+    }
+
+    pub async fn stop_container(&self, id: &str, timeout_s: i64) -> Result<(), Status> {
+        let c = self.container(id)?;
+        c.stop(Duration::from_secs(timeout_s.max(0) as u64))
+            .await
+            .map_err(Status::deadline_exceeded)
+    }
+
+    /// Kills a container still running and frees what it holds; an unknown id is
+    /// already removed (the kubelet retries removals).
+    pub async fn remove_container(&self, id: &str) -> Result<(), Status> {
+        let Ok(c) = self.container(id) else {
+            return Ok(());
+        };
+        c.stop(Duration::ZERO)
+            .await
+            .map_err(Status::deadline_exceeded)?;
+        let running = c.lock().running.take();
+        if let Some(running) = running {
+            tokio::task::spawn_blocking(move || running.remove())
+                .await
+                .map_err(|e| internal("removing the container", e))?
+                .map_err(runtime_status)?;
+        }
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(())
+    }
+
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout_s: i64,
+    ) -> Result<ExecResult, Status> {
+        let c = self.container(id)?;
+        if cmd.is_empty() {
+            return Err(Status::invalid_argument("cmd: is empty"));
+        }
+        let running = c
+            .running()
+            .ok_or_else(|| Status::failed_precondition(format!("container {id} is not running")))?;
+        let target = running.exec_target();
+        if target["runtime"] != "native" {
+            return Err(Status::unimplemented(format!(
+                "ExecSync in {} containers through CRI is not available yet",
+                target["runtime"]
+            )));
+        }
+        let timeout = (timeout_s > 0).then(|| Duration::from_secs(timeout_s as u64));
+        tokio::task::spawn_blocking(move || exec_sync(&target, &cmd, timeout))
+            .await
+            .map_err(|e| internal("exec", e))?
+            .map_err(|e| match e {
+                ExecError::Timeout { .. } => Status::deadline_exceeded(e.to_string()),
+                ExecError::Start(_) | ExecError::Wait { .. } => Status::unknown(e.to_string()),
+            })
+    }
+
+    pub fn reopen_log(&self, id: &str) -> Result<(), Status> {
+        let c = self.container(id)?;
+        let s = c.lock();
+        if s.phase != Phase::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {id} is not running: its log is closed"
+            )));
+        }
+        if let (Some(target), Some(path)) = (&s.log, &c.request.log_path) {
+            target
+                .reopen(path)
+                .map_err(|e| internal(&format!("reopening {}", path.display()), e))?;
+        }
+        Ok(())
+    }
+
+    pub fn update_resources(
+        &self,
+        id: &str,
+        resources: api::LinuxContainerResources,
+    ) -> Result<(), Status> {
+        let c = self.container(id)?;
+        // Validated the way CreateContainer validates them.
+        translate::resources_of(&resources)?;
+        let mut s = c.lock();
+        if s.phase == Phase::Running {
+            let cgroup = vmrun_container::cgroups::open_existing(&self.cgroup_of(&c))
+                .map_err(|e| internal("the container's cgroup", e))?;
+            let mut cpu = serde_json::Map::new();
+            if resources.cpu_shares > 0 {
+                cpu.insert("shares".into(), resources.cpu_shares.into());
+            }
+            if resources.cpu_quota != 0 {
+                cpu.insert("quota".into(), resources.cpu_quota.into());
+            }
+            if resources.cpu_period > 0 {
+                cpu.insert("period".into(), resources.cpu_period.into());
+            }
+            if !resources.cpuset_cpus.is_empty() {
+                cpu.insert("cpus".into(), resources.cpuset_cpus.clone().into());
+            }
+            if !resources.cpuset_mems.is_empty() {
+                cpu.insert("mems".into(), resources.cpuset_mems.clone().into());
+            }
+            let mut linux = serde_json::json!({ "cpu": cpu });
+            if resources.memory_limit_in_bytes > 0 {
+                linux["memory"] = serde_json::json!({ "limit": resources.memory_limit_in_bytes });
+            }
+            let linux: oci_spec::runtime::LinuxResources = serde_json::from_value(linux)
+                .map_err(|e| Status::invalid_argument(format!("resources: {e}")))?;
+            cgroup
+                .apply(&linux)
+                .map_err(|e| internal("updating the cgroup", e))?;
+        } else if s.phase == Phase::Exited {
+            return Err(Status::failed_precondition(format!(
+                "container {id} has exited"
+            )));
+        }
+        s.resources = resources;
+        Ok(())
+    }
+
+    /// StopPodSandbox: every container killed, the sandbox torn down. Idempotent.
+    pub async fn stop(&self) -> Result<(), Status> {
+        for c in self.list() {
+            c.stop(Duration::ZERO)
+                .await
+                .map_err(Status::deadline_exceeded)?;
+        }
+        let sandbox = self
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(sandbox) = sandbox {
+            tokio::task::spawn_blocking(move || sandbox.destroy())
+                .await
+                .map_err(|e| internal("tearing the sandbox down", e))?
+                .map_err(runtime_status)?;
+        }
+        Ok(())
+    }
+
+    /// RemovePodSandbox: stopped, containers removed, the pod's directory
+    /// gone; then the owner ends.
+    pub async fn remove(&self) -> Result<(), Status> {
+        self.stop().await?;
+        for c in self.list() {
+            self.remove_container(&c.id).await?;
+        }
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(internal(&format!("removing {}", self.dir.display()), e))
+            }
+            _ => {}
+        }
+        self.removed.send_replace(true);
+        Ok(())
+    }
+
+    pub fn container_stats(&self, c: &Container) -> api::ContainerStats {
+        let limit = {
+            let s = c.lock();
+            (s.resources.memory_limit_in_bytes > 0)
+                .then_some(s.resources.memory_limit_in_bytes as u64)
+        };
+        let mut sample = c.lock().cpu_sample;
+        let (cpu, memory, _) = super::stats::cgroup_usage(&self.cgroup_of(c), limit, &mut sample);
+        c.lock().cpu_sample = sample;
+        let upper = self.upper_dir(c);
+        api::ContainerStats {
+            attributes: Some(api::ContainerAttributes {
+                id: c.id.clone(),
+                metadata: c.config.metadata.clone(),
+                labels: c.config.labels.clone(),
+                annotations: c.config.annotations.clone(),
+            }),
+            cpu,
+            memory,
+            writable_layer: Some(super::stats::filesystem_usage(
+                &self.settings.native.state_root,
+                &upper,
+            )),
+            swap: None,
+            io: None,
+        }
+    }
+
+    pub fn sandbox_stats(&self, sample: &mut Option<(i64, u64)>) -> api::PodSandboxStats {
+        let (cpu, memory, pids) =
+            super::stats::cgroup_usage(&format!("{CGROUP_PARENT}/{}", self.id), None, sample);
+        api::PodSandboxStats {
+            attributes: Some(api::PodSandboxAttributes {
+                id: self.id.clone(),
+                metadata: self.config.metadata.clone(),
+                labels: self.config.labels.clone(),
+                annotations: self.config.annotations.clone(),
+            }),
+            linux: Some(api::LinuxPodSandboxStats {
+                cpu,
+                memory,
+                network: None,
+                process: Some(api::ProcessUsage {
+                    timestamp: crate::now_ns(),
+                    process_count: Some(api::UInt64Value { value: pids }),
+                }),
+                containers: self
+                    .list()
+                    .iter()
+                    .filter(|c| c.phase() == Phase::Running)
+                    .map(|c| self.container_stats(c))
+                    .collect(),
+                io: None,
+            }),
+            windows: None,
+        }
+    }
+
+    /// The `info` map of verbose status replies, as crictl inspect shows it.
+    pub fn verbose_info(&self) -> HashMap<String, String> {
+        let info = serde_json::json!({
+            "runtime": self.settings.runtime.as_str(),
+            "handler": self.settings.handler,
+            "ownerPid": std::process::id(),
+            "directory": self.dir,
+        });
+        HashMap::from([("info".to_string(), info.to_string())])
+    }
+}

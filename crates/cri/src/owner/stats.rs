@@ -1,0 +1,85 @@
+//! Container and pod stats from their cgroups and writable layers.
+
+use std::path::Path;
+
+use vmrun_container::cgroups;
+
+use crate::api;
+
+fn value(v: u64) -> Option<api::UInt64Value> {
+    Some(api::UInt64Value { value: v })
+}
+
+/// CPU and memory of the cgroup at `path`; `last` is the previous CPU
+/// sample (time, usage), replaced by this one, for the usage rate.
+pub fn cgroup_usage(
+    path: &str,
+    memory_limit: Option<u64>,
+    last: &mut Option<(i64, u64)>,
+) -> (Option<api::CpuUsage>, Option<api::MemoryUsage>, u64) {
+    let now = crate::now_ns();
+    let Ok(cgroup) = cgroups::open_existing(path) else {
+        return (None, None, 0);
+    };
+    let stats = cgroup.stats();
+    let nano_cores = match *last {
+        Some((t, used)) if now > t && stats.cpu_usage_ns >= used => {
+            let cores = (stats.cpu_usage_ns - used) as u128 * 1_000_000_000 / (now - t) as u128;
+            value(cores as u64)
+        }
+        _ => None,
+    };
+    *last = Some((now, stats.cpu_usage_ns));
+    let cpu = api::CpuUsage {
+        timestamp: now,
+        usage_core_nano_seconds: value(stats.cpu_usage_ns),
+        usage_nano_cores: nano_cores,
+        psi: None,
+    };
+    let working_set = stats.memory_usage_bytes;
+    let memory = api::MemoryUsage {
+        timestamp: now,
+        working_set_bytes: value(working_set),
+        available_bytes: memory_limit
+            .map(|l| l.saturating_sub(working_set))
+            .and_then(value),
+        usage_bytes: value(stats.memory_usage_bytes),
+        rss_bytes: None,
+        page_faults: None,
+        major_page_faults: None,
+        psi: None,
+    };
+    (Some(cpu), Some(memory), stats.pids)
+}
+
+/// Bytes and inodes used under `dir` (a writable layer), not following links.
+pub fn disk_usage(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let (mut bytes, mut inodes) = (0u64, 0u64);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        bytes += meta.blocks() * 512;
+        inodes += 1;
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    (bytes, inodes)
+}
+
+pub fn filesystem_usage(mountpoint: &Path, dir: &Path) -> api::FilesystemUsage {
+    let (bytes, inodes) = disk_usage(dir);
+    api::FilesystemUsage {
+        timestamp: crate::now_ns(),
+        fs_id: Some(api::FilesystemIdentifier {
+            mountpoint: mountpoint.display().to_string(),
+        }),
+        used_bytes: value(bytes),
+        inodes_used: value(inodes),
+    }
+}
