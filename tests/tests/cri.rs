@@ -419,3 +419,529 @@ async fn a_pod_with_two_containers_runs_its_whole_lifecycle() {
     // The kubelet owns the log files: they stay.
     assert!(web_log.exists());
 }
+
+#[tokio::test]
+async fn a_container_over_its_memory_limit_is_reported_oom_killed() {
+    require_root("a_container_over_its_memory_limit_is_reported_oom_killed");
+    let server = CriServer::start().await;
+    let image = server
+        .pull(&vmrun_tests::shared_busybox().await.unwrap())
+        .await;
+    let logs = tempfile::tempdir().unwrap();
+    let config = kubelet_sandbox_config("hog", "uid-hog", logs.path());
+    let sandbox = run_sandbox(&server, &config, "runc").await.unwrap();
+    let mut hog = kubelet_container_config(
+        "hog",
+        &image,
+        &["tail", "-c", "67108864", "/dev/zero"],
+        &config,
+    );
+    hog.linux
+        .as_mut()
+        .unwrap()
+        .resources
+        .as_mut()
+        .unwrap()
+        .memory_limit_in_bytes = 16 << 20;
+    let id = create(&server, &sandbox, hog, &config).await.unwrap();
+    start(&server, &id).await;
+    let mut rt = server.runtime().await;
+    let status = wait_container(&mut rt, &id, Duration::from_secs(60), |s| {
+        s.state == CONTAINER_EXITED
+    })
+    .await;
+    assert_eq!(status.reason, "OOMKilled", "{status:?}");
+    assert_eq!(status.exit_code, 137);
+    stop_and_remove(&server, &sandbox).await;
+}
+
+#[tokio::test]
+async fn pods_survive_the_daemon_being_killed_and_are_served_again() {
+    require_root("pods_survive_the_daemon_being_killed_and_are_served_again");
+    let mut server = CriServer::start().await;
+    let image = server
+        .pull(&vmrun_tests::shared_busybox().await.unwrap())
+        .await;
+    let logs = tempfile::tempdir().unwrap();
+    let config = kubelet_sandbox_config("durable", "uid-durable", logs.path());
+    let sandbox = run_sandbox(&server, &config, "native").await.unwrap();
+    let ticker = create(
+        &server,
+        &sandbox,
+        kubelet_container_config(
+            "ticker",
+            &image,
+            &sh("i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done"),
+            &config,
+        ),
+        &config,
+    )
+    .await
+    .unwrap();
+    start(&server, &ticker).await;
+    let short = create(
+        &server,
+        &sandbox,
+        kubelet_container_config("short", &image, &sh("exit 7"), &config),
+        &config,
+    )
+    .await
+    .unwrap();
+
+    server.kill();
+    // While no daemon runs, the pod runs on: its log grows.
+    let log = logs.path().join("ticker/0.log");
+    let before = log_records(&log).len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while log_records(&log).len() < before + 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pod stopped logging without a daemon"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.restart().await;
+
+    let mut rt = server.runtime().await;
+    let pods = rt
+        .list_pod_sandbox(api::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    assert_eq!(pods[0].id, sandbox);
+    assert_eq!(pods[0].state, SANDBOX_READY);
+    let status = wait_container(&mut rt, &ticker, Duration::from_secs(5), |_| true).await;
+    assert_eq!(status.state, CONTAINER_RUNNING);
+    // A container created before the restart starts after it, by a prefix of its id.
+    start(&server, &short[..12]).await;
+    let exited = wait_container(&mut rt, &short, Duration::from_secs(30), |s| {
+        s.state == CONTAINER_EXITED
+    })
+    .await;
+    assert_eq!(exited.exit_code, 7);
+    let out = exec_sync(&server, &ticker, &["echo", "still here"]).await;
+    assert_eq!(out.stdout, b"still here\n");
+    stop_and_remove(&server, &sandbox).await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_and_leave_nothing() {
+    require_root("bad_requests_get_clear_errors_and_leave_nothing");
+    let server = CriServer::start().await;
+    let logs = tempfile::tempdir().unwrap();
+    let config = kubelet_sandbox_config("bad", "uid-bad", logs.path());
+    let no_pods = |server: &CriServer| {
+        std::fs::read_dir(server.sandboxes_dir())
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+
+    let e = run_sandbox(&server, &config, "kata").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("\"kata\""), "{e:?}");
+    let e = run_sandbox(&server, &config, "wasm").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert!(e.message().contains("not available yet"), "{e:?}");
+    // Named as missing, not silently run natively.
+    let e = run_sandbox(&server, &config, "vm").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert!(e.message().contains("vm pods"), "{e:?}");
+    let mut malformed = config.clone();
+    malformed.metadata = None;
+    let e = run_sandbox(&server, &malformed, "").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("config.metadata"), "{e:?}");
+    let mut malformed = config.clone();
+    malformed.hostname = "no_such host".into();
+    let e = run_sandbox(&server, &malformed, "").await.unwrap_err();
+    assert!(e.message().contains("config.hostname"), "{e:?}");
+    assert_eq!(no_pods(&server), 0, "refused sandboxes leave no directory");
+
+    let sandbox = run_sandbox(&server, &config, "").await.unwrap();
+    let missing = "127.0.0.1:1/no/such-image:latest";
+    let e = create(
+        &server,
+        &sandbox,
+        kubelet_container_config("c", missing, &["true"], &config),
+        &config,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(
+        e.message().contains(missing) && e.message().contains("PullImage"),
+        "{e:?}"
+    );
+    let mut no_image = kubelet_container_config("c", "x", &["true"], &config);
+    no_image.image = None;
+    let e = create(&server, &sandbox, no_image, &config)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("config.image.image"), "{e:?}");
+
+    let mut rt = server.runtime().await;
+    let unknown = "0123456789abcdef".repeat(4);
+    let e = rt
+        .container_status(api::ContainerStatusRequest {
+            container_id: unknown.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains(&unknown), "{e:?}");
+    let e = rt
+        .start_container(api::StartContainerRequest {
+            container_id: unknown.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = rt
+        .pod_sandbox_status(api::PodSandboxStatusRequest {
+            pod_sandbox_id: unknown.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    // Removing what is not there succeeds, as the kubelet expects.
+    rt.remove_container(api::RemoveContainerRequest {
+        container_id: unknown.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
+        pod_sandbox_id: unknown.clone(),
+    })
+    .await
+    .unwrap();
+    // Calls vmrun cannot serve yet say so.
+    let e = rt
+        .port_forward(api::PortForwardRequest {
+            pod_sandbox_id: sandbox.clone(),
+            port: vec![80],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    let e = server
+        .images()
+        .await
+        .pull_image(api::PullImageRequest {
+            image: Some(api::ImageSpec {
+                image: "not a reference!".into(),
+                ..Default::default()
+            }),
+            auth: None,
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    stop_and_remove(&server, &sandbox).await;
+    assert_eq!(no_pods(&server), 0);
+}
+
+/// kubelet's standalone static-pod flow, in kubelet's order: Version and
+/// Status, RunPodSandbox, image checks and PullImage, CreateContainer and
+/// StartContainer with kubelet's mounts, log paths and labels, status
+/// polling, then StopContainer, StopPodSandbox, RemoveContainer,
+/// RemovePodSandbox.
+#[tokio::test]
+async fn the_kubelet_static_pod_flow_runs_in_kubelets_order() {
+    require_root("the_kubelet_static_pod_flow_runs_in_kubelets_order");
+    let server = CriServer::start().await;
+    let image = vmrun_tests::shared_busybox().await.unwrap();
+    let mut rt = server.runtime().await;
+    let mut images = server.images().await;
+    rt.version(api::VersionRequest {
+        version: "0.1.0".into(),
+    })
+    .await
+    .unwrap();
+    rt.status(api::StatusRequest { verbose: false })
+        .await
+        .unwrap();
+
+    let kubelet = tempfile::tempdir().unwrap();
+    let uid = "8f1c6f2e-5f40-4c50-9d1e-0a1b2c3d4e5f";
+    let log_dir = kubelet
+        .path()
+        .join(format!("pods/default_static-web_{uid}"));
+    let config = kubelet_sandbox_config("static-web", uid, &log_dir);
+    let sandbox = run_sandbox(&server, &config, "").await.unwrap();
+
+    let spec = api::ImageSpec {
+        image: image.clone(),
+        ..Default::default()
+    };
+    let present = images
+        .image_status(api::ImageStatusRequest {
+            image: Some(spec.clone()),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    if present.image.is_none() {
+        images
+            .pull_image(api::PullImageRequest {
+                image: Some(spec.clone()),
+                auth: None,
+                sandbox_config: Some(config.clone()),
+            })
+            .await
+            .unwrap();
+    }
+    let image_ref = images
+        .image_status(api::ImageStatusRequest {
+            image: Some(spec),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .unwrap()
+        .id;
+
+    // kubelet's per-container files: /etc/hosts and the termination log.
+    let pod_dir = kubelet.path().join(format!("pods/{uid}"));
+    std::fs::create_dir_all(pod_dir.join("containers/web")).unwrap();
+    std::fs::write(
+        pod_dir.join("etc-hosts"),
+        "127.0.0.1 localhost\n10.0.0.9 static-web\n",
+    )
+    .unwrap();
+    let termination = pod_dir.join("containers/web/termination-log");
+    std::fs::write(&termination, "").unwrap();
+    let volume = pod_dir.join("volumes/kubernetes.io~empty-dir/data");
+    std::fs::create_dir_all(&volume).unwrap();
+    let mut web = kubelet_container_config(
+        "web",
+        &image_ref,
+        &sh(
+            "grep static-web /etc/hosts; echo bye > /dev/termination-log; echo kept > /data/f; \
+             trap 'exit 0' TERM; sleep 1000 & wait",
+        ),
+        &config,
+    );
+    web.mounts = vec![
+        api::Mount {
+            container_path: "/etc/hosts".into(),
+            host_path: pod_dir.join("etc-hosts").display().to_string(),
+            ..Default::default()
+        },
+        api::Mount {
+            container_path: "/dev/termination-log".into(),
+            host_path: termination.display().to_string(),
+            ..Default::default()
+        },
+        api::Mount {
+            container_path: "/data".into(),
+            host_path: volume.display().to_string(),
+            ..Default::default()
+        },
+    ];
+    let web_id = create(&server, &sandbox, web, &config).await.unwrap();
+    start(&server, &web_id).await;
+    let running = wait_container(&mut rt, &web_id, Duration::from_secs(30), |s| {
+        s.state == CONTAINER_RUNNING
+    })
+    .await;
+    assert_eq!(running.mounts.len(), 3);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(volume.join("f")).unwrap_or_default() != "kept\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the emptyDir mount never got the file"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(std::fs::read_to_string(&termination).unwrap(), "bye\n");
+    let records = log_records(&log_dir.join("web/0.log"));
+    assert!(
+        records.iter().any(|r| r.2 == "10.0.0.9 static-web"),
+        "{records:?}"
+    );
+    // The kubelet's relist.
+    let status = rt
+        .pod_sandbox_status(api::PodSandboxStatusRequest {
+            pod_sandbox_id: sandbox.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status.unwrap().state, SANDBOX_READY);
+    assert_eq!(status.containers_statuses.len(), 1);
+
+    rt.stop_container(api::StopContainerRequest {
+        container_id: web_id.clone(),
+        timeout: 30,
+    })
+    .await
+    .unwrap();
+    let exited = wait_container(&mut rt, &web_id, Duration::from_secs(5), |s| {
+        s.state == CONTAINER_EXITED
+    })
+    .await;
+    assert_eq!((exited.exit_code, exited.reason.as_str()), (0, "Completed"));
+    rt.stop_pod_sandbox(api::StopPodSandboxRequest {
+        pod_sandbox_id: sandbox.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_container(api::RemoveContainerRequest {
+        container_id: web_id.clone(),
+    })
+    .await
+    .unwrap();
+    stop_and_remove(&server, &sandbox).await;
+    // The kubelet's files are the kubelet's.
+    assert!(volume.join("f").exists() && termination.exists());
+}
+
+#[tokio::test]
+async fn a_rotated_log_is_reopened_and_written_again() {
+    require_root("a_rotated_log_is_reopened_and_written_again");
+    let server = CriServer::start().await;
+    let image = server
+        .pull(&vmrun_tests::shared_busybox().await.unwrap())
+        .await;
+    let logs = tempfile::tempdir().unwrap();
+    let config = kubelet_sandbox_config("rotate", "uid-rotate", logs.path());
+    let sandbox = run_sandbox(&server, &config, "").await.unwrap();
+    let id = create(
+        &server,
+        &sandbox,
+        kubelet_container_config(
+            "talker",
+            &image,
+            &sh("while :; do echo line; sleep 0.1; done"),
+            &config,
+        ),
+        &config,
+    )
+    .await
+    .unwrap();
+    start(&server, &id).await;
+    let log = logs.path().join("talker/0.log");
+    let rotated = logs.path().join("talker/0.log.1");
+    let wait_lines = |path: std::path::PathBuf| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while log_records(&path).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} stays empty",
+                path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    wait_lines(log.clone()).await;
+    std::fs::rename(&log, &rotated).unwrap();
+    server
+        .runtime()
+        .await
+        .reopen_container_log(api::ReopenContainerLogRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    wait_lines(log.clone()).await;
+    assert!(log_records(&log).iter().all(|r| r.2 == "line"));
+    stop_and_remove(&server, &sandbox).await;
+}
+
+#[tokio::test]
+async fn pull_image_uses_the_credentials_it_is_given() {
+    require_root("pull_image_uses_the_credentials_it_is_given");
+    // bcrypt (cost 4) of "vmrun-pass", as in the image store tests.
+    const HASH: &str = "$2b$04$eYzYOZlA2gMMYE.K5ieW1OBkFelcNlwErpMGH0PwE1W3HTZoOWbTW";
+    let registry = tokio::task::spawn_blocking(|| {
+        vmrun_tests::registry::Registry::start_with_basic_auth("vmrun", HASH)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    // An image of its own (a file more than busybox): removing it below must
+    // not remove the busybox other tests of this process share.
+    use vmrun_tests::images::{busybox_entries, layer_tar, Compression, Entry, ImageSpec, Layer};
+    let layer =
+        |entries: &[Entry]| Layer::new(layer_tar(entries).unwrap(), Compression::Gzip).unwrap();
+    let img = ImageSpec::new(vec![
+        layer(&busybox_entries().unwrap()),
+        layer(&[Entry::file("private", b"cri auth")]),
+    ])
+    .build();
+    let creds = oci_client::secrets::RegistryAuth::Basic("vmrun".into(), "vmrun-pass".into());
+    let reference =
+        vmrun_tests::images::push_image_as(&registry.addr(), "test/private:cri", &img, creds)
+            .await
+            .unwrap();
+    let server = CriServer::start().await;
+    let pull = |auth: Option<api::AuthConfig>| {
+        let reference = reference.clone();
+        let server = &server;
+        async move {
+            server
+                .images()
+                .await
+                .pull_image(api::PullImageRequest {
+                    image: Some(api::ImageSpec {
+                        image: reference,
+                        ..Default::default()
+                    }),
+                    auth,
+                    sandbox_config: None,
+                })
+                .await
+        }
+    };
+    let e = pull(None).await.unwrap_err();
+    assert!(e.message().contains("test/private"), "{e:?}");
+    let wrong = api::AuthConfig {
+        username: "vmrun".into(),
+        password: "wrong".into(),
+        ..Default::default()
+    };
+    pull(Some(wrong)).await.unwrap_err();
+    let right = api::AuthConfig {
+        username: "vmrun".into(),
+        password: "vmrun-pass".into(),
+        server_address: registry.addr(),
+        ..Default::default()
+    };
+    let pulled = pull(Some(right)).await.unwrap().into_inner();
+    assert!(pulled.image_ref.starts_with("sha256:"));
+    server
+        .images()
+        .await
+        .remove_image(api::RemoveImageRequest {
+            image: Some(api::ImageSpec {
+                image: pulled.image_ref.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let gone = server
+        .images()
+        .await
+        .image_status(api::ImageStatusRequest {
+            image: Some(api::ImageSpec {
+                image: pulled.image_ref,
+                ..Default::default()
+            }),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(gone.image.is_none());
+}
