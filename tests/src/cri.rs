@@ -18,12 +18,27 @@ use crate::pod::{shared_image_root, vmrun_bin, Vmrun};
 pub struct CriServer {
     pub vmrun: Vmrun,
     pub socket: PathBuf,
+    bin: PathBuf,
     child: Option<Child>,
 }
 
 impl CriServer {
-    /// Starts the daemon and waits until its socket answers.
+    /// Starts the (debug) daemon and waits until its socket answers.
     pub async fn start() -> Self {
+        Self::start_with(vmrun_bin()).await
+    }
+
+    /// Starts the release daemon (benchmarks).
+    pub async fn start_release() -> Self {
+        Self::start_with(crate::pod::vmrun_release_bin()).await
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    async fn start_with(bin: &Path) -> Self {
         let vmrun = Vmrun::new();
         let socket = vmrun.state.path().join("cri.sock");
         let cni = vmrun.state.path().join("no-cni");
@@ -33,6 +48,7 @@ impl CriServer {
         let mut server = Self {
             vmrun,
             socket,
+            bin: bin.to_path_buf(),
             child: None,
         };
         server.restart().await;
@@ -47,7 +63,7 @@ impl CriServer {
     /// (Re)starts the daemon process (after [`CriServer::kill`]).
     pub async fn restart(&mut self) {
         let log = std::fs::File::create(self.vmrun.state.path().join("serve.log")).expect("log");
-        let child = std::process::Command::new(vmrun_bin())
+        let child = std::process::Command::new(&self.bin)
             .arg("--config")
             .arg(&self.vmrun.config)
             .arg("--root")
