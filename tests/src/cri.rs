@@ -25,12 +25,17 @@ pub struct CriServer {
 impl CriServer {
     /// Starts the (debug) daemon and waits until its socket answers.
     pub async fn start() -> Self {
-        Self::start_with(vmrun_bin()).await
+        Self::start_with(vmrun_bin(), None).await
+    }
+
+    /// Starts the daemon with `conflist` as the node's only CNI network.
+    pub async fn start_with_network(conflist: &str) -> Self {
+        Self::start_with(vmrun_bin(), Some(conflist)).await
     }
 
     /// Starts the release daemon (benchmarks).
     pub async fn start_release() -> Self {
-        Self::start_with(crate::pod::vmrun_release_bin()).await
+        Self::start_with(crate::pod::vmrun_release_bin(), None).await
     }
 
     /// The daemon's pid, while it runs.
@@ -38,10 +43,17 @@ impl CriServer {
         self.child.as_ref().map(Child::id)
     }
 
-    async fn start_with(bin: &Path) -> Self {
+    async fn start_with(bin: &Path, conflist: Option<&str>) -> Self {
         let vmrun = Vmrun::new();
         let socket = vmrun.state.path().join("cri.sock");
-        let cni = vmrun.state.path().join("no-cni");
+        let cni = vmrun
+            .state
+            .path()
+            .join(if conflist.is_some() { "cni" } else { "no-cni" });
+        if let Some(list) = conflist {
+            std::fs::create_dir_all(&cni).expect("cni dir");
+            std::fs::write(cni.join("10-test.conflist"), list).expect("conflist");
+        }
         let mut config = std::fs::read_to_string(&vmrun.config).expect("config");
         config += &format!("[cri]\nsocket = {socket:?}\ncni_conf_dir = {cni:?}\n");
         std::fs::write(&vmrun.config, config).expect("config");
@@ -149,7 +161,13 @@ impl CriServer {
     /// What a removed pod may not leave: its directory, cgroups, owner and
     /// container processes, mounts under the state directory.
     pub fn leftovers(&self, sandbox_id: &str) -> Vec<String> {
-        let mut found = self.vmrun.leftovers(sandbox_id, sandbox_id);
+        // Other pods of this daemon may still run: only this pod's mounts count.
+        let mut found: Vec<String> = self
+            .vmrun
+            .leftovers(sandbox_id, sandbox_id)
+            .into_iter()
+            .filter(|l| !l.starts_with("mount:") || l.contains(sandbox_id))
+            .collect();
         let dir = self.sandboxes_dir().join(sandbox_id);
         if dir.exists() {
             found.push(format!("directory: {}", dir.display()));
@@ -170,6 +188,18 @@ impl Drop for CriServer {
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
+            }
+        }
+        // ...and what they held: pause and container processes, cgroups,
+        // mounts, CNI attachments (a stale address on a test bridge would
+        // break the next run's network tests).
+        for dir in std::fs::read_dir(self.sandboxes_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Err(e) = vmrun_cri::daemon::remove_leftover_pod(&dir.path()) {
+                eprintln!("cleaning up {}: {e}", dir.path().display());
             }
         }
     }

@@ -945,3 +945,182 @@ async fn pull_image_uses_the_credentials_it_is_given() {
         .into_inner();
     assert!(gone.image.is_none());
 }
+
+/// A bridge network of this test's own (bridge, subnet and IPAM data), as a
+/// node's `/etc/cni/net.d` would hold it; None when the plugins are missing.
+fn test_network(bridge: &str, subnet: &str, ipam_dir: &std::path::Path) -> Option<String> {
+    if !std::path::Path::new("/usr/lib/cni/bridge").exists() {
+        return None;
+    }
+    Some(format!(
+        r#"{{
+  "cniVersion": "1.0.0",
+  "name": "{bridge}",
+  "plugins": [
+    {{"type": "bridge", "bridge": "{bridge}", "isGateway": true, "ipMasq": false,
+      "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{subnet}"}}]],
+               "dataDir": {ipam:?}}}}},
+    {{"type": "portmap", "capabilities": {{"portMappings": true}}}},
+    {{"type": "loopback"}}
+  ]
+}}"#,
+        ipam = ipam_dir.display().to_string()
+    ))
+}
+
+#[tokio::test]
+async fn pods_on_a_cni_network_reach_each_other_and_a_host_port() {
+    const TEST: &str = "pods_on_a_cni_network_reach_each_other_and_a_host_port";
+    require_root(TEST);
+    let ipam = tempfile::tempdir().unwrap();
+    let Some(conflist) = test_network("vmrcri0", "10.250.41.0/24", ipam.path()) else {
+        eprintln!("SKIPPED {TEST}: containernetworking-plugins not installed (/usr/lib/cni)");
+        return;
+    };
+    let server = CriServer::start_with_network(&conflist).await;
+    let status = server
+        .runtime()
+        .await
+        .status(api::StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner();
+    let network = status
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .unwrap();
+    assert!(network.status, "{network:?}");
+    let image = server
+        .pull(&vmrun_tests::shared_busybox().await.unwrap())
+        .await;
+    let logs = tempfile::tempdir().unwrap();
+
+    let mut server_config = kubelet_sandbox_config("srv", "uid-srv", logs.path());
+    server_config.port_mappings = vec![api::PortMapping {
+        protocol: 0,
+        container_port: 8080,
+        host_port: 30880,
+        host_ip: String::new(),
+    }];
+    let srv = run_sandbox(&server, &server_config, "").await.unwrap();
+    let client_config = kubelet_sandbox_config("cli", "uid-cli", logs.path());
+    let cli = run_sandbox(&server, &client_config, "").await.unwrap();
+    let pod_ip = |id: String| {
+        let server = &server;
+        async move {
+            server
+                .runtime()
+                .await
+                .pod_sandbox_status(api::PodSandboxStatusRequest {
+                    pod_sandbox_id: id,
+                    verbose: false,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap()
+                .network
+                .unwrap()
+                .ip
+        }
+    };
+    let (srv_ip, cli_ip) = (pod_ip(srv.clone()).await, pod_ip(cli.clone()).await);
+    assert!(srv_ip.starts_with("10.250.41."), "{srv_ip:?}");
+    assert!(
+        cli_ip.starts_with("10.250.41.") && cli_ip != srv_ip,
+        "{cli_ip:?}"
+    );
+
+    // busybox nc answers each connection with a line, over and over.
+    let web = create(
+        &server,
+        &srv,
+        kubelet_container_config(
+            "web",
+            &image,
+            &sh("trap 'exit 0' TERM; while :; do echo hello-from-srv | nc -l -p 8080; done & wait"),
+            &server_config,
+        ),
+        &server_config,
+    )
+    .await
+    .unwrap();
+    start(&server, &web).await;
+    let probe = create(
+        &server,
+        &cli,
+        kubelet_container_config(
+            "probe",
+            &image,
+            &sh("trap 'exit 0' TERM; sleep 1000 & wait"),
+            &client_config,
+        ),
+        &client_config,
+    )
+    .await
+    .unwrap();
+    start(&server, &probe).await;
+
+    // From the other pod, by pod IP, over TCP.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = exec_sync(
+            &server,
+            &probe,
+            &sh(&format!("nc -w 2 {srv_ip} 8080 </dev/null")),
+        )
+        .await;
+        if out.stdout == b"hello-from-srv\n" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pod cli never reached {srv_ip}:8080: {out:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // From the host, through the hostPort the portmap plugin set up on the
+    // bridge's gateway address (an address of this test's own network).
+    let gateway = "10.250.41.1:30880";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got =
+            std::net::TcpStream::connect_timeout(&gateway.parse().unwrap(), Duration::from_secs(2))
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let mut line = String::new();
+                    std::io::Read::read_to_string(&mut s, &mut line)?;
+                    Ok(line)
+                });
+        if matches!(&got, Ok(line) if line == "hello-from-srv\n") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hostPort {gateway}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    stop_and_remove(&server, &srv).await;
+    stop_and_remove(&server, &cli).await;
+    // DEL released the addresses and took the veths away.
+    let leases: Vec<_> = std::fs::read_dir(ipam.path().join("vmrcri0"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !leases.iter().any(|l| l.starts_with("10.250.41.")),
+        "host-local leases left: {leases:?}"
+    );
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", "vmrcri0"])
+        .status();
+}

@@ -522,6 +522,13 @@ impl Sandbox for NativeSandbox {
     fn destroy(&self) -> Result<(), RuntimeError> {
         self.teardown()
     }
+
+    fn network_holder_pid(&self) -> Option<i32> {
+        self.pause
+            .as_ref()
+            .filter(|_| !self.pod.host_network)
+            .map(|p| p.pid())
+    }
 }
 
 struct NativeContainer {

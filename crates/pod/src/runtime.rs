@@ -117,6 +117,12 @@ pub trait Sandbox: Send + Sync {
     fn connect(&self, port: u16, timeout: Duration) -> Result<Box<dyn PodStream>, RuntimeError>;
     /// Removes everything the sandbox made; idempotent.
     fn destroy(&self) -> Result<(), RuntimeError>;
+    /// The host process whose network namespace is the pod's (a native pod's
+    /// pause process), for CNI to attach it; None with hostNetwork, or when
+    /// the pod's network lives elsewhere (a VM).
+    fn network_holder_pid(&self) -> Option<i32> {
+        None
+    }
     /// Why the sandbox itself is gone before [`Sandbox::destroy`] (a pod VM
     /// whose VMM died), else `None`: its containers cannot be restarted then.
     fn lost(&self) -> Option<String> {

@@ -6,10 +6,35 @@ use std::path::{Path, PathBuf};
 use vmrun_container::cgroups;
 use vmrun_pod::native::CGROUP_PARENT;
 
-/// Kills every process of the pod's cgroup tree and removes it, then
-/// unmounts what is mounted under `dir`.
-pub fn orphan(id: &str, dir: &Path) -> Result<(), String> {
+use super::registry::Pod;
+
+/// Detaches the pod's network, kills every process of its cgroup tree and
+/// removes it, then unmounts what is mounted under its directory.
+pub fn orphan(pod: &Pod) -> Result<(), String> {
+    orphan_files(&pod.id, &pod.dir, &pod.settings, &pod.config)
+}
+
+/// [`orphan`] from the pod's files alone, and the directory removed: for
+/// a pod nobody serves any more (a test's daemon that died with its pods).
+pub fn remove_leftover_pod(dir: &Path) -> Result<(), String> {
+    let (settings, config) =
+        crate::owner::OwnerSettings::read(dir).map_err(|e| format!("{e:#}"))?;
+    orphan_files(&settings.sandbox_id, dir, &settings, &config)?;
+    std::fs::remove_dir_all(dir).map_err(|e| format!("removing {}: {e}", dir.display()))
+}
+
+fn orphan_files(
+    id: &str,
+    dir: &Path,
+    settings: &crate::owner::OwnerSettings,
+    config: &crate::api::PodSandboxConfig,
+) -> Result<(), String> {
     let mut errors = Vec::new();
+    if let Some(net) = &settings.network {
+        if let Err(e) = crate::owner::detach_orphan(net, id, dir, config) {
+            errors.push(e.to_string());
+        }
+    }
     let pod_cgroup = format!("{CGROUP_PARENT}/{id}");
     // Leaves first, so that each cgroup is empty when it is removed.
     let mut paths = cgroup_tree(&pod_cgroup);

@@ -16,6 +16,7 @@ use vmrun_pod::native::ProcViewSetup;
 use crate::api;
 use crate::config::CriConfig;
 
+pub use cleanup::remove_leftover_pod;
 pub use images::ImageServiceImpl;
 pub use registry::Registry;
 pub use runtime::RuntimeServiceImpl;

@@ -15,7 +15,7 @@ use super::ServeOptions;
 use crate::api;
 use crate::api::runtime_service_server::RuntimeService;
 use crate::config::RuntimeKind;
-use crate::owner::OwnerSettings;
+use crate::owner::{NetworkSettings, OwnerSettings};
 use crate::translate;
 
 pub struct RuntimeServiceImpl {
@@ -53,29 +53,27 @@ impl RuntimeServiceImpl {
         }
     }
 
+    /// The node's CNI setup when its configuration loads, else why not.
+    fn network(&self) -> Result<NetworkSettings, String> {
+        let cri = &self.opts.cri;
+        vmrun_cni::load_default(&cri.cni_conf_dir).map_err(|e| e.to_string())?;
+        Ok(NetworkSettings {
+            conf_dir: cri.cni_conf_dir.clone(),
+            bin_dirs: cri.cni_bin_dirs.clone(),
+            cache_dir: self.opts.state.join("cri").join("cni-cache"),
+        })
+    }
+
     fn network_condition(&self) -> api::RuntimeCondition {
-        let dir = &self.opts.cri.cni_conf_dir;
-        let has_config = std::fs::read_dir(dir).is_ok_and(|entries| {
-            entries.flatten().any(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                [".conf", ".conflist", ".json"]
-                    .iter()
-                    .any(|ext| name.ends_with(ext))
-            })
-        });
+        let (status, reason, message) = match self.network() {
+            Ok(_) => (true, String::new(), String::new()),
+            Err(why) => (false, "NetworkPluginNotReady".to_string(), why),
+        };
         api::RuntimeCondition {
             r#type: "NetworkReady".into(),
-            status: has_config,
-            reason: if has_config {
-                String::new()
-            } else {
-                "NetworkPluginNotReady".into()
-            },
-            message: if has_config {
-                String::new()
-            } else {
-                format!("no CNI network configuration in {}", dir.display())
-            },
+            status,
+            reason,
+            message,
         }
     }
 
@@ -155,6 +153,9 @@ impl RuntimeService for RuntimeServiceImpl {
                 proc_view: self.opts.proc_view.clone(),
             },
             image_root: self.opts.image_root.clone(),
+            // Without a network configuration a pod gets loopback only, and
+            // Status tells the kubelet the network is not ready.
+            network: self.network().ok(),
             created_at: crate::now_ns(),
         };
         let pod = self
@@ -174,7 +175,7 @@ impl RuntimeService for RuntimeServiceImpl {
         let pod = self.registry.pod(&r.pod_sandbox_id)?;
         r.pod_sandbox_id = pod.id.clone();
         if pod.client.is_none() {
-            cleanup::orphan(&pod.id, &pod.dir).map_err(Status::internal)?;
+            cleanup::orphan(&pod).map_err(Status::internal)?;
             return Ok(Response::new(api::StopPodSandboxResponse {}));
         }
         forward!(pod, stop_pod_sandbox, r)
@@ -196,7 +197,7 @@ impl RuntimeService for RuntimeServiceImpl {
             // Removed means gone: the owner's process too.
             let _ = tokio::task::spawn_blocking(move || waited.wait_owner_exit()).await;
         } else {
-            cleanup::orphan(&pod.id, &pod.dir).map_err(Status::internal)?;
+            cleanup::orphan(&pod).map_err(Status::internal)?;
             std::fs::remove_dir_all(&pod.dir)
                 .map_err(|e| Status::internal(format!("removing {}: {e}", pod.dir.display())))?;
         }

@@ -10,10 +10,12 @@
 
 mod containers;
 mod exec;
+mod network;
 mod pod;
 mod service;
 mod stats;
 
+pub use network::{detach_orphan, NetworkSettings, NETNS_FILE};
 pub use stats::filesystem_usage;
 
 use std::io::Write;
@@ -47,6 +49,10 @@ pub struct OwnerSettings {
     pub native: NativeRuntime,
     /// The image store, read to resolve the containers' images.
     pub image_root: PathBuf,
+    /// The node's CNI setup; None leaves pods with loopback only (no
+    /// network configuration on the node: Status says NetworkReady false).
+    #[serde(default)]
+    pub network: Option<NetworkSettings>,
     pub created_at: i64,
 }
 

@@ -16,6 +16,7 @@ use vmrun_pod::spec::ImageDefaults;
 
 use super::containers::{Container, Phase};
 use super::exec::{exec_sync, ExecError, ExecResult};
+use super::network::PodNetwork;
 use super::OwnerSettings;
 use crate::api;
 use crate::config::RuntimeKind;
@@ -40,6 +41,11 @@ pub struct Owner {
     pub dir: PathBuf,
     store: vmrun_image::ImageStore,
     sandbox: Mutex<Option<Arc<dyn Sandbox>>>,
+    /// Attached until StopPodSandbox detaches it.
+    network: Mutex<Option<Arc<PodNetwork>>>,
+    /// The pod's IPs, kept after the network is detached (CRI reports them
+    /// for a NOTREADY sandbox too).
+    pub ips: Vec<std::net::IpAddr>,
     containers: Mutex<BTreeMap<String, Arc<Container>>>,
     removed: tokio::sync::watch::Sender<bool>,
 }
@@ -71,6 +77,30 @@ impl Owner {
                 other.as_str()
             ),
         };
+        let network = match (&settings.network, sandbox.network_holder_pid()) {
+            (Some(net), Some(pid)) => {
+                let (net, id, dir, cfg) = (
+                    net.clone(),
+                    settings.sandbox_id.clone(),
+                    dir.to_path_buf(),
+                    config.clone(),
+                );
+                let attached = tokio::task::spawn_blocking(move || {
+                    PodNetwork::attach(&net, &id, &dir, pid, &cfg)
+                })
+                .await
+                .context("network setup panicked")?;
+                match attached {
+                    Ok(n) => Some(Arc::new(n)),
+                    Err(e) => {
+                        let doomed = sandbox.clone();
+                        let _ = tokio::task::spawn_blocking(move || doomed.destroy()).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+            _ => None,
+        };
         Ok(Self {
             id: settings.sandbox_id.clone(),
             settings,
@@ -78,6 +108,8 @@ impl Owner {
             plan,
             dir: dir.to_path_buf(),
             store,
+            ips: network.as_ref().map(|n| n.ips.clone()).unwrap_or_default(),
+            network: Mutex::new(network),
             sandbox: Mutex::new(Some(sandbox)),
             containers: Mutex::new(BTreeMap::new()),
             removed: tokio::sync::watch::channel(false).0,
@@ -392,6 +424,19 @@ impl Owner {
                 .await
                 .map_err(Status::deadline_exceeded)?;
         }
+        let network = self
+            .network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(network) = network {
+            // Detached while the pause process still holds the namespace.
+            tokio::task::spawn_blocking(move || network.detach())
+                .await
+                .map_err(|e| internal("detaching the pod network", e))?
+                .map_err(|e| Status::unknown(e.to_string()))?;
+            *self.network.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         let sandbox = self
             .sandbox
             .lock()
@@ -488,6 +533,7 @@ impl Owner {
             "handler": self.settings.handler,
             "ownerPid": std::process::id(),
             "directory": self.dir,
+            "netns": self.sandbox().and_then(|s| s.network_holder_pid()).map(|pid| format!("/proc/{pid}/ns/net")),
         });
         HashMap::from([("info".to_string(), info.to_string())])
     }

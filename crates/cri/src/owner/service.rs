@@ -68,7 +68,15 @@ impl OwnerService {
             metadata: o.config.metadata.clone(),
             state: self.sandbox_state(),
             created_at: o.settings.created_at,
-            network: Some(api::PodSandboxNetworkStatus::default()),
+            network: Some(api::PodSandboxNetworkStatus {
+                ip: o.ips.first().map(|ip| ip.to_string()).unwrap_or_default(),
+                additional_ips: o
+                    .ips
+                    .iter()
+                    .skip(1)
+                    .map(|ip| api::PodIp { ip: ip.to_string() })
+                    .collect(),
+            }),
             linux: Some(api::LinuxPodSandboxStatus {
                 namespaces: Some(api::Namespace { options: ns }),
             }),
