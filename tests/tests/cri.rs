@@ -1124,3 +1124,323 @@ async fn pods_on_a_cni_network_reach_each_other_and_a_host_port() {
         .args(["link", "del", "vmrcri0"])
         .status();
 }
+
+mod streaming {
+    //! Exec, Attach and PortForward through the URLs vmrun's streaming server
+    //! hands out, with a WebSocket client speaking the Kubernetes
+    //! remotecommand (v5.channel.k8s.io) and portforward protocols as
+    //! kubectl and crictl `--transport websocket` do. (SPDY, the other
+    //! transport, is tested against the server in crates/streaming.)
+
+    use super::*;
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    type Ws = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    async fn connect(url: &str, protocol: &str) -> Ws {
+        let ws_url = url.replacen("http://", "ws://", 1);
+        let mut request = ws_url.as_str().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+        let (ws, response) = tokio_tungstenite::connect_async(request)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {ws_url}: {e}"));
+        assert_eq!(
+            response.headers()["Sec-WebSocket-Protocol"]
+                .to_str()
+                .unwrap(),
+            protocol
+        );
+        ws
+    }
+
+    /// Everything received until the server closes, by channel.
+    async fn collect(ws: &mut Ws) -> std::collections::BTreeMap<u8, Vec<u8>> {
+        let mut by_channel = std::collections::BTreeMap::<u8, Vec<u8>>::new();
+        let deadline = Duration::from_secs(30);
+        while let Ok(Some(msg)) = tokio::time::timeout(deadline, ws.next()).await {
+            match msg {
+                Ok(Message::Binary(data)) if !data.is_empty() => {
+                    by_channel
+                        .entry(data[0])
+                        .or_default()
+                        .extend_from_slice(&data[1..]);
+                }
+                Ok(Message::Close(_)) | Err(_) => break,
+                _ => {}
+            }
+        }
+        by_channel
+    }
+
+    async fn pod_with(
+        server: &CriServer,
+        name: &str,
+        script: &str,
+        logs: &std::path::Path,
+    ) -> (String, String) {
+        let image = server
+            .pull(&vmrun_tests::shared_busybox().await.unwrap())
+            .await;
+        let config = kubelet_sandbox_config(name, &format!("uid-{name}"), logs);
+        let sandbox = run_sandbox(server, &config, "").await.unwrap();
+        let id = create(
+            server,
+            &sandbox,
+            kubelet_container_config("main", &image, &sh(script), &config),
+            &config,
+        )
+        .await
+        .unwrap();
+        start(server, &id).await;
+        let mut rt = server.runtime().await;
+        wait_container(&mut rt, &id, Duration::from_secs(30), |s| {
+            s.state == CONTAINER_RUNNING
+        })
+        .await;
+        (sandbox, id)
+    }
+
+    #[tokio::test]
+    async fn exec_streams_stdin_output_and_the_exit_code() {
+        require_root("streaming::exec_streams_stdin_output_and_the_exit_code");
+        let server = CriServer::start().await;
+        let logs = tempfile::tempdir().unwrap();
+        let idle = "trap 'exit 0' TERM; sleep 1000 & wait";
+        let (sandbox, id) = pod_with(&server, "exec", idle, logs.path()).await;
+        let url = server
+            .runtime()
+            .await
+            .exec(api::ExecRequest {
+                container_id: id.clone(),
+                cmd: ["/bin/sh", "-c", "read x; echo got:$x; echo err >&2; exit 5"]
+                    .map(String::from)
+                    .to_vec(),
+                tty: false,
+                stdin: true,
+                stdout: true,
+                stderr: true,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+        let mut ws = connect(&url, "v5.channel.k8s.io").await;
+        ws.send(Message::Binary([&[0u8][..], b"hello\n"].concat().into()))
+            .await
+            .unwrap();
+        // v5: channel 255 closes stdin.
+        ws.send(Message::Binary(vec![255u8, 0].into()))
+            .await
+            .unwrap();
+        let got = collect(&mut ws).await;
+        assert_eq!(
+            got.get(&1).map(Vec::as_slice),
+            Some(&b"got:hello\n"[..]),
+            "{got:?}"
+        );
+        assert_eq!(
+            got.get(&2).map(Vec::as_slice),
+            Some(&b"err\n"[..]),
+            "{got:?}"
+        );
+        let status: serde_json::Value = serde_json::from_slice(&got[&3]).unwrap();
+        assert_eq!(status["status"], "Failure", "{status}");
+        assert_eq!(status["reason"], "NonZeroExitCode");
+        assert_eq!(status["details"]["causes"][0]["message"], "5");
+
+        // A terminal: the command sees a tty of the size the client sent.
+        let url = server
+            .runtime()
+            .await
+            .exec(api::ExecRequest {
+                container_id: id.clone(),
+                cmd: ["/bin/sh", "-c", "read x; tty; stty size"]
+                    .map(String::from)
+                    .to_vec(),
+                tty: true,
+                stdin: true,
+                stdout: true,
+                stderr: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        let mut ws = connect(&url, "v5.channel.k8s.io").await;
+        let size = br#"{"Width":100,"Height":40}"#;
+        ws.send(Message::Binary([&[4u8][..], size].concat().into()))
+            .await
+            .unwrap();
+        ws.send(Message::Binary([&[0u8][..], b"go\n"].concat().into()))
+            .await
+            .unwrap();
+        let got = collect(&mut ws).await;
+        let out = String::from_utf8_lossy(got.get(&1).map(Vec::as_slice).unwrap_or_default());
+        assert!(out.contains("/dev/pts/"), "{out:?}");
+        assert!(out.contains("40 100"), "{out:?}");
+        let status: serde_json::Value = serde_json::from_slice(&got[&3]).unwrap();
+        assert_eq!(status["status"], "Success", "{status}");
+
+        // A container that is not running gets no URL.
+        server
+            .runtime()
+            .await
+            .stop_container(api::StopContainerRequest {
+                container_id: id.clone(),
+                timeout: 5,
+            })
+            .await
+            .unwrap();
+        let e = server
+            .runtime()
+            .await
+            .exec(api::ExecRequest {
+                container_id: id.clone(),
+                cmd: vec!["true".into()],
+                tty: false,
+                stdin: false,
+                stdout: true,
+                stderr: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        stop_and_remove(&server, &sandbox).await;
+    }
+
+    #[tokio::test]
+    async fn attach_follows_the_output_until_the_container_exits() {
+        require_root("streaming::attach_follows_the_output_until_the_container_exits");
+        let server = CriServer::start().await;
+        let logs = tempfile::tempdir().unwrap();
+        let script = "trap 'echo bye; exit 0' TERM; i=0; \
+                      while :; do echo tick $i; i=$((i+1)); sleep 0.2; done & wait";
+        let (sandbox, id) = pod_with(&server, "attach", script, logs.path()).await;
+        let url = server
+            .runtime()
+            .await
+            .attach(api::AttachRequest {
+                container_id: id.clone(),
+                stdin: false,
+                tty: false,
+                stdout: true,
+                stderr: true,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        let mut ws = connect(&url, "v5.channel.k8s.io").await;
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains("tick") {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Binary(d)))) if d.first() == Some(&1) => {
+                    seen.extend_from_slice(&d[1..])
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("attach: no output ({other:?}), got {seen:?}"),
+            }
+        }
+        let stopper = {
+            let mut rt = server.runtime().await;
+            let id = id.clone();
+            tokio::spawn(async move {
+                rt.stop_container(api::StopContainerRequest {
+                    container_id: id,
+                    timeout: 10,
+                })
+                .await
+            })
+        };
+        let rest = collect(&mut ws).await;
+        seen.extend_from_slice(rest.get(&1).map(Vec::as_slice).unwrap_or_default());
+        stopper.await.unwrap().unwrap();
+        assert!(
+            String::from_utf8_lossy(&seen).contains("bye"),
+            "attach ends with the container's last words: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        let e = server
+            .runtime()
+            .await
+            .attach(api::AttachRequest {
+                container_id: id.clone(),
+                stdin: true,
+                tty: false,
+                stdout: true,
+                stderr: true,
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+            ),
+            "{e:?}"
+        );
+        stop_and_remove(&server, &sandbox).await;
+    }
+
+    #[tokio::test]
+    async fn port_forward_reaches_a_server_on_the_pods_loopback() {
+        require_root("streaming::port_forward_reaches_a_server_on_the_pods_loopback");
+        let server = CriServer::start().await;
+        let logs = tempfile::tempdir().unwrap();
+        // The pod has no network but its own loopback (no CNI here): only
+        // port-forward, entering the pod's namespace, can reach the server.
+        let script = "trap 'exit 0' TERM; \
+                      while :; do echo pong | nc -l -p 7070; done & wait";
+        let (sandbox, _id) = pod_with(&server, "pf", script, logs.path()).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            // URLs are single use: one per connection, as kubectl asks.
+            let url = server
+                .runtime()
+                .await
+                .port_forward(api::PortForwardRequest {
+                    pod_sandbox_id: sandbox.clone(),
+                    port: vec![7070],
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .url;
+            let mut ws = connect(&format!("{url}?port=7070"), "v4.channel.k8s.io").await;
+            ws.send(Message::Binary([&[0u8][..], b"ping\n"].concat().into()))
+                .await
+                .unwrap();
+            let got = collect(&mut ws).await;
+            // Each channel starts with its port, little-endian.
+            let data = got.get(&0).cloned().unwrap_or_default();
+            if data.len() > 2 && &data[2..] == b"pong\n" {
+                assert_eq!(&data[..2], &7070u16.to_le_bytes());
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "port-forward to 7070: {got:?}"
+            );
+            // The server in the pod may not listen yet.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let e = server
+            .runtime()
+            .await
+            .port_forward(api::PortForwardRequest {
+                pod_sandbox_id: "0".repeat(64),
+                port: vec![80],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        stop_and_remove(&server, &sandbox).await;
+    }
+}

@@ -5,6 +5,7 @@ mod cleanup;
 mod images;
 mod registry;
 mod runtime;
+mod streaming;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -58,6 +59,11 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("streaming server on {addr}: {source}")]
+    Streaming {
+        addr: std::net::SocketAddr,
+        source: vmrun_streaming::StartError,
+    },
     #[error("serving CRI: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -80,6 +86,20 @@ pub async fn serve(
         source,
     })?;
     let registry = Arc::new(Registry::recover(sandboxes).await);
+    let addr = std::net::SocketAddr::new(opts.cri.stream_address, opts.cri.stream_port);
+    let backend = Arc::new(streaming::StreamBackend {
+        registry: registry.clone(),
+    });
+    let streams = vmrun_streaming::Server::start(
+        vmrun_streaming::Config {
+            addr,
+            ..Default::default()
+        },
+        backend,
+    )
+    .await
+    .map_err(|source| ServeError::Streaming { addr, source })?;
+    tracing::info!("streaming server on {}", streams.local_addr());
     let listener = crate::unix::bind(&opts.cri.socket)
         .await
         .map_err(|source| ServeError::Socket {
@@ -92,7 +112,7 @@ pub async fn serve(
         registry.len()
     );
     let opts = Arc::new(opts);
-    let runtime = RuntimeServiceImpl::new(opts.clone(), registry, store.clone());
+    let runtime = RuntimeServiceImpl::new(opts.clone(), registry, store.clone(), Arc::new(streams));
     let images = ImageServiceImpl::new(store);
     let socket = opts.cri.socket.clone();
     let served = tonic::transport::Server::builder()

@@ -24,6 +24,8 @@ pub struct RuntimeServiceImpl {
     store: ImageStore,
     /// The pod CIDR the kubelet last gave (UpdateRuntimeConfig).
     pod_cidr: Mutex<String>,
+    /// Serves the URLs Exec, Attach and PortForward hand out.
+    streams: Arc<vmrun_streaming::Server>,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -31,14 +33,52 @@ type Reply<T> = Result<Response<T>, Status>;
 /// CRI's CgroupDriver value for cgroupfs.
 const CGROUP_DRIVER_CGROUPFS: i32 = 1;
 
+/// Runs one call on a pod's owner; a pod whose owner is gone answers
+/// `Unavailable` naming it.
+macro_rules! forward {
+    ($pod:expr, $method:ident, $req:expr) => {{
+        let mut owner = $pod.owner()?;
+        owner.$method($req).await
+    }};
+}
+
 impl RuntimeServiceImpl {
-    pub fn new(opts: Arc<ServeOptions>, registry: Arc<Registry>, store: ImageStore) -> Self {
+    pub fn new(
+        opts: Arc<ServeOptions>,
+        registry: Arc<Registry>,
+        store: ImageStore,
+        streams: Arc<vmrun_streaming::Server>,
+    ) -> Self {
         Self {
             opts,
             registry,
             store,
             pod_cidr: Mutex::new(String::new()),
+            streams,
         }
+    }
+
+    /// The full id of a container that is running (exec and attach need one).
+    async fn running_container(&self, id: &str) -> Result<String, Status> {
+        let (id, pod) = self.registry.container(id)?;
+        let status = forward!(
+            pod,
+            container_status,
+            api::ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            }
+        )?;
+        let running = status
+            .into_inner()
+            .status
+            .is_some_and(|s| s.state == crate::owner::container_state::RUNNING);
+        if !running {
+            return Err(Status::failed_precondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        Ok(id)
     }
 
     fn not_ready_sandbox(pod: &Pod) -> api::PodSandbox {
@@ -89,15 +129,6 @@ impl RuntimeServiceImpl {
         }))
         .await
     }
-}
-
-/// Runs one call on a pod's owner; a pod whose owner is gone answers
-/// `Unavailable` naming it.
-macro_rules! forward {
-    ($pod:expr, $method:ident, $req:expr) => {{
-        let mut owner = $pod.owner()?;
-        owner.$method($req).await
-    }};
 }
 
 #[tonic::async_trait]
@@ -408,27 +439,66 @@ impl RuntimeService for RuntimeServiceImpl {
     }
 
     async fn exec(&self, request: Request<api::ExecRequest>) -> Reply<api::ExecResponse> {
-        self.registry.container(&request.get_ref().container_id)?;
-        Err(Status::unimplemented(
-            "Exec: vmrun's streaming server is not available yet (use ExecSync)",
-        ))
+        let r = request.into_inner();
+        let container_id = self.running_container(&r.container_id).await?;
+        let url = self
+            .streams
+            .get_exec(vmrun_streaming::ExecRequest {
+                container_id,
+                cmd: r.cmd,
+                tty: r.tty,
+                stdin: r.stdin,
+                stdout: r.stdout,
+                stderr: r.stderr,
+            })
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(api::ExecResponse { url }))
     }
 
     async fn attach(&self, request: Request<api::AttachRequest>) -> Reply<api::AttachResponse> {
-        self.registry.container(&request.get_ref().container_id)?;
-        Err(Status::unimplemented(
-            "Attach: vmrun's streaming server is not available yet",
-        ))
+        let r = request.into_inner();
+        let container_id = self.running_container(&r.container_id).await?;
+        if r.stdin || r.tty {
+            return Err(Status::invalid_argument(format!(
+                "attach to {container_id}: the container has no stdin or terminal to attach to \
+                 (vmrun refuses containers asking for them); attach with stdout/stderr follows its output"
+            )));
+        }
+        let url = self
+            .streams
+            .get_attach(vmrun_streaming::AttachRequest {
+                container_id,
+                tty: false,
+                stdin: false,
+                stdout: r.stdout,
+                stderr: r.stderr,
+            })
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(api::AttachResponse { url }))
     }
 
     async fn port_forward(
         &self,
         request: Request<api::PortForwardRequest>,
     ) -> Reply<api::PortForwardResponse> {
-        self.registry.pod(&request.get_ref().pod_sandbox_id)?;
-        Err(Status::unimplemented(
-            "PortForward: vmrun's streaming server is not available yet",
-        ))
+        let r = request.into_inner();
+        let pod = self.registry.pod(&r.pod_sandbox_id)?;
+        let mut ports = Vec::new();
+        for p in r.port {
+            ports.push(
+                u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| {
+                    Status::invalid_argument(format!("port {p} is not a TCP port"))
+                })?,
+            );
+        }
+        let url = self
+            .streams
+            .get_port_forward(vmrun_streaming::PortForwardRequest {
+                pod_sandbox_id: pod.id.clone(),
+                ports,
+            })
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(api::PortForwardResponse { url }))
     }
 
     async fn container_stats(

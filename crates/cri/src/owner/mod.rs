@@ -30,6 +30,7 @@ use vmrun_pod::native::NativeRuntime;
 use crate::api;
 use crate::config::RuntimeKind;
 
+pub use containers::state as container_state;
 pub use pod::{sandbox_state, Owner};
 pub use service::OwnerService;
 

@@ -300,10 +300,12 @@ impl RuntimeService for OwnerService {
         let c = self.owner.container(&r.container_id)?;
         let mut info = HashMap::new();
         if r.verbose {
-            let pid = c.running().map(|run| run.pid());
+            let running = c.running();
             let detail = serde_json::json!({
                 "sandboxID": self.owner.id,
-                "pid": pid,
+                "pid": running.as_ref().map(|run| run.pid()),
+                // What the daemon's streaming server needs to exec in it.
+                "execTarget": running.as_ref().map(|run| run.exec_target()),
                 "runtime": self.owner.settings.runtime.as_str(),
                 "cgroup": self.owner.cgroup_of(&c),
             });
