@@ -9,6 +9,7 @@
 //! the runtime plugs in through [`Backend`].
 
 mod activity;
+mod inbound;
 mod portforward;
 mod remotecommand;
 mod server;

@@ -355,6 +355,7 @@ fn upgrade_websocket(
         );
     };
     let pending = match pending {
+        Pending::PortForward(r) if protocol == websocket::SPDY_TUNNEL => Pending::PortForward(r),
         Pending::PortForward(r) => match ports_from_query(req.uri().query(), &r.ports) {
             Ok(ports) => Pending::PortForward(PortForwardRequest { ports, ..r }),
             Err(msg) => return plain(StatusCode::BAD_REQUEST, msg),
@@ -378,6 +379,9 @@ fn upgrade_websocket(
                 }
                 Pending::Attach(r) => {
                     websocket::serve_remotecommand(ws, protocol, Op::Attach(r), backend, idle).await
+                }
+                Pending::PortForward(r) if protocol == websocket::SPDY_TUNNEL => {
+                    websocket::serve_spdy_tunnel(ws, r.pod_sandbox_id, backend, idle).await
                 }
                 Pending::PortForward(r) => {
                     websocket::serve_portforward(

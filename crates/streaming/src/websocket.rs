@@ -10,6 +10,8 @@ use std::time::Duration;
 use base64::Engine;
 use futures::{SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, WriteHalf};
+
+use crate::inbound::{Budget, Feeder};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -18,7 +20,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::activity::Activity;
-use crate::portforward::forward_error;
+use crate::portforward::{self, forward_error};
 use crate::remotecommand::{run, status_format, Op, V1, V4, V5};
 use crate::Backend;
 
@@ -27,9 +29,12 @@ const V1_BASE64: &str = "base64.channel.k8s.io";
 
 /// Subprotocols for exec/attach, best first; "" is a client that named none.
 pub(crate) const REMOTECOMMAND_PROTOCOLS: &[&str] = &[V5, V4, V4_BASE64, V1, V1_BASE64, ""];
+/// Port-forward as SPDY carried in binary WebSocket messages (newer
+/// client-go, `crictl port-forward --transport websocket`).
+pub(crate) const SPDY_TUNNEL: &str = "SPDY/3.1+portforward.k8s.io";
 /// Subprotocols for port-forward; the v4 ones prefix each channel with its port.
 pub(crate) const PORTFORWARD_PROTOCOLS: &[&str] =
-    &[V4, V4_BASE64, crate::portforward::PROTOCOL, ""];
+    &[SPDY_TUNNEL, V4, V4_BASE64, crate::portforward::PROTOCOL, ""];
 
 /// Channel numbers are one byte and each port takes two.
 pub(crate) const MAX_WS_PORTS: usize = 127;
@@ -143,13 +148,26 @@ fn normal_close() -> Message {
     }))
 }
 
-/// Pipes for the client-to-server channels, written by the reader task.
+/// Queues for the client-to-server channels, fed by the reader task.
 struct Inbound {
-    sinks: Vec<(u8, Option<WriteHalf<DuplexStream>>)>,
+    sinks: Vec<(u8, Option<Feeder>)>,
+    budget: Arc<Budget>,
 }
 
 impl Inbound {
-    fn get(&mut self, ch: u8) -> Option<&mut Option<WriteHalf<DuplexStream>>> {
+    fn new() -> Self {
+        Inbound {
+            sinks: Vec::new(),
+            budget: Budget::new(),
+        }
+    }
+
+    fn add(&mut self, ch: u8, w: WriteHalf<DuplexStream>) {
+        let feeder = Feeder::spawn(w, self.budget.clone());
+        self.sinks.push((ch, Some(feeder)));
+    }
+
+    fn get(&mut self, ch: u8) -> Option<&mut Option<Feeder>> {
         self.sinks
             .iter_mut()
             .find(|(c, _)| *c == ch)
@@ -176,15 +194,14 @@ async fn read_loop<St>(
         };
         if v5 && ch == CLOSE_SIGNAL {
             if let Some(slot) = data.first().and_then(|c| inbound.get(*c)) {
-                if let Some(mut w) = slot.take() {
-                    let _ = w.shutdown().await;
-                }
+                // Dropping the queue gives EOF after what it holds.
+                slot.take();
             }
             continue;
         }
         if let Some(slot) = inbound.get(ch) {
-            if let Some(w) = slot {
-                if w.write_all(&data).await.is_err() {
+            if let Some(feeder) = slot {
+                if !feeder.send(data.into()).await {
                     *slot = None;
                 }
             }
@@ -224,19 +241,19 @@ pub(crate) async fn serve_remotecommand<S>(
     let writer = tokio::spawn(write_loop(sink, rx, activity.clone()));
     let wants = op.wants();
 
-    let mut inbound = Inbound { sinks: Vec::new() };
+    let mut inbound = Inbound::new();
     let mut pumps = Vec::new();
     let mut stdin: Option<Reader> = None;
     let mut resize: Option<Reader> = None;
     let mut outs: [Option<Writer>; 2] = [None, None];
     if wants.stdin {
         let (_, w, remote) = pipe();
-        inbound.sinks.push((0, Some(w)));
+        inbound.add(0, w);
         stdin = Some(Box::new(remote));
     }
     if wants.tty && protocol != V1 && !protocol.is_empty() && protocol != V1_BASE64 {
         let (_, w, remote) = pipe();
-        inbound.sinks.push((4, Some(w)));
+        inbound.add(4, w);
         resize = Some(Box::new(remote));
     }
     // Kubelet greets with an empty message on the lowest writable channel so
@@ -304,7 +321,7 @@ pub(crate) async fn serve_portforward<S>(
     let (tx, rx) = mpsc::channel::<Message>(32);
     let writer = tokio::spawn(write_loop(sink, rx, activity.clone()));
 
-    let mut inbound = Inbound { sinks: Vec::new() };
+    let mut inbound = Inbound::new();
     let mut pumps = Vec::new();
     let mut forwards = JoinSet::new();
     for (i, port) in ports.iter().copied().enumerate().take(MAX_WS_PORTS) {
@@ -318,7 +335,7 @@ pub(crate) async fn serve_portforward<S>(
                 .await;
         }
         let (r, w, remote) = pipe();
-        inbound.sinks.push((data_ch, Some(w)));
+        inbound.add(data_ch, w);
         pumps.push(spawn_pump(r, data_ch, tx.clone(), codec));
         let (backend, sandbox) = (backend.clone(), sandbox.clone());
         forwards.spawn(async move {
@@ -355,4 +372,51 @@ pub(crate) async fn serve_portforward<S>(
     drop(tx);
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, writer).await;
     reader.abort();
+}
+
+/// Serves port-forward over the SPDY-in-WebSocket tunnel: the WebSocket is
+/// turned back into a byte stream and the SPDY port-forward runs on it.
+pub(crate) async fn serve_spdy_tunnel<S>(
+    ws: WebSocketStream<S>,
+    sandbox: String,
+    backend: Arc<dyn Backend>,
+    idle: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (local, remote) = tokio::io::duplex(PIPE);
+    let (mut from_spdy, mut to_spdy) = tokio::io::split(local);
+    let (mut sink, mut stream) = ws.split();
+    let inbound = tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            let Message::Binary(b) = msg else {
+                if msg.is_close() {
+                    break;
+                }
+                continue;
+            };
+            if to_spdy.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = to_spdy.shutdown().await;
+    });
+    let outbound = tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        while let Ok(n) = from_spdy.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            if sink.send(Message::binary(buf[..n].to_vec())).await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.send(normal_close()).await;
+        let _ = sink.close().await;
+    });
+    // The session shuts its side of the pipe down when done, which ends
+    // `outbound` with a close message.
+    portforward::serve_spdy(remote, sandbox, backend, idle).await;
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, outbound).await;
+    inbound.abort();
 }

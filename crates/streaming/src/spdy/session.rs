@@ -3,25 +3,27 @@
 //! half and the header compressor (one zlib context per direction, so frames
 //! are compressed in the order they hit the wire).
 //!
-//! Each stream is handed out as one end of an in-memory pipe. The reader
-//! writes the client's data into it, waiting when it is full: spdystream does
-//! not do flow control, so backpressure on the TCP connection is the only way
-//! to bound what an untrusted client makes us buffer (kubelet, on the same
-//! library, behaves the same). WINDOW_UPDATEs are still sent as data is
-//! accepted, for clients that do respect windows.
+//! Each stream is handed out as one end of an in-memory pipe, fed by the
+//! reader through a bounded per-stream queue (see `inbound`): spdystream does
+//! not do flow control, so the queue budget and, past it, backpressure on the
+//! TCP connection are what bound the memory a client can make us use.
+//! WINDOW_UPDATEs are still sent as data is accepted, for clients that do
+//! respect windows.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, WriteHalf};
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::frame::{self, Control, FrameError, Head};
 use super::headers::{Decoder, Encoder, HeaderError, Headers};
 use crate::activity::Activity;
+use crate::inbound::{Budget, Feeder};
 
 /// The SPDY/3 default initial window, also the per-stream pipe capacity.
 const WINDOW: usize = 64 * 1024;
@@ -159,8 +161,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
     last_id: Arc<AtomicU32>,
 ) -> Result<(), SessionError> {
     let mut dec = Decoder::new();
-    // Write ends of the pipes of streams the client has not finished.
-    let mut sinks: HashMap<u32, WriteHalf<DuplexStream>> = HashMap::new();
+    // Queues into the pipes of streams the client has not finished.
+    let mut sinks: HashMap<u32, Feeder> = HashMap::new();
+    let budget = Budget::new();
     // Streams whose handler end is still alive (their pump still runs).
     let open = Arc::new(AtomicUsize::new(0));
     let mut buf = vec![0u8; CHUNK];
@@ -181,8 +184,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     r.read_exact(&mut buf[..n]).await.map_err(FrameError::Io)?;
                     left -= n;
                     activity.touch();
-                    if let Some(sink) = sinks.get_mut(&stream_id) {
-                        if sink.write_all(&buf[..n]).await.is_err() {
+                    if let Some(sink) = sinks.get(&stream_id) {
+                        if !sink.send(Bytes::copy_from_slice(&buf[..n])).await {
                             // The consumer is gone: drop the rest.
                             sinks.remove(&stream_id);
                         }
@@ -196,9 +199,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         .await;
                 }
                 if flags & frame::FLAG_FIN != 0 {
-                    if let Some(mut sink) = sinks.remove(&stream_id) {
-                        let _ = sink.shutdown().await;
-                    }
+                    // Dropping the queue gives EOF after what it holds.
+                    sinks.remove(&stream_id);
                 }
             }
             Head::Control { kind, flags, len } => {
@@ -228,7 +230,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         if flags & frame::FLAG_FIN != 0 {
                             let _ = local_wr.shutdown().await;
                         } else {
-                            sinks.insert(stream_id, local_wr);
+                            sinks.insert(stream_id, Feeder::spawn(local_wr, budget.clone()));
                         }
                         // The reply goes out before any data the pump sends.
                         if out.send(Out::Reply(stream_id)).await.is_err() {
@@ -262,15 +264,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     } => {
                         dec.decode(&block)?;
                         if flags & frame::FLAG_FIN != 0 {
-                            if let Some(mut sink) = sinks.remove(&stream_id) {
-                                let _ = sink.shutdown().await;
-                            }
+                            sinks.remove(&stream_id);
                         }
                     }
                     Control::RstStream { stream_id, .. } => {
-                        if let Some(mut sink) = sinks.remove(&stream_id) {
-                            let _ = sink.shutdown().await;
-                        }
+                        sinks.remove(&stream_id);
                     }
                     Control::Ping { id } => {
                         // Client pings are odd; echo them (ours would be even).
