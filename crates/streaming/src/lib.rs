@@ -15,6 +15,7 @@ mod remotecommand;
 mod server;
 mod spdy;
 mod status;
+mod task;
 mod tokens;
 mod websocket;
 
@@ -109,7 +110,9 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncReadWrite for T {}
 ///
 /// The streams given to each call are finished when the returned future
 /// completes (the server then reports the outcome to the client), so an
-/// implementation must be done with them by then.
+/// implementation must be done with them by then. The future is dropped
+/// unfinished when the connection idles out or the server shuts down; an
+/// implementation that must clean up (kill the process) does so on drop.
 pub trait Backend: Send + Sync + 'static {
     /// Runs `req.cmd` in the container; the `Ok` value is its exit code.
     /// `Err` is reported to the client as an internal error.

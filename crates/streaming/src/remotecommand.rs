@@ -207,6 +207,9 @@ pub(crate) async fn serve_spdy<IO>(
             return session.close().await;
         }
     }
+    // Streams beyond the expected ones are not used: refuse them by closing
+    // the channel rather than letting them queue up.
+    drop(incoming);
 
     let mut take = |name: &str| streams.remove(name).map(|s| (s.io, s.flushed));
     let error = take("error");

@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream
 use crate::inbound::{Budget, Feeder};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
+
+use crate::task::Task;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -238,7 +240,7 @@ pub(crate) async fn serve_remotecommand<S>(
     let (sink, stream) = ws.split();
     let activity = Activity::new();
     let (tx, rx) = mpsc::channel::<Message>(32);
-    let writer = tokio::spawn(write_loop(sink, rx, activity.clone()));
+    let writer = Task::spawn(write_loop(sink, rx, activity.clone()));
     let wants = op.wants();
 
     let mut inbound = Inbound::new();
@@ -276,7 +278,7 @@ pub(crate) async fn serve_remotecommand<S>(
             outs[i] = Some(Box::new(remote));
         }
     }
-    let reader = tokio::spawn(read_loop(
+    let _reader = Task::spawn(read_loop(
         stream,
         inbound,
         codec,
@@ -302,7 +304,6 @@ pub(crate) async fn serve_remotecommand<S>(
     }
     drop(tx);
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, writer).await;
-    reader.abort();
 }
 
 pub(crate) async fn serve_portforward<S>(
@@ -319,7 +320,7 @@ pub(crate) async fn serve_portforward<S>(
     let (sink, stream) = ws.split();
     let activity = Activity::new();
     let (tx, rx) = mpsc::channel::<Message>(32);
-    let writer = tokio::spawn(write_loop(sink, rx, activity.clone()));
+    let writer = Task::spawn(write_loop(sink, rx, activity.clone()));
 
     let mut inbound = Inbound::new();
     let mut pumps = Vec::new();
@@ -343,7 +344,7 @@ pub(crate) async fn serve_portforward<S>(
             (data_ch + 1, port, result)
         });
     }
-    let mut reader = tokio::spawn(read_loop(stream, inbound, codec, false, activity.clone()));
+    let mut reader = Task::spawn(read_loop(stream, inbound, codec, false, activity.clone()));
     loop {
         tokio::select! {
             done = forwards.join_next() => match done {
@@ -371,7 +372,6 @@ pub(crate) async fn serve_portforward<S>(
     let _ = tx.send(normal_close()).await;
     drop(tx);
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, writer).await;
-    reader.abort();
 }
 
 /// Serves port-forward over the SPDY-in-WebSocket tunnel: the WebSocket is
@@ -387,7 +387,7 @@ pub(crate) async fn serve_spdy_tunnel<S>(
     let (local, remote) = tokio::io::duplex(PIPE);
     let (mut from_spdy, mut to_spdy) = tokio::io::split(local);
     let (mut sink, mut stream) = ws.split();
-    let inbound = tokio::spawn(async move {
+    let inbound = Task::spawn(async move {
         while let Some(Ok(msg)) = stream.next().await {
             let Message::Binary(b) = msg else {
                 if msg.is_close() {
@@ -401,7 +401,7 @@ pub(crate) async fn serve_spdy_tunnel<S>(
         }
         let _ = to_spdy.shutdown().await;
     });
-    let outbound = tokio::spawn(async move {
+    let outbound = Task::spawn(async move {
         let mut buf = vec![0u8; CHUNK];
         while let Ok(n) = from_spdy.read(&mut buf).await {
             if n == 0 {
@@ -418,5 +418,5 @@ pub(crate) async fn serve_spdy_tunnel<S>(
     // `outbound` with a close message.
     portforward::serve_spdy(remote, sandbox, backend, idle).await;
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, outbound).await;
-    inbound.abort();
+    drop(inbound);
 }

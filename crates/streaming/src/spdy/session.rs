@@ -18,12 +18,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use super::frame::{self, Control, FrameError, Head};
 use super::headers::{Decoder, Encoder, HeaderError, Headers};
 use crate::activity::Activity;
 use crate::inbound::{Budget, Feeder};
+use crate::task::Task;
 
 /// The SPDY/3 default initial window, also the per-stream pipe capacity.
 const WINDOW: usize = 64 * 1024;
@@ -62,8 +62,9 @@ enum Out {
 
 pub(crate) struct Session {
     out: mpsc::Sender<Out>,
-    writer: JoinHandle<()>,
-    reader: JoinHandle<()>,
+    // Both end with the session (dropping it closes the connection).
+    writer: Task<()>,
+    _reader: Task<()>,
     activity: Activity,
 }
 
@@ -79,10 +80,10 @@ impl Session {
         let last_id = Arc::new(AtomicU32::new(0));
         let (out_tx, out_rx) = mpsc::channel(64);
         let (in_tx, in_rx) = mpsc::channel(16);
-        let writer = tokio::spawn(write_loop(wr, out_rx, activity.clone(), last_id.clone()));
+        let writer = Task::spawn(write_loop(wr, out_rx, activity.clone(), last_id.clone()));
         let reader = {
             let (out, activity) = (out_tx.clone(), activity.clone());
-            tokio::spawn(async move {
+            Task::spawn(async move {
                 if let Err(e) = read_loop(rd, out.clone(), in_tx, activity, last_id).await {
                     tracing::debug!("spdy session ends: {e}");
                     // Tell the peer why; it is ignored if the writer is gone.
@@ -93,7 +94,7 @@ impl Session {
         let session = Session {
             out: out_tx,
             writer,
-            reader,
+            _reader: reader,
             activity,
         };
         (session, in_rx)
@@ -105,11 +106,9 @@ impl Session {
     }
 
     /// Sends GOAWAY after everything queued so far and closes the connection.
-    pub(crate) async fn close(self) {
+    pub(crate) async fn close(mut self) {
         let _ = self.out.send(Out::Close).await;
-        drop(self.out);
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.writer).await;
-        self.reader.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.writer).await;
     }
 }
 

@@ -116,3 +116,23 @@ async fn idle_connections_are_closed() {
     assert!(!got.contains_key(&3), "no status after an idle close");
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn shutdown_closes_open_connections() {
+    let (srv, _) = server().await;
+    let url = srv.get_exec(exec(&["echo"], true, false)).unwrap();
+    let (mut c, _) = spdy::Spdy::connect(&url, &["v4.channel.k8s.io"]).await;
+    c.open(&[("streamType", "error")]).await;
+    c.open(&[("streamType", "stdin")]).await;
+    c.open(&[("streamType", "stdout")]).await;
+    let url = srv.get_exec(exec(&["echo"], true, false)).unwrap();
+    let (mut ws, _) = websocket::ws_connect(&url, "v5.channel.k8s.io").await;
+    let addr = srv.local_addr();
+    srv.shutdown().await;
+    assert!(c.drain().await.values().all(|(d, _)| d.is_empty()));
+    // Shutdown is abrupt: the socket just closes.
+    use futures::StreamExt;
+    let end = tokio::time::timeout(T, async { while let Some(Ok(_)) = ws.next().await {} });
+    end.await.expect("websocket closed");
+    assert!(TcpStream::connect(addr).await.is_err(), "listener closed");
+}
