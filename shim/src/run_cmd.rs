@@ -2,8 +2,6 @@
 //! `-d`, under a detached `vmrun-supervisor` process.
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -145,32 +143,18 @@ fn detach(args: &RunArgs, pod: &PreparedPod, dir: &Path) -> anyhow::Result<()> {
         );
     }
     pod.write(&dir.join(PREPARED_FILE))?;
-    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let log = std::fs::File::create(dir.join("supervisor.log"))?;
     let mut cmd = std::process::Command::new(&supervisor);
     cmd.arg(dir)
         .arg("--ready-fd")
-        .arg("3")
+        .arg(vmrun_pod::detach::READY_FD.to_string())
         .arg("--restart-backoff-ms")
         .arg(args.restart_backoff.as_millis().to_string())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    let ready_raw = ready_w.as_raw_fd();
-    // SAFETY: the closure runs in the forked child before exec and only calls
-    // async-signal-safe functions (setsid, dup2) on fds that stay open until then.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 || libc::dup2(ready_raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
+    let (mut child, ready_r) = vmrun_pod::detach::spawn_with_ready_pipe(&mut cmd)
         .with_context(|| format!("starting the pod supervisor {}", supervisor.display()))?;
-    drop(ready_w);
     let mut answer = String::new();
     std::fs::File::from(ready_r).read_to_string(&mut answer)?;
     let answer = answer.trim();

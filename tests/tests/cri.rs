@@ -619,15 +619,16 @@ async fn bad_requests_get_clear_errors_and_leave_nothing() {
     })
     .await
     .unwrap();
-    // Calls vmrun cannot serve yet say so.
+    // Streaming requests are validated before a URL is handed out.
     let e = rt
         .port_forward(api::PortForwardRequest {
             pod_sandbox_id: sandbox.clone(),
-            port: vec![80],
+            port: vec![70000],
         })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("70000"), "{e:?}");
     let e = server
         .images()
         .await
@@ -1159,8 +1160,12 @@ mod streaming {
         ws
     }
 
-    /// Everything received until the server closes, by channel.
-    async fn collect(ws: &mut Ws) -> std::collections::BTreeMap<u8, Vec<u8>> {
+    /// Everything received, by channel, until the server closes or `done`
+    /// holds (a port-forward connection stays open until the client goes).
+    async fn collect_until(
+        ws: &mut Ws,
+        done: impl Fn(&std::collections::BTreeMap<u8, Vec<u8>>) -> bool,
+    ) -> std::collections::BTreeMap<u8, Vec<u8>> {
         let mut by_channel = std::collections::BTreeMap::<u8, Vec<u8>>::new();
         let deadline = Duration::from_secs(30);
         while let Ok(Some(msg)) = tokio::time::timeout(deadline, ws.next()).await {
@@ -1174,8 +1179,16 @@ mod streaming {
                 Ok(Message::Close(_)) | Err(_) => break,
                 _ => {}
             }
+            if done(&by_channel) {
+                break;
+            }
         }
         by_channel
+    }
+
+    /// A remotecommand session's output, up to its status (channel 3).
+    async fn collect(ws: &mut Ws) -> std::collections::BTreeMap<u8, Vec<u8>> {
+        collect_until(ws, |got| got.contains_key(&3)).await
     }
 
     async fn pod_with(
@@ -1417,7 +1430,12 @@ mod streaming {
             ws.send(Message::Binary([&[0u8][..], b"ping\n"].concat().into()))
                 .await
                 .unwrap();
-            let got = collect(&mut ws).await;
+            // Done at the answer, or at an error past the port prefix.
+            let got = collect_until(&mut ws, |got| {
+                got.get(&0).is_some_and(|d| d.ends_with(b"pong\n"))
+                    || got.get(&1).is_some_and(|e| e.len() > 2)
+            })
+            .await;
             // Each channel starts with its port, little-endian.
             let data = got.get(&0).cloned().unwrap_or_default();
             if data.len() > 2 && &data[2..] == b"pong\n" {

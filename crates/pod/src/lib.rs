@@ -4,6 +4,7 @@
 pub mod command;
 pub mod controller;
 pub mod cpu_placement;
+pub mod detach;
 pub mod logs;
 pub mod manifest;
 pub mod native;

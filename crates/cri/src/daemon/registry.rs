@@ -4,8 +4,6 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -244,33 +242,18 @@ fn spawn_owner(shim: &Path, dir: &Path) -> Result<i32, String> {
             shim.display()
         ));
     }
-    let (ready_r, ready_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let log = std::fs::File::create(dir.join(LOG_FILE))
         .map_err(|e| format!("{}: {e}", dir.join(LOG_FILE).display()))?;
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = std::process::Command::new(shim);
     cmd.arg(dir)
         .arg("--ready-fd")
-        .arg("3")
+        .arg(vmrun_pod::detach::READY_FD.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log2);
-    let ready_raw = ready_w.as_raw_fd();
-    // SAFETY: the closure runs in the forked child before exec and only calls
-    // async-signal-safe functions (setsid, dup2) on fds that stay open until then.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 || libc::dup2(ready_raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
+    let (mut child, ready_r) = vmrun_pod::detach::spawn_with_ready_pipe(&mut cmd)
         .map_err(|e| format!("starting {}: {e}", shim.display()))?;
-    drop(ready_w);
     let mut fds = [nix::poll::PollFd::new(
         std::os::fd::AsFd::as_fd(&ready_r),
         nix::poll::PollFlags::POLLIN,

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::future::join_all;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use vmrun_image::ImageStore;
 use vmrun_pod::native::NativeRuntime;
@@ -13,6 +14,7 @@ use super::cleanup;
 use super::registry::{Pod, Registry};
 use super::ServeOptions;
 use crate::api;
+use crate::api::runtime_service_client::RuntimeServiceClient;
 use crate::api::runtime_service_server::RuntimeService;
 use crate::config::RuntimeKind;
 use crate::owner::{NetworkSettings, OwnerSettings};
@@ -39,6 +41,16 @@ macro_rules! forward {
     ($pod:expr, $method:ident, $req:expr) => {{
         let mut owner = $pod.owner()?;
         owner.$method($req).await
+    }};
+}
+
+/// Runs a container's call on its pod's owner, the id resolved in full.
+macro_rules! forward_to_container {
+    ($self:ident, $request:ident, $method:ident) => {{
+        let mut r = $request.into_inner();
+        let (id, pod) = $self.registry.container(&r.container_id)?;
+        r.container_id = id;
+        forward!(pod, $method, r)
     }};
 }
 
@@ -115,6 +127,34 @@ impl RuntimeServiceImpl {
             reason,
             message,
         }
+    }
+
+    /// What every live owner answers to a list call, joined; an owner that
+    /// fails is skipped with a warning (the others' pods are still listed).
+    async fn ask_every_owner<T, F, Fut>(&self, ask: F) -> Vec<T>
+    where
+        F: Fn(RuntimeServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<T>, Status>>,
+    {
+        let answers = self
+            .each_pod(|pod| {
+                let asked = pod.client.clone().map(&ask);
+                async move {
+                    match asked {
+                        Some(answer) => answer.await,
+                        None => Ok(Vec::new()),
+                    }
+                }
+            })
+            .await;
+        let mut all = Vec::new();
+        for answer in answers {
+            match answer {
+                Ok(mut more) => all.append(&mut more),
+                Err((pod, e)) => tracing::warn!("pod sandbox {}: {}", pod.id, e.message()),
+            }
+        }
+        all
     }
 
     /// Every pod's answer to a list call, pods whose owner is gone included.
@@ -339,20 +379,14 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         request: Request<api::StartContainerRequest>,
     ) -> Reply<api::StartContainerResponse> {
-        let mut r = request.into_inner();
-        let (id, pod) = self.registry.container(&r.container_id)?;
-        r.container_id = id;
-        forward!(pod, start_container, r)
+        forward_to_container!(self, request, start_container)
     }
 
     async fn stop_container(
         &self,
         request: Request<api::StopContainerRequest>,
     ) -> Reply<api::StopContainerResponse> {
-        let mut r = request.into_inner();
-        let (id, pod) = self.registry.container(&r.container_id)?;
-        r.container_id = id;
-        forward!(pod, stop_container, r)
+        forward_to_container!(self, request, stop_container)
     }
 
     async fn remove_container(
@@ -374,26 +408,12 @@ impl RuntimeService for RuntimeServiceImpl {
         request: Request<api::ListContainersRequest>,
     ) -> Reply<api::ListContainersResponse> {
         let r = request.into_inner();
-        let answers = self
-            .each_pod(|pod| {
+        let mut containers = self
+            .ask_every_owner(|mut owner| {
                 let r = r.clone();
-                async move {
-                    match pod.client.clone() {
-                        Some(mut owner) => {
-                            Ok(owner.list_containers(r).await?.into_inner().containers)
-                        }
-                        None => Ok(Vec::new()),
-                    }
-                }
+                async move { Ok(owner.list_containers(r).await?.into_inner().containers) }
             })
             .await;
-        let mut containers = Vec::new();
-        for answer in answers {
-            match answer {
-                Ok(mut more) => containers.append(&mut more),
-                Err((pod, e)) => tracing::warn!("pod sandbox {}: {}", pod.id, e.message()),
-            }
-        }
         containers.sort_by_key(|c| std::cmp::Reverse(c.created_at));
         Ok(Response::new(api::ListContainersResponse { containers }))
     }
@@ -402,40 +422,28 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         request: Request<api::ContainerStatusRequest>,
     ) -> Reply<api::ContainerStatusResponse> {
-        let mut r = request.into_inner();
-        let (id, pod) = self.registry.container(&r.container_id)?;
-        r.container_id = id;
-        forward!(pod, container_status, r)
+        forward_to_container!(self, request, container_status)
     }
 
     async fn update_container_resources(
         &self,
         request: Request<api::UpdateContainerResourcesRequest>,
     ) -> Reply<api::UpdateContainerResourcesResponse> {
-        let mut r = request.into_inner();
-        let (id, pod) = self.registry.container(&r.container_id)?;
-        r.container_id = id;
-        forward!(pod, update_container_resources, r)
+        forward_to_container!(self, request, update_container_resources)
     }
 
     async fn reopen_container_log(
         &self,
         request: Request<api::ReopenContainerLogRequest>,
     ) -> Reply<api::ReopenContainerLogResponse> {
-        let mut r = request.into_inner();
-        let (id, pod) = self.registry.container(&r.container_id)?;
-        r.container_id = id;
-        forward!(pod, reopen_container_log, r)
+        forward_to_container!(self, request, reopen_container_log)
     }
 
     async fn exec_sync(
         &self,
         request: Request<api::ExecSyncRequest>,
     ) -> Reply<api::ExecSyncResponse> {
-        let mut r = request.into_inner();
-        let (id, pod) = self.registry.container(&r.container_id)?;
-        r.container_id = id;
-        forward!(pod, exec_sync, r)
+        forward_to_container!(self, request, exec_sync)
     }
 
     async fn exec(&self, request: Request<api::ExecRequest>) -> Reply<api::ExecResponse> {
@@ -505,10 +513,7 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         request: Request<api::ContainerStatsRequest>,
     ) -> Reply<api::ContainerStatsResponse> {
-        let mut r = request.into_inner();
-        let (id, pod) = self.registry.container(&r.container_id)?;
-        r.container_id = id;
-        forward!(pod, container_stats, r)
+        forward_to_container!(self, request, container_stats)
     }
 
     async fn list_container_stats(
@@ -516,20 +521,12 @@ impl RuntimeService for RuntimeServiceImpl {
         request: Request<api::ListContainerStatsRequest>,
     ) -> Reply<api::ListContainerStatsResponse> {
         let r = request.into_inner();
-        let answers = self
-            .each_pod(|pod| {
+        let stats = self
+            .ask_every_owner(|mut owner| {
                 let r = r.clone();
-                async move {
-                    match pod.client.clone() {
-                        Some(mut owner) => {
-                            Ok(owner.list_container_stats(r).await?.into_inner().stats)
-                        }
-                        None => Ok(Vec::new()),
-                    }
-                }
+                async move { Ok(owner.list_container_stats(r).await?.into_inner().stats) }
             })
             .await;
-        let stats = answers.into_iter().flat_map(Result::ok).flatten().collect();
         Ok(Response::new(api::ListContainerStatsResponse { stats }))
     }
 
@@ -548,20 +545,12 @@ impl RuntimeService for RuntimeServiceImpl {
         request: Request<api::ListPodSandboxStatsRequest>,
     ) -> Reply<api::ListPodSandboxStatsResponse> {
         let r = request.into_inner();
-        let answers = self
-            .each_pod(|pod| {
+        let stats = self
+            .ask_every_owner(|mut owner| {
                 let r = r.clone();
-                async move {
-                    match pod.client.clone() {
-                        Some(mut owner) => {
-                            Ok(owner.list_pod_sandbox_stats(r).await?.into_inner().stats)
-                        }
-                        None => Ok(Vec::new()),
-                    }
-                }
+                async move { Ok(owner.list_pod_sandbox_stats(r).await?.into_inner().stats) }
             })
             .await;
-        let stats = answers.into_iter().flat_map(Result::ok).flatten().collect();
         Ok(Response::new(api::ListPodSandboxStatsResponse { stats }))
     }
 

@@ -27,6 +27,13 @@ pub struct StreamBackend {
     pub registry: Arc<Registry>,
 }
 
+/// The JSON `info` of a verbose status reply.
+fn verbose_info(info: &std::collections::HashMap<String, String>) -> serde_json::Value {
+    info.get("info")
+        .and_then(|i| serde_json::from_str(i).ok())
+        .unwrap_or_default()
+}
+
 /// The exec target of a running container, from its owner.
 async fn exec_target(registry: &Registry, id: &str) -> Result<serde_json::Value, String> {
     let (id, pod) = registry
@@ -41,11 +48,7 @@ async fn exec_target(registry: &Registry, id: &str) -> Result<serde_json::Value,
         .await
         .map_err(|s| s.message().to_string())?
         .into_inner();
-    let info: serde_json::Value = status
-        .info
-        .get("info")
-        .and_then(|i| serde_json::from_str(i).ok())
-        .unwrap_or_default();
+    let info = verbose_info(&status.info);
     match &info["execTarget"] {
         serde_json::Value::Null => Err(format!("container {id} is not running")),
         target => Ok(target.clone()),
@@ -64,11 +67,7 @@ async fn pod_netns(registry: &Registry, id: &str) -> Result<Option<PathBuf>, Str
         .await
         .map_err(|s| s.message().to_string())?
         .into_inner();
-    let info: serde_json::Value = status
-        .info
-        .get("info")
-        .and_then(|i| serde_json::from_str(i).ok())
-        .unwrap_or_default();
+    let info = verbose_info(&status.info);
     Ok(info["netns"].as_str().map(PathBuf::from))
 }
 
