@@ -17,6 +17,7 @@ mod spdy;
 mod status;
 mod task;
 mod tokens;
+mod upgrade;
 mod websocket;
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ pub(crate) const REMOTECOMMAND_PROTOCOLS: &[&str] = &[V5, V4, V4_BASE64, V1, V1_
 /// Port-forward as SPDY carried in binary WebSocket messages (newer
 /// client-go, `crictl port-forward --transport websocket`).
 pub(crate) const SPDY_TUNNEL: &str = "SPDY/3.1+portforward.k8s.io";
-/// Subprotocols for port-forward; the v4 ones prefix each channel with its port.
+/// Subprotocols for port-forward over channels.
 pub(crate) const PORTFORWARD_PROTOCOLS: &[&str] =
     &[SPDY_TUNNEL, V4, V4_BASE64, crate::portforward::PROTOCOL, ""];
 
@@ -327,14 +327,12 @@ pub(crate) async fn serve_portforward<S>(
     let mut forwards = JoinSet::new();
     for (i, port) in ports.iter().copied().enumerate().take(MAX_WS_PORTS) {
         let data_ch = (2 * i) as u8;
-        if !protocol.is_empty() {
-            // v4 clients learn which port a channel pair belongs to from
-            // its first two bytes (little-endian).
-            let _ = tx.send(codec.encode(data_ch, &port.to_le_bytes())).await;
-            let _ = tx
-                .send(codec.encode(data_ch + 1, &port.to_le_bytes()))
-                .await;
-        }
+        // Clients learn which port a channel pair belongs to from its first
+        // two bytes (little-endian), as kubelet sends them.
+        let _ = tx.send(codec.encode(data_ch, &port.to_le_bytes())).await;
+        let _ = tx
+            .send(codec.encode(data_ch + 1, &port.to_le_bytes()))
+            .await;
         let (r, w, remote) = pipe();
         inbound.add(data_ch, w);
         pumps.push(spawn_pump(r, data_ch, tx.clone(), codec));
