@@ -43,13 +43,13 @@ pub enum RequestError {
     Token(String),
 }
 
-/// A running streaming server; dropping it without [`Server::shutdown`]
-/// leaves the accept loop running until the runtime stops.
+/// A running streaming server. Dropping it stops it as [`Server::shutdown`]
+/// does, without waiting.
 pub struct Server {
     addr: SocketAddr,
     tokens: Arc<TokenCache>,
     stop: watch::Sender<bool>,
-    accept: JoinHandle<()>,
+    accept: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 pub(crate) struct Shared {
@@ -81,7 +81,7 @@ impl Server {
             addr,
             tokens,
             stop,
-            accept,
+            accept: std::sync::Mutex::new(Some(accept)),
         })
     }
 
@@ -119,11 +119,16 @@ impl Server {
         self.url("portforward", Pending::PortForward(req))
     }
 
-    /// Stops accepting and closes open streaming connections.
-    pub async fn shutdown(self) {
+    /// Stops accepting and closes open streaming connections. Takes `&self`
+    /// so that a server shared behind an `Arc` can be stopped; URLs handed
+    /// out afterwards are dead.
+    pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
-        self.accept.abort();
-        let _ = self.accept.await;
+        let accept = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(accept) = accept {
+            accept.abort();
+            let _ = accept.await;
+        }
     }
 
     fn url(&self, kind: &str, pending: Pending) -> Result<String, RequestError> {
@@ -132,6 +137,16 @@ impl Server {
             TokenError::Random(e) => RequestError::Token(e),
         })?;
         Ok(format!("http://{}/{kind}/{token}", self.addr))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        let accept = self.accept.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(accept) = accept.take() {
+            accept.abort();
+        }
     }
 }
 
