@@ -2,7 +2,8 @@
 //! network configuration lists are loaded from a directory ([`load_default`]),
 //! plugins are run for ADD/DEL/CHECK with results chained and cached
 //! ([`Cni`]), results of any version are read into one [`CniResult`], and pod
-//! network namespaces are made and pinned by path ([`netns`]).
+//! network namespaces are made and pinned by path ([`netns`]). For VM pods,
+//! [`tap`] joins a tap device to the CNI interface inside the namespace.
 
 mod attachment;
 mod cache;
@@ -13,6 +14,7 @@ pub mod netns;
 mod plugin_error;
 mod result;
 mod runtime_config;
+pub mod tap;
 mod version;
 
 pub use attachment::{format_cni_args, ArgsError, Attachment};
