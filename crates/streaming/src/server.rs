@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -180,7 +180,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 let shared = svc_shared.clone();
                 async move { Ok::<_, Infallible>(upgrade::handle(req, shared)) }
             });
+            // A client gets 30 s to send its request head, so idle sockets
+            // that never ask for anything do not pile up.
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
                 .serve_connection(TokioIo::new(tcp), svc)
                 .with_upgrades();
             tokio::select! {

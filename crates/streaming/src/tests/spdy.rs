@@ -342,3 +342,30 @@ async fn malformed_spdy_ends_only_that_connection() {
     assert_eq!(c.drain().await[&stdout].0, b"ok");
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn spdy_portforward_without_request_ids() {
+    let (srv, _) = server().await;
+    let req = PortForwardRequest {
+        pod_sandbox_id: "pod1".into(),
+        ports: vec![],
+    };
+    let url = srv.get_port_forward(req).unwrap();
+    // No protocol header at all: old clients, paired by stream id.
+    let (mut c, proto) = Spdy::connect(&url, &[]).await;
+    assert_eq!(proto, "");
+    let _err = c.open(&[("streamType", "error"), ("port", "81")]).await;
+    let data = c.open(&[("streamType", "data"), ("port", "81")]).await;
+    // Streams with missing or bad headers are ignored, not fatal.
+    c.open(&[("streamType", "data"), ("port", "http")]).await;
+    c.send(data, b"x", false).await;
+    loop {
+        match c.next().await {
+            Ev::Data(id, d, _) if id == data => break assert_eq!(d, b"81:x"),
+            // The ignored stream is finished by the server.
+            Ev::Data(5, d, true) => assert!(d.is_empty()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    srv.shutdown().await;
+}
