@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// What a finished plugin left.
@@ -68,37 +69,73 @@ pub fn run_plugin(
     let stdout = child.stdout.take().map(spawn_reader);
     let stderr = child.stderr.take().map(spawn_reader);
 
-    let status = wait_with_timeout(&mut child, binary, timeout);
-    if let Some(input) = input {
-        let _ = input.join();
+    let deadline = Instant::now() + timeout;
+    let status = wait_until(&mut child, binary, deadline, timeout)?;
+    // The input thread ends once the plugin is gone (EPIPE), so it is not
+    // waited for. The output is complete when the pipes close, which a
+    // process the plugin left behind could delay forever: wait for that only
+    // until the deadline (with a short grace), take what came, and end the
+    // leftovers of its group.
+    drop(input);
+    let grace = deadline.max(Instant::now() + Duration::from_millis(100));
+    let (stdout, stdout_done) = stdout.map(|r| collect(r, grace)).unwrap_or_default();
+    let (stderr, stderr_done) = stderr.map(|r| collect(r, grace)).unwrap_or_default();
+    if !(stdout_done && stderr_done) {
+        tracing::warn!(
+            "{} exited but something it started kept its output open; killing its process group",
+            binary.display()
+        );
+        kill_leftovers(&child);
     }
-    let stdout = stdout.map(join_reader).unwrap_or_default();
-    let stderr = stderr.map(join_reader).unwrap_or_default();
     Ok(PluginOutput {
-        status: status?,
+        status,
         stdout,
         stderr,
     })
 }
 
-fn spawn_reader<R: Read + Send + 'static>(mut pipe: R) -> std::thread::JoinHandle<Vec<u8>> {
+/// Reads `pipe` on a thread, passing each chunk on as it arrives, so that
+/// output written before a hang is not lost.
+fn spawn_reader<R: Read + Send + 'static>(mut pipe: R) -> mpsc::Receiver<Vec<u8>> {
+    let (sender, receiver) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut data = Vec::new();
-        let _ = pipe.read_to_end(&mut data);
-        data
-    })
+        let mut chunk = [0u8; 8192];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if sender.send(chunk[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    });
+    receiver
 }
 
-fn join_reader(handle: std::thread::JoinHandle<Vec<u8>>) -> Vec<u8> {
-    handle.join().unwrap_or_default()
+/// What the reader got until end of file or `until`, and whether it reached
+/// end of file.
+fn collect(receiver: mpsc::Receiver<Vec<u8>>, until: Instant) -> (Vec<u8>, bool) {
+    let mut data = Vec::new();
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match receiver.recv_timeout(left) {
+            Ok(chunk) => data.extend_from_slice(&chunk),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return (data, true),
+            Err(mpsc::RecvTimeoutError::Timeout) => return (data, false),
+        }
+    }
 }
 
-fn wait_with_timeout(
+fn wait_until(
     child: &mut Child,
     binary: &Path,
+    deadline: Instant,
     timeout: Duration,
 ) -> Result<ExitStatus, ExecError> {
-    let deadline = Instant::now() + timeout;
     // Plugins usually finish in milliseconds: poll fast first, then back off.
     let mut pause = Duration::from_millis(1);
     loop {
@@ -127,14 +164,19 @@ fn wait_with_timeout(
 }
 
 fn kill_group(child: &mut Child) {
+    kill_leftovers(child);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// SIGKILL to the plugin's process group. The plugin leads its own group
+/// (process_group(0)); a group id is not reused while any member lives, so
+/// even after the plugin was reaped this reaches only what it started.
+fn kill_leftovers(child: &Child) {
     if let Ok(pid) = i32::try_from(child.id()) {
-        // The child leads its own group (process_group(0)), so -pid is it and
-        // everything it started.
         let _ = nix::sys::signal::killpg(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -26,3 +26,20 @@ pub fn has_prev_result_on_del(version: &str) -> bool {
 pub fn has_chaining(version: &str) -> bool {
     at_least(version, "0.3.0")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_by_number_not_text() {
+        assert!(at_least("1.0.0", "0.4.0"));
+        assert!(at_least("0.10.0", "0.4.0"));
+        assert!(!at_least("0.3.1", "0.4.0"));
+        assert!(has_prev_result_on_del("0.4.0"));
+        assert!(!has_prev_result_on_del("0.3.1"));
+        assert!(has_chaining("0.3.0"));
+        assert!(!has_chaining("0.2.0"));
+        assert!(!has_chaining(""));
+    }
+}

@@ -333,3 +333,22 @@ fn unusable_attachment_names_are_refused_before_any_plugin_runs() {
     }
     assert!(!bench.ran("first", "ADD"));
 }
+
+#[test]
+fn a_daemon_left_holding_stdout_does_not_hang_the_runtime() {
+    let bench = Bench::new();
+    // Succeeds at once but leaves a background process with our pipes.
+    bench.plugin("leaving", &format!("sleep 30 &\necho '{RESULT}'"));
+    let network = list("1.0.0", r#"{"type":"leaving"}"#);
+    let mut cni = bench.cni();
+    cni.plugin_timeout = Duration::from_millis(500);
+    let started = Instant::now();
+    let outcome = cni.add(&network, &attachment());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    // The output came before the plugin exited, so the result is whole.
+    assert_eq!(outcome.expect("add").ips.len(), 1);
+}
