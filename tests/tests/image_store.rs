@@ -983,3 +983,30 @@ async fn basic_auth_credentials_from_config() {
         img.config_digest
     );
 }
+
+#[tokio::test]
+async fn a_mirror_serves_a_registry_and_the_image_keeps_its_name() {
+    let registry = vmrun_tests::shared_registry().await.unwrap();
+    let img = busybox_plus(vec![Entry::file("mirrored", b"x")]);
+    push_image(&registry.addr(), "e2e/mirrored:v1", &img)
+        .await
+        .unwrap();
+    // Only the mirror is asked: it answers, so the registry itself (which
+    // does not exist) is never tried.
+    let config = RegistryConfig::from_config_toml(&format!(
+        "[registries.mirrors]\n\"registry.example.invalid\" = [\"http://{}\"]\n",
+        registry.addr()
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(dir.path().join("store"), config).unwrap();
+    let image = store
+        .pull("registry.example.invalid/e2e/mirrored:v1", &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(image.id, img.config_digest);
+    assert_eq!(
+        image.references,
+        ["registry.example.invalid/e2e/mirrored:v1"]
+    );
+}

@@ -44,6 +44,8 @@ pub const DEFAULT_ROOT: &str = "/var/lib/vmrun";
 /// [registries.auth."registry.lan:5000"]
 /// username = "me"
 /// password = "secret"
+/// [registries.mirrors]
+/// "docker.io" = ["http://mirror.lan:5000"]
 /// ```
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default)]
@@ -53,6 +55,10 @@ pub struct RegistryConfig {
     pub insecure: Vec<String>,
     /// Credentials per registry (`host` or `host:port`; Docker Hub as `docker.io`).
     pub auth: BTreeMap<String, Credentials>,
+    /// Endpoints tried, in order, before a registry itself, as containerd's
+    /// `registry.mirrors` (`host` → `["http://host:port", "host:port"]`;
+    /// `http://` means plain HTTP). Images keep their own names.
+    pub mirrors: BTreeMap<String, Vec<String>>,
 }
 
 impl RegistryConfig {

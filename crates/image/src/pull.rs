@@ -51,14 +51,26 @@ impl ImageStore {
                 reference: name.clone(),
                 source,
             })?;
-        let pull = Pull {
-            store: self,
-            client: self.client_for(&r),
-            auth: self.auth_for(&r),
-            name,
-            progress,
-        };
-        let result = pull.run(&r).await;
+        let mut result = Err(PullError::NotPresent {
+            reference: name.clone(),
+        });
+        for (wire, plain_http) in self.endpoints_for(&r) {
+            let pull = Pull {
+                store: self,
+                client: self.client_for(&wire, plain_http),
+                auth: self.auth_for(&wire),
+                name: name.clone(),
+                progress,
+            };
+            result = pull.run(&wire).await;
+            match &result {
+                Ok(_) => break,
+                Err(e) if wire.registry() != r.registry() => {
+                    tracing::warn!("{name}: mirror {}: {e}; trying the next", wire.registry());
+                }
+                Err(_) => {}
+            }
+        }
         drop(lock);
         if result.is_err() {
             // Drop whatever the failed pull stored (blobs of a refused layer, temporaries);
@@ -98,7 +110,41 @@ impl ImageStore {
         }
     }
 
-    fn client_for(&self, r: &Reference) -> Client {
+    /// Where `r` is fetched from, in order: its registry's mirrors (with
+    /// whether they speak plain HTTP), then the registry itself.
+    fn endpoints_for(&self, r: &Reference) -> Vec<(Reference, bool)> {
+        let mut endpoints = Vec::new();
+        for endpoint in self
+            .registries
+            .mirrors
+            .get(r.registry())
+            .into_iter()
+            .flatten()
+        {
+            let plain = endpoint.starts_with("http://");
+            let host = endpoint
+                .trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .trim_end_matches('/');
+            let wire = match (r.digest(), r.tag()) {
+                (Some(digest), _) => Reference::with_digest(
+                    host.to_string(),
+                    r.repository().to_string(),
+                    digest.to_string(),
+                ),
+                (None, tag) => Reference::with_tag(
+                    host.to_string(),
+                    r.repository().to_string(),
+                    tag.unwrap_or("latest").to_string(),
+                ),
+            };
+            endpoints.push((wire, plain));
+        }
+        endpoints.push((r.clone(), false));
+        endpoints
+    }
+
+    fn client_for(&self, r: &Reference, plain: bool) -> Client {
         let mut plain_http: Vec<String> = self
             .registries
             .insecure
@@ -110,7 +156,7 @@ impl ImageStore {
             })
             .collect();
         let registry = r.resolve_registry();
-        if is_local_registry(registry) {
+        if plain || is_local_registry(registry) {
             plain_http.push(registry.to_string());
         }
         Client::new(ClientConfig {
