@@ -7,6 +7,15 @@
 //! WebSocket. This crate is the server side of that, in the role kubelet's
 //! `k8s.io/kubelet/pkg/cri/streaming` package plays for containerd and CRI-O;
 //! the runtime plugs in through [`Backend`].
+//!
+//! Served protocols (checked against client-go, which crictl and kubelet use):
+//!
+//! | URL | transport | subprotocols |
+//! | --- | --- | --- |
+//! | `/exec/T`, `/attach/T` | SPDY/3.1 | `v5`/`v4`/`v3`/`v2.channel.k8s.io`, `channel.k8s.io` |
+//! | `/exec/T`, `/attach/T` | WebSocket | `v5`/`v4.channel.k8s.io`, `v4.base64.channel.k8s.io`, `channel.k8s.io`, `base64.channel.k8s.io` |
+//! | `/portforward/T` | SPDY/3.1 | `portforward.k8s.io` |
+//! | `/portforward/T` | WebSocket | `SPDY/3.1+portforward.k8s.io` (SPDY tunnelled), `v4.channel.k8s.io`, `v4.base64.channel.k8s.io` (`?port=N`) |
 
 mod activity;
 mod inbound;
