@@ -8,7 +8,9 @@
 //! not do flow control, so the queue budget and, past it, backpressure on the
 //! TCP connection are what bound the memory a client can make us use.
 //! WINDOW_UPDATEs are still sent as data is accepted, for clients that do
-//! respect windows.
+//! respect windows. In the other direction the client's window is not
+//! enforced: spdystream never sends WINDOW_UPDATE, so honouring it would stall
+//! every stream after 64 KiB (kubelet, on spdystream, does not either).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
