@@ -3,9 +3,12 @@
 //! a runtime restart.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::runtime_config::RuntimeConfig;
 
 const KIND: &str = "vmrunCniCacheV1";
 
@@ -20,6 +23,10 @@ pub struct CacheEntry {
     /// The network list as ADD ran it.
     pub config: Value,
     pub cni_args: Vec<(String, String)>,
+    /// What ADD offered the plugins, for a DEL that is given none (portmap
+    /// needs its mappings to remove them).
+    #[serde(default)]
+    pub runtime_config: Option<RuntimeConfig>,
     pub result: Value,
 }
 
@@ -30,6 +37,7 @@ impl CacheEntry {
         if_name: &str,
         config: Value,
         cni_args: Vec<(String, String)>,
+        runtime_config: RuntimeConfig,
         result: Value,
     ) -> Self {
         CacheEntry {
@@ -39,6 +47,7 @@ impl CacheEntry {
             if_name: if_name.into(),
             config,
             cni_args,
+            runtime_config: Some(runtime_config),
             result,
         }
     }
@@ -82,8 +91,14 @@ pub fn store(file: &Path, entry: &CacheEntry) -> Result<(), CacheError> {
         std::fs::create_dir_all(dir).map_err(write_error)?;
     }
     let bytes = serde_json::to_vec(entry).map_err(|e| write_error(std::io::Error::other(e)))?;
+    // Unique per writer, so two concurrent stores never share a temp file.
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
     let mut temp = file.as_os_str().to_owned();
-    temp.push(".tmp");
+    temp.push(format!(
+        ".tmp.{}.{}",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    ));
     let temp = PathBuf::from(temp);
     std::fs::write(&temp, bytes).map_err(write_error)?;
     std::fs::rename(&temp, file).map_err(|source| {

@@ -13,6 +13,7 @@ use crate::config::{NetworkConfigList, PluginConfig};
 use crate::exec::{run_plugin, ExecError};
 use crate::plugin_error::PluginError;
 use crate::result::{CniResult, ResultError};
+use crate::runtime_config::RuntimeConfig;
 use crate::version;
 
 /// Where plugins are looked for unless told otherwise.
@@ -364,6 +365,7 @@ impl Cni {
             &attachment.ifname,
             list.to_value(),
             attachment.args.clone(),
+            attachment.runtime_config.clone(),
             result.raw.clone(),
         );
         cache::store(&self.cache_file(list, attachment), &entry).map_err(|source| {
@@ -395,7 +397,8 @@ impl Cni {
     }
 
     /// Detaches the sandbox: plugins in reverse order, with the cached result
-    /// as `prevResult`. Idempotent: no cache entry, a second DEL or a netns
+    /// as `prevResult`, and ADD's runtime configuration when `attachment`
+    /// carries none. Idempotent: no cache entry, a second DEL or a netns
     /// that is gone are passed on to the plugins, which treat them as done.
     /// The cache entry is kept when a plugin fails, so a retry has it.
     pub fn del(&self, list: &NetworkConfigList, attachment: &Attachment) -> Result<(), DelError> {
@@ -406,7 +409,7 @@ impl Cni {
             })?;
         let file = self.cache_file(list, attachment);
         let cached = match cache::load(&file) {
-            Ok(entry) => entry.map(|entry| entry.result),
+            Ok(entry) => entry,
             Err(error) => {
                 // A damaged cache must not block teardown: plugins can
                 // delete without prevResult.
@@ -416,7 +419,17 @@ impl Cni {
         };
         let prev = cached
             .as_ref()
+            .map(|entry| &entry.result)
             .filter(|_| version::has_prev_result_on_del(&list.cni_version));
+        // A caller that no longer knows the pod's settings (e.g. after a
+        // restart) gets those ADD used.
+        let mut attachment = attachment.clone();
+        if attachment.runtime_config == RuntimeConfig::default() {
+            if let Some(runtime) = cached.as_ref().and_then(|e| e.runtime_config.clone()) {
+                attachment.runtime_config = runtime;
+            }
+        }
+        let attachment = &attachment;
         for plugin in list.plugins.iter().rev() {
             let stdin = plugin_stdin(list, plugin, prev, attachment);
             self.invoke(Command::Del, list, plugin, attachment, &cni_args, &stdin)?;

@@ -4,6 +4,30 @@
 //! ([`Cni`]), results of any version are read into one [`CniResult`], and pod
 //! network namespaces are made and pinned by path ([`netns`]). For VM pods,
 //! [`tap`] joins a tap device to the CNI interface inside the namespace.
+//!
+//! ```no_run
+//! use vmrun_cni::{load_default, Attachment, Cni, NetNs, PortMapping, DEBIAN_BIN_DIR};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let network = load_default("/etc/cni/net.d".as_ref())?;
+//! let cni = Cni::new(vec![DEBIAN_BIN_DIR.into()], "/var/lib/cni/results");
+//! let netns = NetNs::create("/run/vmrun/netns/sandbox-1")?;
+//! let mut pod = Attachment::new("sandbox-1", netns.path(), "eth0")
+//!     .with_kubernetes_args("default", "web", "pod-uid");
+//! pod.runtime_config.port_mappings.push(PortMapping {
+//!     host_port: 8080,
+//!     container_port: 80,
+//!     protocol: "tcp".into(),
+//!     host_ip: String::new(),
+//! });
+//! let result = cni.add(&network, &pod)?;
+//! println!("pod IPs: {:?}", result.pod_ips());
+//! // StopPodSandbox: may be repeated, also after the netns is gone.
+//! cni.del(&network, &pod)?;
+//! netns.remove()?;
+//! # Ok(())
+//! # }
+//! ```
 
 mod attachment;
 mod cache;

@@ -352,3 +352,23 @@ fn a_daemon_left_holding_stdout_does_not_hang_the_runtime() {
     // The output came before the plugin exited, so the result is whole.
     assert_eq!(outcome.expect("add").ips.len(), 1);
 }
+
+#[test]
+fn del_without_runtime_config_offers_what_add_had() {
+    let bench = Bench::new();
+    bench.ok_plugin("ports");
+    let network = list(
+        "1.0.0",
+        r#"{"type":"ports","capabilities":{"portMappings":true}}"#,
+    );
+    let cni = bench.cni();
+    cni.add(&network, &attachment()).expect("add");
+    // As after a runtime restart: only the ids are known.
+    let bare = Attachment::new("c0ffee", "/run/netns/x", "eth0");
+    cni.del(&network, &bare).expect("del");
+    let stdin = bench.stdin("ports", "DEL");
+    assert_eq!(
+        stdin["runtimeConfig"]["portMappings"][0]["hostPort"], 8080,
+        "{stdin}"
+    );
+}
