@@ -214,8 +214,9 @@ pub struct ContainerRequest {
     pub user_name: Option<String>,
 }
 
-/// CRI's MountPropagation value for a private mount.
+/// CRI's MountPropagation values.
 const PROPAGATION_PRIVATE: i32 = 0;
+const PROPAGATION_HOST_TO_CONTAINER: i32 = 1;
 
 /// A container of the sandbox; `id` names it on the host (its cgroup and
 /// directory), so it is the CRI container id, not the kubelet's name.
@@ -273,12 +274,17 @@ pub fn container_request(
             .map_err(|e| invalid(&format!("{field}.container_path"), e))?;
         check_absolute_clean(&m.host_path)
             .map_err(|e| invalid(&format!("{field}.host_path"), e))?;
-        if m.propagation != PROPAGATION_PRIVATE {
-            return Err(invalid(
-                &format!("{field}.propagation"),
-                "only private mount propagation is supported by vmrun",
-            ));
-        }
+        let from_host = match m.propagation {
+            PROPAGATION_PRIVATE => false,
+            PROPAGATION_HOST_TO_CONTAINER => true,
+            _ => {
+                return Err(invalid(
+                    &format!("{field}.propagation"),
+                    "Bidirectional mount propagation is not supported by vmrun \
+                     (Private and HostToContainer are)",
+                ))
+            }
+        };
         if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
             return Err(invalid(
                 &field,
@@ -291,6 +297,7 @@ pub fn container_request(
             read_only: m.readonly,
             sub_path: None,
             host_path: Some(PathBuf::from(&m.host_path)),
+            from_host_propagation: from_host,
         });
     }
     let linux = config.linux.clone().unwrap_or_default();
@@ -303,6 +310,15 @@ pub fn container_request(
     let sc = linux.security_context.clone().unwrap_or_default();
     let caps = sc.capabilities.clone().unwrap_or_default();
     let cap_name = |c: &String| c.strip_prefix("CAP_").unwrap_or(c).to_string();
+    if sc.run_as_group.is_some() && sc.run_as_user.is_none() && sc.run_as_username.is_empty() {
+        return Err(invalid(
+            "config.linux.security_context.run_as_group",
+            "is set without run_as_user or run_as_username",
+        ));
+    }
+    // The kubelet always sends the lists; an empty one from another client
+    // means "the defaults", as in containerd.
+    let paths = |v: &Vec<String>| (!v.is_empty() || sc.privileged).then(|| v.clone());
     let security = Security {
         run_as_user: sc
             .run_as_user
@@ -330,6 +346,8 @@ pub fn container_request(
         allow_privilege_escalation: Some(!sc.no_new_privs),
         caps_add: caps.add_capabilities.iter().map(cap_name).collect(),
         caps_drop: caps.drop_capabilities.iter().map(cap_name).collect(),
+        masked_paths: paths(&sc.masked_paths),
+        readonly_paths: paths(&sc.readonly_paths),
     };
     let log_path = (!config.log_path.is_empty() && !log_directory.is_empty())
         .then(|| PathBuf::from(log_directory).join(&config.log_path));

@@ -99,6 +99,12 @@ pub struct Security {
     pub allow_privilege_escalation: Option<bool>,
     pub caps_add: Vec<String>,
     pub caps_drop: Vec<String>,
+    /// Paths masked and made read-only in /proc and /sys, when the caller
+    /// decided them (CRI's kubelet does); None takes containerd's defaults.
+    #[serde(default)]
+    pub masked_paths: Option<Vec<String>>,
+    #[serde(default)]
+    pub readonly_paths: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -111,6 +117,10 @@ pub struct MountPlan {
     /// volume already); `volume` is then only a label.
     #[serde(default)]
     pub host_path: Option<PathBuf>,
+    /// Mounts made under it on the host appear in the container
+    /// (Kubernetes' HostToContainer, an `rslave` bind); default private.
+    #[serde(default)]
+    pub from_host_propagation: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -364,6 +374,7 @@ fn plan_container(
             read_only: m.read_only.unwrap_or(false),
             sub_path,
             host_path: None,
+            from_host_propagation: false,
         });
     }
 
@@ -409,6 +420,8 @@ fn plan_container(
         allow_privilege_escalation: sc.and_then(|s| s.allow_privilege_escalation),
         caps_add: caps.and_then(|c| c.add.clone()).unwrap_or_default(),
         caps_drop: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
+        masked_paths: None,
+        readonly_paths: None,
     };
     if sc
         .and_then(|s| s.run_as_non_root)

@@ -249,7 +249,12 @@ pub fn container_spec(
     }
     for m in &c.mounts {
         if let Some(host) = &m.host_path {
-            mounts.push(bind(host, &m.path, m.read_only));
+            let propagation = if m.from_host_propagation {
+                "rslave"
+            } else {
+                "rprivate"
+            };
+            mounts.push(bind_with(host, &m.path, m.read_only, propagation));
             continue;
         }
         let dir = ctx
@@ -315,18 +320,38 @@ pub fn container_spec(
     }
 
     let sysctl: BTreeMap<_, _> = pod.sysctls.iter().cloned().collect();
+    let owned = |paths: &[&str]| paths.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+    let masked = match &c.security.masked_paths {
+        Some(paths) => paths.clone(),
+        None if privileged => Vec::new(),
+        None => owned(MASKED_PATHS),
+    };
+    let readonly = match &c.security.readonly_paths {
+        Some(paths) => paths.clone(),
+        None if privileged => Vec::new(),
+        None => owned(READONLY_PATHS),
+    };
+    // A mount that takes the host's new mounts needs the root to be a
+    // slave too, or the propagation stops there.
+    let rootfs_propagation = if c.mounts.iter().any(|m| m.from_host_propagation) {
+        "rslave"
+    } else {
+        "rprivate"
+    };
     let spec = json!({
         "ociVersion": "1.0.2",
         "process": process,
         "root": { "path": "rootfs", "readonly": c.security.read_only_root },
-        "hostname": pod.hostname,
+        // With the host's UTS namespace the host's name stays the container's.
+        "hostname": if pod.host_network { Value::Null } else { json!(pod.hostname) },
         "mounts": mounts,
         "linux": {
             "namespaces": namespaces,
             "cgroupsPath": ctx.cgroup_path,
             "resources": resources,
-            "maskedPaths": if privileged { vec![] } else { MASKED_PATHS.to_vec() },
-            "readonlyPaths": if privileged { vec![] } else { READONLY_PATHS.to_vec() },
+            "maskedPaths": masked,
+            "readonlyPaths": readonly,
+            "rootfsPropagation": rootfs_propagation,
             "sysctl": sysctl,
         },
         "annotations": {
@@ -352,7 +377,11 @@ fn nofile_limit() -> u64 {
 }
 
 fn bind(source: &Path, destination: &str, read_only: bool) -> Value {
-    let mut options = vec!["rbind", "rprivate"];
+    bind_with(source, destination, read_only, "rprivate")
+}
+
+fn bind_with(source: &Path, destination: &str, read_only: bool, propagation: &str) -> Value {
+    let mut options = vec!["rbind", propagation];
     if read_only {
         options.push("ro");
     }
@@ -426,6 +455,13 @@ fn capabilities(c: &ContainerPlan, uid: u32) -> Result<Value, SpecError> {
         } else {
             set.retain(|c| *c != cap);
         }
+    }
+    // Privileged and ALL mean every capability this runtime holds itself (as
+    // containerd does): a host that withholds some (CAP_SYS_RESOURCE on
+    // this machine) cannot grant them, and asking would fail the start.
+    if let Ok(own) = caps::read(None, caps::CapSet::Bounding) {
+        let own: Vec<String> = own.iter().map(|c| c.to_string()).collect();
+        set.retain(|c| own.contains(c));
     }
     // A non-root process starts with no effective capabilities, as under Docker:
     // they stay in the bounding set for setuid binaries.

@@ -202,9 +202,10 @@ impl ImageService for ImageServiceImpl {
         request: Request<api::RemoveImageRequest>,
     ) -> Reply<api::RemoveImageResponse> {
         let name = image_name(request.get_ref().image.as_ref())?;
-        // Removing an image that is not there succeeds, as with containerd.
-        if self.store.get(&name).map_err(store_error)?.is_some() {
-            self.store.remove(&name).map_err(store_error)?;
+        // CRI removes the image, not one name of it: every tag and digest
+        // goes (as with containerd). Removing one that is not there succeeds.
+        if let Some(image) = self.store.get(&name).map_err(store_error)? {
+            self.store.remove(&image.id).map_err(store_error)?;
         }
         Ok(Response::new(api::RemoveImageResponse {}))
     }

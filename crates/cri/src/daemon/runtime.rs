@@ -243,7 +243,10 @@ impl RuntimeService for RuntimeServiceImpl {
         request: Request<api::StopPodSandboxRequest>,
     ) -> Reply<api::StopPodSandboxResponse> {
         let mut r = request.into_inner();
-        let pod = self.registry.pod(&r.pod_sandbox_id)?;
+        // Stopping what is not there succeeds: the kubelet retries stops.
+        let Ok(pod) = self.registry.pod(&r.pod_sandbox_id) else {
+            return Ok(Response::new(api::StopPodSandboxResponse {}));
+        };
         r.pod_sandbox_id = pod.id.clone();
         if pod.client.is_none() {
             cleanup::orphan(&pod).map_err(Status::internal)?;
@@ -386,6 +389,14 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         request: Request<api::StopContainerRequest>,
     ) -> Reply<api::StopContainerResponse> {
+        // Stopping what is not there succeeds, as removing it does.
+        if self
+            .registry
+            .container(&request.get_ref().container_id)
+            .is_err()
+        {
+            return Ok(Response::new(api::StopContainerResponse {}));
+        }
         forward_to_container!(self, request, stop_container)
     }
 
