@@ -20,6 +20,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod filters;
 pub mod ids;
 pub mod owner;
 pub mod status;

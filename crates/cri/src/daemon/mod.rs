@@ -112,7 +112,7 @@ pub async fn serve(
         registry.len()
     );
     let opts = Arc::new(opts);
-    let runtime = RuntimeServiceImpl::new(opts.clone(), registry, store.clone(), Arc::new(streams));
+    let runtime = RuntimeServiceImpl::new(opts.clone(), registry, Arc::new(streams));
     let images = ImageServiceImpl::new(store);
     let socket = opts.cri.socket.clone();
     let served = tonic::transport::Server::builder()

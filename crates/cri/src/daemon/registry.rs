@@ -298,6 +298,7 @@ async fn owner_pid(mut client: RuntimeServiceClient<Channel>, id: &str) -> Optio
         .await
         .ok()?
         .into_inner();
-    let info: serde_json::Value = serde_json::from_str(status.info.get("info")?).ok()?;
-    info["ownerPid"].as_i64().map(|p| p as i32)
+    crate::owner::verbose_info(&status.info)["ownerPid"]
+        .as_i64()
+        .map(|p| p as i32)
 }

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use futures::future::join_all;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
-use vmrun_image::ImageStore;
 use vmrun_pod::native::NativeRuntime;
 
 use super::cleanup;
@@ -23,7 +22,6 @@ use crate::translate;
 pub struct RuntimeServiceImpl {
     opts: Arc<ServeOptions>,
     registry: Arc<Registry>,
-    store: ImageStore,
     /// The pod CIDR the kubelet last gave (UpdateRuntimeConfig).
     pod_cidr: Mutex<String>,
     /// Serves the URLs Exec, Attach and PortForward hand out.
@@ -58,13 +56,11 @@ impl RuntimeServiceImpl {
     pub fn new(
         opts: Arc<ServeOptions>,
         registry: Arc<Registry>,
-        store: ImageStore,
         streams: Arc<vmrun_streaming::Server>,
     ) -> Self {
         Self {
             opts,
             registry,
-            store,
             pod_cidr: Mutex::new(String::new()),
             streams,
         }
@@ -336,13 +332,7 @@ impl RuntimeService for RuntimeServiceImpl {
         }
         if let Some(f) = &r.filter {
             // Filters also apply to pods served from their files.
-            items.retain(|s| {
-                (f.id.is_empty() || s.id.starts_with(&f.id))
-                    && f.state.as_ref().is_none_or(|st| st.state == s.state)
-                    && f.label_selector
-                        .iter()
-                        .all(|(k, v)| s.labels.get(k) == Some(v))
-            });
+            items.retain(|s| crate::filters::sandbox_matches(s, f));
         }
         items.sort_by_key(|s| std::cmp::Reverse(s.created_at));
         Ok(Response::new(api::ListPodSandboxResponse { items }))
@@ -355,23 +345,6 @@ impl RuntimeService for RuntimeServiceImpl {
         let mut r = request.into_inner();
         let pod = self.registry.pod(&r.pod_sandbox_id)?;
         r.pod_sandbox_id = pod.id.clone();
-        let image = r
-            .config
-            .as_ref()
-            .and_then(|c| c.image.as_ref())
-            .map(|i| i.image.clone())
-            .unwrap_or_default();
-        if !image.is_empty() {
-            let present = self
-                .store
-                .get(&image)
-                .map_err(|e| Status::internal(format!("image store: {e}")))?;
-            if present.is_none() {
-                return Err(Status::not_found(format!(
-                    "image {image:?} not found: pull it first (PullImage)"
-                )));
-            }
-        }
         let created = forward!(pod, create_container, r)?;
         self.registry
             .add_container(created.get_ref().container_id.clone(), &pod.id);

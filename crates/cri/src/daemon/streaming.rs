@@ -17,6 +17,7 @@ use vmrun_streaming::{AsyncReadWrite, AttachRequest, Backend, ExecRequest, Strea
 
 use super::registry::Registry;
 use crate::api;
+use crate::owner::verbose_info;
 
 /// How long output may still arrive after the exec'd process ended (a
 /// background process it left may hold the pipe).
@@ -25,13 +26,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct StreamBackend {
     pub registry: Arc<Registry>,
-}
-
-/// The JSON `info` of a verbose status reply.
-fn verbose_info(info: &std::collections::HashMap<String, String>) -> serde_json::Value {
-    info.get("info")
-        .and_then(|i| serde_json::from_str(i).ok())
-        .unwrap_or_default()
 }
 
 /// The exec target of a running container, from its owner.

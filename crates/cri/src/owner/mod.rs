@@ -39,6 +39,14 @@ pub const CONFIG_FILE: &str = "sandbox-config.pb";
 pub const SOCKET_FILE: &str = "owner.sock";
 pub const LOG_FILE: &str = "owner.log";
 
+/// The JSON `info` of an owner's verbose status replies (what its pid,
+/// network namespace and exec targets are).
+pub fn verbose_info(info: &std::collections::HashMap<String, String>) -> serde_json::Value {
+    info.get("info")
+        .and_then(|i| serde_json::from_str(i).ok())
+        .unwrap_or_default()
+}
+
 /// What the daemon decided for the pod.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OwnerSettings {

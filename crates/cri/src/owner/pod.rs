@@ -47,6 +47,8 @@ pub struct Owner {
     /// for a NOTREADY sandbox too).
     pub ips: Vec<std::net::IpAddr>,
     containers: Mutex<BTreeMap<String, Arc<Container>>>,
+    /// The pod cgroup's last CPU sample (time, usage), for usage_nano_cores.
+    sandbox_cpu: Mutex<Option<(i64, u64)>>,
     removed: tokio::sync::watch::Sender<bool>,
 }
 
@@ -112,6 +114,7 @@ impl Owner {
             network: Mutex::new(network),
             sandbox: Mutex::new(Some(sandbox)),
             containers: Mutex::new(BTreeMap::new()),
+            sandbox_cpu: Mutex::new(None),
             removed: tokio::sync::watch::channel(false).0,
         })
     }
@@ -469,14 +472,14 @@ impl Owner {
     }
 
     pub fn container_stats(&self, c: &Container) -> api::ContainerStats {
-        let limit = {
-            let s = c.lock();
-            (s.resources.memory_limit_in_bytes > 0)
-                .then_some(s.resources.memory_limit_in_bytes as u64)
+        let (cpu, memory) = {
+            let mut s = c.lock();
+            let limit = (s.resources.memory_limit_in_bytes > 0)
+                .then_some(s.resources.memory_limit_in_bytes as u64);
+            let (cpu, memory, _) =
+                super::stats::cgroup_usage(&self.cgroup_of(c), limit, &mut s.cpu_sample);
+            (cpu, memory)
         };
-        let mut sample = c.lock().cpu_sample;
-        let (cpu, memory, _) = super::stats::cgroup_usage(&self.cgroup_of(c), limit, &mut sample);
-        c.lock().cpu_sample = sample;
         let upper = self.upper_dir(c);
         api::ContainerStats {
             attributes: Some(api::ContainerAttributes {
@@ -496,9 +499,12 @@ impl Owner {
         }
     }
 
-    pub fn sandbox_stats(&self, sample: &mut Option<(i64, u64)>) -> api::PodSandboxStats {
-        let (cpu, memory, pids) =
-            super::stats::cgroup_usage(&format!("{CGROUP_PARENT}/{}", self.id), None, sample);
+    pub fn sandbox_stats(&self) -> api::PodSandboxStats {
+        let (cpu, memory, pids) = super::stats::cgroup_usage(
+            &format!("{CGROUP_PARENT}/{}", self.id),
+            None,
+            &mut self.sandbox_cpu.lock().unwrap_or_else(|p| p.into_inner()),
+        );
         api::PodSandboxStats {
             attributes: Some(api::PodSandboxAttributes {
                 id: self.id.clone(),

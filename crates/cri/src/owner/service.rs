@@ -4,7 +4,7 @@
 //! answer `Unimplemented` here.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
@@ -12,18 +12,15 @@ use super::containers::{Container, Phase};
 use super::pod::{sandbox_state, Owner};
 use crate::api;
 use crate::api::runtime_service_server::RuntimeService;
+use crate::filters::{labels_match, sandbox_matches};
 
 pub struct OwnerService {
     owner: Arc<Owner>,
-    sandbox_cpu: Mutex<Option<(i64, u64)>>,
 }
 
 impl OwnerService {
     pub fn new(owner: Arc<Owner>) -> Self {
-        Self {
-            owner,
-            sandbox_cpu: Mutex::new(None),
-        }
+        Self { owner }
     }
 
     fn check_sandbox(&self, id: &str) -> Result<(), Status> {
@@ -163,10 +160,6 @@ fn container_status(owner: &Owner, c: &Container) -> api::ContainerStatus {
     }
 }
 
-fn labels_match(labels: &HashMap<String, String>, selector: &HashMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
-
 fn container_matches(owner: &Owner, c: &Container, f: &api::ContainerFilter) -> bool {
     (f.id.is_empty() || c.id.starts_with(&f.id))
         && (f.pod_sandbox_id.is_empty() || owner.id.starts_with(&f.pod_sandbox_id))
@@ -223,11 +216,10 @@ impl RuntimeService for OwnerService {
         request: Request<api::ListPodSandboxRequest>,
     ) -> Result<Response<api::ListPodSandboxResponse>, Status> {
         let sandbox = self.pod_sandbox();
-        let keep = request.into_inner().filter.is_none_or(|f| {
-            (f.id.is_empty() || sandbox.id.starts_with(&f.id))
-                && f.state.is_none_or(|s| s.state == sandbox.state)
-                && labels_match(&sandbox.labels, &f.label_selector)
-        });
+        let keep = request
+            .into_inner()
+            .filter
+            .is_none_or(|f| sandbox_matches(&sandbox, &f));
         Ok(Response::new(api::ListPodSandboxResponse {
             items: if keep { vec![sandbox] } else { vec![] },
         }))
@@ -390,11 +382,8 @@ impl RuntimeService for OwnerService {
         request: Request<api::PodSandboxStatsRequest>,
     ) -> Result<Response<api::PodSandboxStatsResponse>, Status> {
         self.check_sandbox(&request.get_ref().pod_sandbox_id)?;
-        let mut sample = *self.sandbox_cpu.lock().unwrap_or_else(|p| p.into_inner());
-        let stats = self.owner.sandbox_stats(&mut sample);
-        *self.sandbox_cpu.lock().unwrap_or_else(|p| p.into_inner()) = sample;
         Ok(Response::new(api::PodSandboxStatsResponse {
-            stats: Some(stats),
+            stats: Some(self.owner.sandbox_stats()),
         }))
     }
 
@@ -408,9 +397,7 @@ impl RuntimeService for OwnerService {
             && labels_match(&sandbox.labels, &f.label_selector);
         let mut stats = Vec::new();
         if keep {
-            let mut sample = *self.sandbox_cpu.lock().unwrap_or_else(|p| p.into_inner());
-            stats.push(self.owner.sandbox_stats(&mut sample));
-            *self.sandbox_cpu.lock().unwrap_or_else(|p| p.into_inner()) = sample;
+            stats.push(self.owner.sandbox_stats());
         }
         Ok(Response::new(api::ListPodSandboxStatsResponse { stats }))
     }
