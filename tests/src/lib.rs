@@ -13,6 +13,7 @@ pub mod nested_l1;
 pub mod nested_vmm;
 pub mod pod;
 pub mod registry;
+pub mod wasm_programs;
 
 pub use pod::busybox_reference;
 
