@@ -10,6 +10,112 @@
 //!   `wasm32-wasip2` (a component): [`wasm_box_p1`], [`wasm_box_p2`], [`http_server_p2`].
 //!   See `tests/wasm-programs/README.md` for their commands.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// `tests/wasm-programs/`, the cargo project of the Rust test programs.
+fn programs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("wasm-programs")
+}
+
+/// Builds `bin` of `tests/wasm-programs/` in release mode for `target` into
+/// `<repo>/target/wasm-programs` and returns the `.wasm` file's bytes.
+///
+/// Concurrent builds (several test processes) are serialised by cargo's lock on the target
+/// directory, and an up-to-date build is a no-op, so every process just runs cargo. Panics
+/// with cargo's output if the build fails.
+fn build(target: &str, bin: &str) -> Vec<u8> {
+    let dir = programs_dir();
+    let repo = dir
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests crate sits in the repository");
+    let target_dir = repo.join("target").join("wasm-programs");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .arg("build")
+        .arg("--release")
+        .arg("--quiet")
+        .args(["--target", target, "--bin", bin])
+        .arg("--manifest-path")
+        .arg(dir.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .current_dir(&dir);
+    // Settings inherited from the outer build (a test run under `cargo test`, CI's RUSTFLAGS,
+    // a cross target, a wrapper) that do not apply to a wasm build.
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTDOCFLAGS",
+        "CARGO_ENCODED_RUSTDOCFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_BUILD_TARGET_DIR",
+        "CARGO_MANIFEST_DIR",
+        "CARGO_PRIMARY_PACKAGE",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_MAKEFLAGS",
+        "CARGO_PROFILE_RELEASE_LTO",
+    ] {
+        command.env_remove(var);
+    }
+    for (var, _) in std::env::vars_os() {
+        let var = var.to_string_lossy();
+        if var.starts_with("CARGO_TARGET_") && var != "CARGO_TARGET_DIR" {
+            command.env_remove(&*var);
+        }
+    }
+    let output = command.output().unwrap_or_else(|e| {
+        panic!("wasm_programs: running cargo to build {bin} for {target}: {e}")
+    });
+    if !output.status.success() {
+        panic!(
+            "wasm_programs: building {bin} for {target} ({}) failed ({}); is the target \
+             installed? `scripts/setup` adds wasm32-wasip1 and wasm32-wasip2 \
+             (`rustup target add {target}`).\n{}{}",
+            dir.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+    }
+    let wasm = target_dir
+        .join(target)
+        .join("release")
+        .join(format!("{bin}.wasm"));
+    std::fs::read(&wasm)
+        .unwrap_or_else(|e| panic!("wasm_programs: reading {}: {e}", wasm.display()))
+}
+
+/// `wasm-box` built for `wasm32-wasip1`: a WASI p1 core module with `_start`, a multi-call
+/// test tool (`wasm-box COMMAND ARGS...`; commands `echo`, `env`, `cat`, `write`, `ls`, `exit`,
+/// `sleep`, `spin`, `alloc`, `clock`, `stderr`, see `tests/wasm-programs/src/bin/wasm-box.rs`).
+/// Built once per process.
+pub fn wasm_box_p1() -> &'static [u8] {
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    BYTES.get_or_init(|| build("wasm32-wasip1", "wasm-box"))
+}
+
+/// `wasm-box` built for `wasm32-wasip2`: the same tool as [`wasm_box_p1`] as a WASI p2
+/// component (`wasi:cli/command`), which also has `serve-once PORT [TEXT]`. Built once per
+/// process.
+pub fn wasm_box_p2() -> &'static [u8] {
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    BYTES.get_or_init(|| build("wasm32-wasip2", "wasm-box"))
+}
+
+/// `http-server PORT [TEXT]` built for `wasm32-wasip2` (a `wasi:cli/command` component): binds
+/// 0.0.0.0:PORT, prints `listening on PORT`, then answers every request with
+/// `HTTP/1.0 200 OK`, `Content-Type: text/plain` and TEXT (default `hello from wasm\n`) and
+/// closes the connection, forever. Built once per process.
+pub fn http_server_p2() -> &'static [u8] {
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    BYTES.get_or_init(|| build("wasm32-wasip2", "http-server"))
+}
+
 /// Assembles `text`; the modules here are fixed, so a failure is a bug in this file.
 fn assemble(name: &str, text: &str) -> Vec<u8> {
     match wat::parse_str(text) {
@@ -159,6 +265,7 @@ mod tests {
     use super::*;
 
     const CORE_MAGIC: &[u8] = b"\0asm\x01\0\0\0";
+    const COMPONENT_MAGIC: &[u8] = b"\0asm\x0d\0\x01\0";
 
     #[test]
     fn wat_modules_assemble_to_core_modules() {
@@ -181,6 +288,21 @@ mod tests {
     #[test]
     fn exit_codes_differ() {
         assert_ne!(exit_code_wat(3), exit_code_wat(4));
+    }
+
+    #[test]
+    fn wasm_box_p1_is_a_core_module() {
+        assert!(wasm_box_p1().starts_with(CORE_MAGIC));
+    }
+
+    #[test]
+    fn wasm_box_p2_is_a_component() {
+        assert!(wasm_box_p2().starts_with(COMPONENT_MAGIC));
+    }
+
+    #[test]
+    fn http_server_p2_is_a_component() {
+        assert!(http_server_p2().starts_with(COMPONENT_MAGIC));
     }
 
     #[test]
