@@ -100,8 +100,8 @@ pub fn wasm_box_p1() -> &'static [u8] {
 }
 
 /// `wasm-box` built for `wasm32-wasip2`: the same tool as [`wasm_box_p1`] as a WASI p2
-/// component (`wasi:cli/command`), which also has `serve-once PORT [TEXT]`. Built once per
-/// process.
+/// component (`wasi:cli/command`), which also has `serve-once PORT [TEXT]`. Exit codes other
+/// than 0 arrive as 1 (`wasi:cli/exit` 0.2 carries only ok/err). Built once per process.
 pub fn wasm_box_p2() -> &'static [u8] {
     static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
     BYTES.get_or_init(|| build("wasm32-wasip2", "wasm-box"))

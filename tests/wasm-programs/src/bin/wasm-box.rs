@@ -8,7 +8,8 @@
 //! - `write FILE TEXT...`: creates or truncates FILE and writes TEXT (the arguments joined by
 //!   spaces, no newline added); exit 1 with a message on stderr on error.
 //! - `ls [DIR]`: prints DIR's entries (default `.`), sorted, one a line, directories with `/`.
-//! - `exit N`: exits with code N.
+//! - `exit N`: exits with code N. As a WASI p2 component only 0 and 1 survive: std exits
+//!   through `wasi:cli/exit.exit(result)`, so any N other than 0 is reported as failure (1).
 //! - `sleep SECS`: sleeps SECS seconds (fractions allowed), then exits 0.
 //! - `spin`: a busy loop forever that makes no host calls.
 //! - `alloc MIB`: allocates and touches MIB mebibytes, 1 MiB at a time, printing
