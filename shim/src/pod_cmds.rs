@@ -213,6 +213,9 @@ pub fn exec(config: &Config, args: ExecArgs) -> anyhow::Result<i32> {
         (ContainerPhase::Running, Some(t)) if state::supervisor_alive(&record) => t.clone(),
         _ => bail!("container {name:?} of pod {:?} is not running", args.pod),
     };
+    if target["runtime"] == "wasm" {
+        bail!("exec in {name:?}: {}", vmrun_pod::wasm::NO_EXEC);
+    }
     if target["runtime"] == "vm" {
         return vmrun_pod::vm::exec_to_terminal(&target, &args.command)
             .map_err(|e| anyhow::anyhow!("exec in {name:?}: {e}"));

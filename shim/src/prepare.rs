@@ -13,6 +13,7 @@ use vmrun_pod::plan::PullPolicy;
 use vmrun_pod::prepared::{PodRuntime, PreparedPod};
 use vmrun_pod::spec::ImageDefaults;
 use vmrun_pod::vm::VmRuntime;
+use vmrun_pod::wasm::WasmRuntime;
 
 use crate::config::Config;
 
@@ -26,9 +27,7 @@ fn select_runtime(flag: Option<&str>, class: Option<&str>) -> anyhow::Result<&'s
     match name {
         "native" | "runc" => Ok("native"),
         "vm" => Ok("vm"),
-        "wasm" => bail!(
-            "{source}: runtime {name:?} is not available yet in this version of vmrun (use native)"
-        ),
+        "wasm" => Ok("wasm"),
         other => bail!("{source}: unknown runtime {other:?} (expected native, vm or wasm)"),
     }
 }
@@ -47,6 +46,10 @@ pub async fn prepare(
         .unwrap_or_default();
     let plan = vmrun_pod::plan::plan(&manifest, uid, &node)?;
     let runtime_name = select_runtime(runtime_flag, plan.runtime_class.as_deref())?;
+    if runtime_name == "wasm" {
+        vmrun_pod::wasm::check_pod(&plan)
+            .map_err(|e| anyhow::anyhow!("pod {:?}: {e}", plan.name))?;
+    }
     let store = ImageStore::open(&config.root, config.registries.clone())?;
     let progress = crate::image_cmd::TerminalProgress::new();
     let mut images = HashMap::new();
@@ -72,6 +75,9 @@ pub async fn prepare(
             image_disks.insert(c.image.clone(), disk);
         }
         let cfg = &image.config;
+        if runtime_name == "wasm" {
+            check_wasm_image(&plan, c, &image.layers, &cfg.entrypoint, &cfg.cmd)?;
+        }
         images.insert(
             c.image.clone(),
             ResolvedImage {
@@ -100,6 +106,14 @@ pub async fn prepare(
             max_vcpus: config.vm.max_vcpus,
             boot_timeout: VmRuntime::boot_timeout_from_env(),
         }),
+        "wasm" => PodRuntime::Wasm(WasmRuntime {
+            state_root: config.state.clone(),
+            engine_binary: std::env::current_exe()
+                .context("locating vmrun")?
+                .with_file_name(vmrun_pod::wasm::ENGINE_BINARY),
+            cache_dir: config.root.join("wasm-cache"),
+            pids_limit: config.pids_limit,
+        }),
         other => bail!("runtime {other:?} is not available yet"),
     };
     Ok(PreparedPod {
@@ -107,6 +121,36 @@ pub async fn prepare(
         images,
         runtime,
     })
+}
+
+/// A wasm container's image must hold WebAssembly at its entry point:
+/// refused here, before the pod makes anything, naming the image.
+fn check_wasm_image(
+    plan: &vmrun_pod::plan::PodPlan,
+    c: &vmrun_pod::plan::ContainerPlan,
+    layers: &[std::path::PathBuf],
+    entrypoint: &[String],
+    cmd: &[String],
+) -> anyhow::Result<()> {
+    if vmrun_pod::wasm::is_native_container(plan, &c.name) {
+        return Ok(());
+    }
+    let argv = vmrun_pod::command::resolve_argv(
+        c.command.as_deref(),
+        c.args.as_deref(),
+        entrypoint,
+        cmd,
+        &c.env,
+    );
+    let argv0 = argv.first().map(String::as_str).unwrap_or("");
+    vmrun_pod::wasm::image::find_entry(&c.image, layers, argv0).map_err(|e| {
+        anyhow::anyhow!(
+            "container {:?}: {e} (the wasm runtime runs WebAssembly images; list the container in annotation {} to run it natively in this pod)",
+            c.name,
+            vmrun_pod::wasm::NATIVE_CONTAINERS_ANNOTATION
+        )
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds `vmrun`, `vmrun-supervisor`, `vmrun-procview`, `vmrun-cri-shim` and `vmrun-vmm`
+/// Builds `vmrun`, `vmrun-supervisor`, `vmrun-procview`, `vmrun-cri-shim`, `vmrun-wasm` and `vmrun-vmm`
 /// (`run -d`, the /proc view, `serve` and the vm runtime spawn them from beside `vmrun`). Inside the nested L1 guest the host has built them already:
 /// cargo under emulation would only spend minutes finding nothing to do.
 fn build_vmrun(release: bool) -> PathBuf {
@@ -37,6 +37,7 @@ fn build_vmrun(release: bool) -> PathBuf {
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--quiet", "-p", "vmrun", "--bin", "vmrun"])
         .args(["-p", "vmrun-supervisor", "-p", "vmrun-procview"])
+        .args(["-p", "vmrun-wasm", "--bin", "vmrun-wasm"])
         .args(["-p", "vmrun-cri", "--bin", "vmrun-cri-shim"])
         .args(["-p", "vmrun-vmm", "--bin", "vmrun-vmm"])
         .current_dir(&workspace);

@@ -17,3 +17,4 @@ pub mod signals;
 pub mod spec;
 pub mod state;
 pub mod vm;
+pub mod wasm;

@@ -71,6 +71,17 @@ impl Runtime for NativeRuntime {
     }
 
     fn create_sandbox(&self, pod: &PodPlan) -> Result<Arc<dyn Sandbox>, RuntimeError> {
+        Ok(Arc::new(self.create_native_sandbox(pod)?))
+    }
+}
+
+impl NativeRuntime {
+    /// The sandbox itself, for runtimes that build on it (wasm: its engine
+    /// process joins this sandbox's namespaces, cgroup and volumes).
+    pub(crate) fn create_native_sandbox(
+        &self,
+        pod: &PodPlan,
+    ) -> Result<NativeSandbox, RuntimeError> {
         let dir = crate::state::pod_dir(&self.state_root, &pod.name);
         let proc_view = self.proc_view_for(pod)?;
         let mut sandbox = NativeSandbox {
@@ -92,11 +103,11 @@ impl Runtime for NativeRuntime {
             let _ = sandbox.teardown();
             return Err(e);
         }
-        Ok(Arc::new(sandbox))
+        Ok(sandbox)
     }
 }
 
-struct NativeSandbox {
+pub(crate) struct NativeSandbox {
     pod: PodPlan,
     dir: PathBuf,
     cgroup: String,
@@ -117,6 +128,33 @@ fn sandbox_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Runti
 }
 
 impl NativeSandbox {
+    /// The pod's directory under the state root.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The pod's cgroup path (parent of its containers' cgroups).
+    pub(crate) fn cgroup(&self) -> &str {
+        &self.cgroup
+    }
+
+    /// Where a volume's files are on the host.
+    pub(crate) fn volume_dir(&self, volume: &str) -> Option<&Path> {
+        self.volume_dirs.get(volume).map(PathBuf::as_path)
+    }
+
+    /// The pod's network namespace, when it has its own.
+    pub(crate) fn netns_path(&self) -> Option<PathBuf> {
+        self.pause
+            .as_ref()
+            .filter(|_| !self.pod.host_network)
+            .map(|p| p.namespace_path("net"))
+    }
+
+    pub(crate) fn pod(&self) -> &PodPlan {
+        &self.pod
+    }
+
     fn prepare(&mut self) -> Result<(), RuntimeError> {
         std::fs::create_dir_all(&self.dir).map_err(|e| sandbox_err(self.dir.display(), e))?;
         self.prepare_volumes()?;
@@ -224,7 +262,7 @@ impl NativeSandbox {
         Ok(())
     }
 
-    fn teardown(&self) -> Result<(), RuntimeError> {
+    pub(crate) fn teardown(&self) -> Result<(), RuntimeError> {
         let mut errors = Vec::new();
         let running: Vec<_> =
             std::mem::take(&mut *self.running.lock().unwrap_or_else(|p| p.into_inner()));
@@ -332,7 +370,7 @@ pub(crate) fn etc_contents(pod: &PodPlan) -> [(&'static str, String); 3] {
     ]
 }
 
-fn remove_tree(path: &Path) -> std::io::Result<()> {
+pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         other => other,

@@ -18,6 +18,7 @@ use crate::native::NativeRuntime;
 use crate::plan::PodPlan;
 use crate::runtime::Runtime;
 use crate::vm::VmRuntime;
+use crate::wasm::WasmRuntime;
 
 /// The prepared pod's file name in the pod's directory.
 pub const PREPARED_FILE: &str = "prepared.json";
@@ -35,6 +36,7 @@ pub struct PreparedPod {
 pub enum PodRuntime {
     Native(NativeRuntime),
     Vm(VmRuntime),
+    Wasm(WasmRuntime),
 }
 
 /// A prepared pod in the shape the controller takes it.
@@ -63,6 +65,7 @@ impl PreparedPod {
         match &self.runtime {
             PodRuntime::Native(r) => r.name(),
             PodRuntime::Vm(r) => r.name(),
+            PodRuntime::Wasm(r) => r.name(),
         }
     }
 
@@ -70,6 +73,7 @@ impl PreparedPod {
         let runtime: Arc<dyn Runtime> = match self.runtime {
             PodRuntime::Native(r) => Arc::new(r),
             PodRuntime::Vm(r) => Arc::new(r),
+            PodRuntime::Wasm(r) => Arc::new(r),
         };
         RunnablePod {
             plan: Arc::new(self.plan),
