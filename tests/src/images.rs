@@ -790,3 +790,50 @@ pub fn write_docker_save(path: &Path, image: &TestImage, repo_tags: &[&str]) -> 
     b.into_inner()?.sync_all()?;
     Ok(())
 }
+
+/// An ordinary OCI image for the wasm runtime: one gzip tar layer holding `/app.wasm` (mode
+/// 0755, the bytes `wasm`), config `Entrypoint ["/app.wasm"]`, no `Cmd` or `Env`, `os`
+/// `wasip1`, `architecture` `wasm` (what `docker buildx --platform wasi/wasm` style builds and
+/// runwasi's examples ship).
+pub fn wasm_image(wasm: &[u8]) -> TestImage {
+    let entries = [Entry::File {
+        path: "app.wasm".into(),
+        mode: 0o755,
+        data: wasm.to_vec(),
+    }];
+    let tar = layer_tar(&entries).expect("a one-file layer with a short name always builds");
+    let layer = Layer::new(tar, Compression::Gzip).expect("gzip into memory cannot fail");
+    let mut spec = ImageSpec::new(vec![layer]);
+    spec.entrypoint = Some(vec!["/app.wasm".into()]);
+    spec.cmd = Vec::new();
+    spec.env = Vec::new();
+    let built = spec.build();
+    // The builder writes linux/amd64; rewrite the platform and rebuild config and manifest.
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&built.config).expect("the builder writes JSON");
+    config["os"] = json!("wasip1");
+    config["architecture"] = json!("wasm");
+    let config = serde_json::to_vec(&config).expect("JSON values always serialize");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&built.manifest).expect("the builder writes JSON");
+    manifest["config"]["digest"] = json!(sha256(&config));
+    manifest["config"]["size"] = json!(config.len());
+    let manifest = serde_json::to_vec(&manifest).expect("JSON values always serialize");
+    TestImage {
+        layers: built.layers,
+        config_digest: sha256(&config),
+        manifest_digest: sha256(&manifest),
+        manifest_media_type: built.manifest_media_type,
+        config,
+        manifest,
+    }
+}
+
+/// Pushes [`wasm_image`]`(wasm)` as `<registry>/<repo_tag>`; returns the full reference.
+pub async fn push_wasm_image(
+    registry: &Registry,
+    repo_tag: &str,
+    wasm: &[u8],
+) -> anyhow::Result<String> {
+    push_image(&registry.addr(), repo_tag, &wasm_image(wasm)).await
+}
