@@ -1014,21 +1014,6 @@ pub fn vmm_killed_fails_the_pod(rt: &str) {
     assert_clean(&vm, &uid, "sleep 13579");
 }
 
-pub fn wasm_is_refused_until_available(_rt: &str) {
-    let vm = Vmrun::new();
-    let path = vm.manifest(
-        "later",
-        &pod("later", "  containers:\n  - name: c\n    image: busybox\n"),
-    );
-    let out = vm.run(&["run", "--runtime", "wasm", path.to_str().unwrap()]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("not available yet"),
-        "{}",
-        describe(&out)
-    );
-}
-
 macro_rules! runtime_cases {
     ($($rt:ident),*) => {$(
         mod $rt {
@@ -1059,6 +1044,10 @@ macro_rules! runtime_cases {
 }
 
 runtime_cases!(native);
+
+// The wasm runtime runs these cases' subjects with wasm programs in
+// tests/wasm.rs (these are busybox shell scripts); the ones that cannot
+// apply to wasm are listed there in `NOT_APPLICABLE`, each with its reason.
 
 /// The same cases on the vm runtime, each in a microVM.
 ///
@@ -1308,11 +1297,6 @@ fn proc_view_survives_its_worker() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-#[test]
-fn wasm_runtime_says_not_available_yet() {
-    wasm_is_refused_until_available("native");
 }
 
 /// `run -d` hands the pod to `vmrun-supervisor` beside `vmrun`: without it,

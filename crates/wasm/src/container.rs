@@ -204,10 +204,9 @@ impl Runner {
         };
         let mut trap_log = stderr.try_clone().ok();
         let outcome = runtime.block_on(self.run_async(request, stdout, stderr, control, started));
-        if let (Some((outcome, Some(message))), Some(log)) = (&outcome, trap_log.as_mut()) {
+        if let (Some((_, Some(message))), Some(log)) = (&outcome, trap_log.as_mut()) {
             // The reason lands in the container's log, as a crash's would.
             let _ = writeln!(log, "{message}");
-            let _ = outcome;
         }
         outcome.map(|(o, _)| o)
     }
@@ -381,6 +380,8 @@ fn wasi_builder(
         // The engine lives in the pod's network namespace: the pod's
         // addresses are the component's.
         .inherit_network()
+        .allow_tcp(true)
+        .allow_udp(true)
         .allow_ip_name_lookup(true);
     if let Some(cwd) = &request.cwd {
         b.initial_cwd(cwd);

@@ -16,6 +16,9 @@ use vmrun_wasm::{cache::ModuleCache, container::Runner, engine, server};
     about = "A pod's WebAssembly engine (started by vmrun, not by hand)"
 )]
 struct Args {
+    /// The pod's directory (names the pod in `ps`; nothing is read from it).
+    #[arg(long)]
+    pod: Option<PathBuf>,
     /// Directory of compiled modules, shared by every pod.
     #[arg(long)]
     cache: PathBuf,

@@ -31,6 +31,9 @@ pub(crate) struct EngineLaunch {
     pub cgroup: Box<dyn Cgroup>,
     /// The engine's stderr (its own errors and panics).
     pub log: PathBuf,
+    /// The pod's directory: on the engine's command line, so `ps` tells
+    /// whose engine it is.
+    pub pod_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -92,7 +95,9 @@ impl EngineProcess {
         let log = std::fs::File::create(&launch.log)
             .map_err(|e| spawn_err(format!("{}: {e}", launch.log.display())))?;
         let mut cmd = Command::new(&launch.binary);
-        cmd.arg("--cache")
+        cmd.arg("--pod")
+            .arg(&launch.pod_dir)
+            .arg("--cache")
             .arg(&launch.cache_dir)
             .arg("--instances")
             .arg(launch.instances.to_string())

@@ -105,6 +105,7 @@ impl WasmSandbox {
             netns: self.native.netns_path(),
             cgroup,
             log: self.native.dir().join("wasm-engine.log"),
+            pod_dir: self.native.dir().to_path_buf(),
         };
         let engine =
             EngineProcess::spawn(launch).map_err(|e| RuntimeError::Sandbox(e.to_string()))?;
