@@ -526,6 +526,110 @@ async fn pods_survive_the_daemon_being_killed_and_are_served_again() {
     stop_and_remove(&server, &sandbox).await;
 }
 
+/// The `wasm` handler runs WebAssembly containers: output in CRI logs,
+/// exit codes and reasons as kubelet reads them, exec refused with why, a
+/// native image refused at CreateContainer naming it.
+#[tokio::test]
+async fn the_wasm_handler_runs_webassembly_containers() {
+    require_root("the_wasm_handler_runs_webassembly_containers");
+    let server = CriServer::start().await;
+    let registry = vmrun_tests::shared_registry().await.unwrap();
+    let wasm_box = {
+        use vmrun_tests::images::{layer_tar, push_image, Compression, Entry, ImageSpec, Layer};
+        let wasm = vmrun_tests::wasm_programs::wasm_box_p1();
+        let layer = Layer::new(
+            layer_tar(&[Entry::file("app.wasm", wasm)]).unwrap(),
+            Compression::Gzip,
+        )
+        .unwrap();
+        let mut spec = ImageSpec::new(vec![layer]);
+        spec.entrypoint = Some(vec!["/app.wasm".into()]);
+        push_image(&registry.addr(), "test/cri-wasm-box:latest", &spec.build())
+            .await
+            .unwrap()
+    };
+    let wasm_box = server.pull(&wasm_box).await;
+    let busybox = server
+        .pull(&vmrun_tests::shared_busybox().await.unwrap())
+        .await;
+    let logs = tempfile::tempdir().unwrap();
+    let config = kubelet_sandbox_config("wasm", "uid-wasm", logs.path());
+    let sandbox = run_sandbox(&server, &config, "wasm").await.unwrap();
+
+    let hello = kubelet_container_config(
+        "hello",
+        &wasm_box,
+        &["/app.wasm", "echo", "hello", "through", "cri"],
+        &config,
+    );
+    let hello = create(&server, &sandbox, hello, &config).await.unwrap();
+    start(&server, &hello).await;
+    let failing = kubelet_container_config(
+        "failing",
+        &wasm_box,
+        &["/app.wasm", "cat", "/no/such/file"],
+        &config,
+    );
+    let failing = create(&server, &sandbox, failing, &config).await.unwrap();
+    start(&server, &failing).await;
+    let mut rt = server.runtime().await;
+    let status = wait_container(&mut rt, &hello, Duration::from_secs(60), |s| {
+        s.state == CONTAINER_EXITED
+    })
+    .await;
+    assert_eq!(
+        (status.exit_code, status.reason.as_str()),
+        (0, "Completed"),
+        "{status:?}"
+    );
+    let records = log_records(&logs.path().join("hello/0.log"));
+    assert_eq!(
+        records,
+        vec![(
+            "stdout".to_string(),
+            "F".to_string(),
+            "hello through cri".to_string()
+        )]
+    );
+    let status = wait_container(&mut rt, &failing, Duration::from_secs(60), |s| {
+        s.state == CONTAINER_EXITED
+    })
+    .await;
+    assert_eq!(
+        (status.exit_code, status.reason.as_str()),
+        (1, "Error"),
+        "{status:?}"
+    );
+
+    let sleeper = kubelet_container_config(
+        "sleeper",
+        &wasm_box,
+        &["/app.wasm", "sleep", "3600"],
+        &config,
+    );
+    let sleeper = create(&server, &sandbox, sleeper, &config).await.unwrap();
+    start(&server, &sleeper).await;
+    let e = rt
+        .exec_sync(api::ExecSyncRequest {
+            container_id: sleeper.clone(),
+            cmd: vec!["ls".into()],
+            timeout: 5,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+    assert!(e.message().contains("no processes"), "{e:?}");
+
+    let native = kubelet_container_config("native", &busybox, &["/bin/sh"], &config);
+    let e = create(&server, &sandbox, native, &config)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("not a WebAssembly image"), "{e:?}");
+    drop(rt);
+    stop_and_remove(&server, &sandbox).await;
+}
+
 #[tokio::test]
 async fn bad_requests_get_clear_errors_and_leave_nothing() {
     require_root("bad_requests_get_clear_errors_and_leave_nothing");
@@ -541,9 +645,6 @@ async fn bad_requests_get_clear_errors_and_leave_nothing() {
     let e = run_sandbox(&server, &config, "kata").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("\"kata\""), "{e:?}");
-    let e = run_sandbox(&server, &config, "wasm").await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
-    assert!(e.message().contains("not available yet"), "{e:?}");
     // Named as missing, not silently run natively.
     let e = run_sandbox(&server, &config, "vm").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unimplemented);

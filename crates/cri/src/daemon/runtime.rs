@@ -192,13 +192,7 @@ impl RuntimeService for RuntimeServiceImpl {
             .runtime_for(&r.runtime_handler)
             .map_err(Status::invalid_argument)?;
         match runtime {
-            RuntimeKind::Native => {}
-            RuntimeKind::Wasm => {
-                return Err(Status::unimplemented(format!(
-                    "runtime handler {:?}: the wasm runtime is not available yet in this version of vmrun",
-                    r.runtime_handler
-                )))
-            }
+            RuntimeKind::Native | RuntimeKind::Wasm => {}
             RuntimeKind::Vm => {
                 return Err(Status::unimplemented(format!(
                     "runtime handler {:?}: vm pods are not served through CRI yet (a pod VM's image disks are fixed when it boots, and CRI adds containers after); use `vmrun run --runtime vm`",

@@ -73,6 +73,21 @@ impl Owner {
                     .await
                     .context("sandbox creation panicked")??
             }
+            RuntimeKind::Wasm => {
+                let native = &settings.native;
+                let runtime = vmrun_pod::wasm::WasmRuntime {
+                    state_root: native.state_root.clone(),
+                    engine_binary: std::env::current_exe()
+                        .context("locating vmrun-cri-shim")?
+                        .with_file_name(vmrun_pod::wasm::ENGINE_BINARY),
+                    cache_dir: settings.image_root.join("wasm-cache"),
+                    pids_limit: native.pids_limit,
+                };
+                let pod = plan.clone();
+                tokio::task::spawn_blocking(move || runtime.create_sandbox(&pod))
+                    .await
+                    .context("sandbox creation panicked")??
+            }
             other => anyhow::bail!(
                 "runtime handler {:?} (runtime {}) cannot run pods through CRI yet",
                 settings.handler,
@@ -207,6 +222,23 @@ impl Owner {
                     request.image
                 ))
             })?;
+        if self.settings.runtime == RuntimeKind::Wasm {
+            // Refused here, naming the image, rather than at StartContainer.
+            let c = &request.plan;
+            let argv = vmrun_pod::command::resolve_argv(
+                c.command.as_deref(),
+                c.args.as_deref(),
+                &image.config.entrypoint,
+                &image.config.cmd,
+                &c.env,
+            );
+            vmrun_pod::wasm::image::find_entry(
+                &request.image,
+                &image.layers,
+                argv.first().map(String::as_str).unwrap_or(""),
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
         let container = Arc::new(Container::new(id.clone(), config, request, image));
         self.containers
             .lock()
@@ -342,6 +374,9 @@ impl Owner {
             .running()
             .ok_or_else(|| Status::failed_precondition(format!("container {id} is not running")))?;
         let target = running.exec_target();
+        if target["runtime"] == "wasm" {
+            return Err(Status::unimplemented(vmrun_pod::wasm::NO_EXEC));
+        }
         if target["runtime"] != "native" {
             return Err(Status::unimplemented(format!(
                 "ExecSync in {} containers through CRI is not available yet",

@@ -100,7 +100,8 @@ impl WasmSandbox {
             cache_dir: self.runtime.cache_dir.clone(),
             // Restarts reuse a freed slot; two per container leaves room for
             // one container restarting while its old store is dropped.
-            instances: 2 * count.max(1) + 2,
+            // A CRI sandbox's containers come later: room for a typical pod.
+            instances: if count == 0 { 16 } else { 2 * count + 2 },
             max_memory: limits.iter().flatten().copied().max().unwrap_or(4 << 30),
             netns: self.native.netns_path(),
             cgroup,
