@@ -44,6 +44,12 @@ pub enum BlockImageError {
     Mkfs { image: String, stderr: String },
     #[error(transparent)]
     Store(#[from] crate::StoreError),
+    /// Wasm OCI artifacts (raw `application/wasm` layers) are for the wasm runtime only.
+    #[error(
+        "image {image} is a WebAssembly artifact (application/wasm layers): \
+         the vm runtime cannot run it, use the wasm runtime"
+    )]
+    WasmArtifact { image: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BlockImageError + '_ {
@@ -59,6 +65,16 @@ impl ImageStore {
         let hex = sha256_hex(&image.id).ok_or_else(|| BlockImageError::BadId(image.id.clone()))?;
         let dir = self.root().join(BLOCK_DIR);
         let path = dir.join(format!("{hex}{BLOCK_SUFFIX}"));
+        let is_artifact = self.read_record(&image.id)?.is_some_and(|rec| {
+            rec.layers
+                .iter()
+                .any(|l| crate::manifest::is_wasm_layer_media_type(&l.media_type))
+        });
+        if is_artifact {
+            return Err(BlockImageError::WasmArtifact {
+                image: image.id.clone(),
+            });
+        }
         if path.is_file() {
             return Ok(path);
         }

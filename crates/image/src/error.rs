@@ -60,6 +60,9 @@ pub enum LayerError {
     MediaType(String),
     #[error("uncompressed content is {actual}, but the image config says {expected}")]
     DiffIdMismatch { expected: String, actual: String },
+    /// A stored raw wasm blob no longer hashes to its digest (the store was tampered with).
+    #[error("wasm blob content is {actual}, but its digest is {expected}")]
+    WasmDigestMismatch { expected: String, actual: String },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
 }

@@ -14,8 +14,9 @@ use serde::Deserialize;
 
 use crate::error::{BlobError, ImportError};
 use crate::manifest::{
-    parse_config, parse_manifest, select_platform, Descriptor, Manifest, Parsed, ParsedConfig,
-    MAX_JSON_SIZE, OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, OCI_MANIFEST,
+    parse_config, parse_image_config, parse_manifest, select_platform, Descriptor, Manifest,
+    Parsed, ParsedConfig, MAX_JSON_SIZE, OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
 };
 use crate::reference::normalize_reference;
 use crate::store::{sha256_digest, sha256_hex, ImageRecord, LayerRecord};
@@ -230,7 +231,11 @@ impl Import<'_> {
         for entry in entries {
             let config_bytes = source.read_small(self, &entry.config)?;
             let config_digest = sha256_digest(&config_bytes);
-            let parsed = self.parse_config(&config_digest, &config_bytes, entry.layers.len())?;
+            let parsed = self.check_config(
+                &config_digest,
+                parse_config(&config_bytes),
+                entry.layers.len(),
+            )?;
             self.store
                 .write_blob_bytes(&config_digest, &config_bytes)
                 .map_err(|e| self.blob_err(e))?;
@@ -304,9 +309,9 @@ impl Import<'_> {
             let (manifest_digest, manifest_bytes, manifest) =
                 self.layout_manifest(source, entry)?;
             let config_bytes = self.layout_blob(source, &manifest.config, Some(MAX_JSON_SIZE))?;
-            let parsed = self.parse_config(
+            let parsed = self.check_config(
                 &manifest.config.digest,
-                &config_bytes,
+                parse_image_config(&manifest.config, &manifest.layers, &config_bytes),
                 manifest.layers.len(),
             )?;
             for layer in &manifest.layers {
@@ -349,7 +354,10 @@ impl Import<'_> {
                 Parsed::Index(entries) => {
                     desc = select_platform(&entries)
                         .ok_or_else(|| {
-                            self.malformed(format!("index {}: no linux/amd64 image", desc.digest))
+                            self.malformed(format!(
+                                "index {}: no linux/amd64 or wasm image",
+                                desc.digest
+                            ))
                         })?
                         .clone();
                 }
@@ -453,14 +461,13 @@ impl Import<'_> {
         Ok((digest, size, media_type))
     }
 
-    fn parse_config(
+    fn check_config(
         &self,
         digest: &str,
-        bytes: &[u8],
+        parsed: Result<ParsedConfig, String>,
         layers: usize,
     ) -> Result<ParsedConfig, ImportError> {
-        let parsed =
-            parse_config(bytes).map_err(|e| self.malformed(format!("config {digest}: {e}")))?;
+        let parsed = parsed.map_err(|e| self.malformed(format!("config {digest}: {e}")))?;
         if parsed.diff_ids.len() != layers {
             return Err(self.malformed(format!(
                 "config {digest} lists {} diff_ids for {layers} layers",
@@ -496,9 +503,14 @@ impl Import<'_> {
         refs: Vec<String>,
     ) -> Result<Image, ImportError> {
         let mut layers = Vec::new();
-        for (layer, diff_id) in manifest.layers.iter().zip(&parsed.diff_ids) {
+        let per_layer = manifest
+            .layers
+            .iter()
+            .zip(&parsed.diff_ids)
+            .zip(&parsed.wasm_files);
+        for ((layer, diff_id), wasm) in per_layer {
             self.store
-                .ensure_layer(&layer.digest, diff_id)
+                .ensure_layer(&layer.digest, diff_id, wasm.as_deref())
                 .map_err(|source| ImportError::Layer {
                     path: self.path.clone(),
                     digest: layer.digest.clone(),

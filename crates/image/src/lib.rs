@@ -150,4 +150,11 @@ pub struct ImageConfig {
     pub labels: BTreeMap<String, String>,
     /// `"80/tcp"` style keys of `ExposedPorts`.
     pub exposed_ports: Vec<String>,
+    /// The config's `os`: `linux`, or `wasip1`/`wasip2`/`wasi` for WebAssembly images
+    /// (empty when the config does not say, and in records written before it was kept).
+    #[serde(default)]
+    pub os: String,
+    /// The config's `architecture`: `amd64`, or `wasm` (empty when not given).
+    #[serde(default)]
+    pub architecture: String,
 }

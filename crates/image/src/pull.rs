@@ -14,8 +14,8 @@ use oci_client::{Client, Reference};
 
 use crate::error::{BlobError, PullError, StoreError};
 use crate::manifest::{
-    is_layer_media_type, parse_config, parse_manifest, platforms_of, select_platform, Descriptor,
-    Manifest, Parsed, ACCEPTED_MANIFESTS, MAX_JSON_SIZE,
+    is_layer_media_type, parse_image_config, parse_manifest, platforms_of, select_platform,
+    Descriptor, Manifest, Parsed, ACCEPTED_MANIFESTS, MAX_JSON_SIZE,
 };
 use crate::reference::{is_local_registry, parse_reference};
 use crate::store::{sha256_digest, sha256_hex, ImageRecord, LayerRecord};
@@ -273,8 +273,11 @@ impl Pull<'_> {
                         ))
                     })?;
                     self.check_digest(&entry.digest)?;
+                    let platform = entry.platform.as_ref().map_or("default".to_string(), |p| {
+                        format!("{}/{}", p.os, p.architecture)
+                    });
                     self.progress.message(&format!(
-                        "{}: resolved linux/amd64 manifest {}",
+                        "{}: resolved {platform} manifest {}",
                         self.name, entry.digest
                     ));
                     (bytes, digest) = self
@@ -309,7 +312,7 @@ impl Pull<'_> {
             .store
             .read_blob(&manifest.config.digest, MAX_JSON_SIZE)
             .map_err(|e| self.blob_err(e))?;
-        let parsed = parse_config(&config_bytes)
+        let parsed = parse_image_config(&manifest.config, &manifest.layers, &config_bytes)
             .map_err(|e| self.manifest_err(format!("config {}: {e}", manifest.config.digest)))?;
         if parsed.diff_ids.len() != manifest.layers.len() {
             return Err(self.manifest_err(format!(
@@ -325,8 +328,15 @@ impl Pull<'_> {
             .write_blob_bytes(&manifest_digest, &manifest_bytes)
             .map_err(|e| self.blob_err(e))?;
 
-        futures::stream::iter(manifest.layers.iter().zip(&parsed.diff_ids))
-            .map(|(layer, diff_id)| self.fetch_layer(&repo, layer, diff_id))
+        let layers = manifest
+            .layers
+            .iter()
+            .zip(&parsed.diff_ids)
+            .zip(&parsed.wasm_files);
+        futures::stream::iter(layers)
+            .map(|((layer, diff_id), wasm)| {
+                self.fetch_layer(&repo, layer, diff_id, wasm.as_deref())
+            })
             .buffer_unordered(PARALLEL_LAYERS)
             .try_collect::<Vec<()>>()
             .await?;
@@ -370,6 +380,7 @@ impl Pull<'_> {
         repo: &Reference,
         layer: &Descriptor,
         diff_id: &str,
+        wasm_file: Option<&str>,
     ) -> Result<(), PullError> {
         // An unpacked layer is named by its diff_id, which the (digest-verified) config commits
         // to, so an existing one is the right content however it was compressed or obtained.
@@ -381,15 +392,18 @@ impl Pull<'_> {
         self.fetch_blob(repo, layer, true).await?;
         let store = self.store.clone();
         let (digest, diff) = (layer.digest.clone(), diff_id.to_string());
-        let unpacked = tokio::task::spawn_blocking(move || store.ensure_layer(&digest, &diff))
-            .await
-            .map_err(|e| PullError::Store {
-                reference: self.name.clone(),
-                source: StoreError::Io {
-                    path: self.store.root().join("tmp"),
-                    source: std::io::Error::other(e),
-                },
-            })?;
+        let wasm = wasm_file.map(str::to_string);
+        let unpacked = tokio::task::spawn_blocking(move || {
+            store.ensure_layer(&digest, &diff, wasm.as_deref())
+        })
+        .await
+        .map_err(|e| PullError::Store {
+            reference: self.name.clone(),
+            source: StoreError::Io {
+                path: self.store.root().join("tmp"),
+                source: std::io::Error::other(e),
+            },
+        })?;
         unpacked.map_err(|source| PullError::Layer {
             reference: self.name.clone(),
             digest: layer.digest.clone(),

@@ -300,8 +300,14 @@ impl ImageStore {
     }
 
     /// Unpacks the stored layer blob `digest` into `layers/sha256/<diff_id>` unless that layer
-    /// is already there. Blocking; callers in async code run it on the blocking pool.
-    pub(crate) fn ensure_layer(&self, digest: &str, diff_id: &str) -> Result<PathBuf, LayerError> {
+    /// is already there: a tar is extracted, a raw wasm blob (`wasm_file` given) becomes that
+    /// one file. Blocking; callers in async code run it on the blocking pool.
+    pub(crate) fn ensure_layer(
+        &self,
+        digest: &str,
+        diff_id: &str,
+        wasm_file: Option<&str>,
+    ) -> Result<PathBuf, LayerError> {
         let bad = |what: &str, d: &str| LayerError::Io {
             path: PathBuf::from(d),
             source: io::Error::new(io::ErrorKind::InvalidData, format!("invalid {what} digest")),
@@ -313,7 +319,12 @@ impl ImageStore {
             return Ok(dest);
         }
         let blob = self.blob_path(digest).map_err(|_| bad("layer", digest))?;
-        crate::unpack::unpack_layer(&blob, diff_id, &self.tmp_path("layer"), &dest)?;
+        match wasm_file {
+            Some(name) => {
+                crate::unpack::place_wasm(&blob, digest, name, &self.tmp_path("layer"), &dest)?
+            }
+            None => crate::unpack::unpack_layer(&blob, diff_id, &self.tmp_path("layer"), &dest)?,
+        }
         Ok(dest)
     }
 
@@ -386,7 +397,7 @@ impl ImageStore {
         write_atomic(&path, &bytes).map_err(StoreError::io(path))
     }
 
-    fn read_record(&self, id: &str) -> Result<Option<ImageRecord>, StoreError> {
+    pub(crate) fn read_record(&self, id: &str) -> Result<Option<ImageRecord>, StoreError> {
         let Some(path) = self.record_path(id) else {
             return Ok(None);
         };

@@ -79,6 +79,70 @@ pub(crate) fn unpack_layer(
     Ok(())
 }
 
+/// Places the raw wasm blob `blob` (digest `digest`) as the regular file `name` (mode 0755, at
+/// the root) of a new layer directory `dest`, via `tmp`; the content is hashed while copied and
+/// must still match `digest`. Same publication rules as [`unpack_layer`].
+pub(crate) fn place_wasm(
+    blob: &Path,
+    digest: &str,
+    name: &str,
+    tmp: &Path,
+    dest: &Path,
+) -> Result<(), LayerError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LayerError::Io { path, source }
+    };
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(LayerError::UnsafePath {
+            entry: name.to_string(),
+        });
+    }
+    fs::create_dir(tmp).map_err(io_err(tmp))?;
+    let result = (|| {
+        let mut src = HashingReader {
+            inner: File::open(blob).map_err(io_err(blob))?,
+            hasher: Sha256::new(),
+        };
+        let target = tmp.join(name);
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .open(&target)
+            .map_err(io_err(&target))?;
+        io::copy(&mut src, &mut out).map_err(io_err(&target))?;
+        // The umask may have narrowed the mode given at creation.
+        out.set_permissions(Permissions::from_mode(0o755))
+            .map_err(io_err(&target))?;
+        let actual = format!("sha256:{}", hex::encode(src.hasher.finalize()));
+        if actual != digest {
+            return Err(LayerError::WasmDigestMismatch {
+                expected: digest.to_string(),
+                actual,
+            });
+        }
+        out.sync_all().map_err(io_err(&target))?;
+        File::open(tmp)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(tmp))
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(tmp);
+        return Err(e);
+    }
+    if let Err(e) = fs::rename(tmp, dest) {
+        let _ = fs::remove_dir_all(tmp);
+        if !dest.is_dir() {
+            return Err(LayerError::Io {
+                path: dest.to_path_buf(),
+                source: e,
+            });
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn decompressor(file: File) -> io::Result<Box<dyn Read>> {
     let mut reader = BufReader::with_capacity(256 * 1024, file);
     let head = reader.fill_buf()?;
