@@ -1,4 +1,5 @@
-//! `vmrun image …`: list, pull, remove, inspect and import images in the local store.
+//! `vmrun image …`: list, pull, push, remove, inspect and import images in the local store,
+//! and wrap a `.wasm` file as a Wasm OCI artifact (`build-wasm`).
 
 use std::collections::HashMap;
 use std::io::IsTerminal as _;
@@ -21,6 +22,24 @@ pub enum ImageCommand {
     Inspect { reference: String },
     /// Import an OCI image layout directory, an oci-archive or a `docker save` tar
     Import { file: PathBuf },
+    /// Store a WebAssembly module (WASI p1) or component (p2) as a Wasm OCI artifact:
+    /// config `application/vnd.wasm.config.v0+json`, one `application/wasm` layer, run as
+    /// `/module.wasm`
+    BuildWasm {
+        /// The `.wasm` file
+        file: PathBuf,
+        /// Reference to store it under (`registry:5000/ns/app:tag`)
+        #[arg(short = 't', long = "tag")]
+        tag: String,
+    },
+    /// Push an image from the store to its registry (or to `--to`'s), blobs and manifest as
+    /// stored
+    Push {
+        reference: String,
+        /// Push under this reference instead (required when REFERENCE is an image id)
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 pub async fn run(cmd: ImageCommand, store: &ImageStore) -> anyhow::Result<()> {
@@ -61,6 +80,26 @@ pub async fn run(cmd: ImageCommand, store: &ImageStore) -> anyhow::Result<()> {
                 };
                 println!("imported {refs} {}", image.id);
             }
+        }
+        ImageCommand::BuildWasm { file, tag } => {
+            let store = store.clone();
+            let image = tokio::task::spawn_blocking(move || store.build_wasm(&file, &tag))
+                .await
+                .context("build-wasm task failed")??;
+            println!(
+                "{} {} ({}/{}, entrypoint {})",
+                image.references.join(", "),
+                image.id,
+                image.config.os,
+                image.config.architecture,
+                image.config.entrypoint.join(" ")
+            );
+        }
+        ImageCommand::Push { reference, to } => {
+            let progress = TerminalProgress::new();
+            let pushed = store.push(&reference, to.as_deref(), &progress).await?;
+            progress.clear();
+            println!("pushed {pushed}");
         }
     }
     Ok(())

@@ -136,3 +136,49 @@ pub(crate) enum BlobError {
     TooLarge { expected: u64 },
     Store(StoreError),
 }
+
+/// `build_wasm` (a Wasm OCI artifact from a `.wasm` file) failed. Nothing is added to the
+/// store when the file is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error("build-wasm {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("build-wasm {}: not a WebAssembly module or component: {found}", path.display())]
+    NotWasm { path: PathBuf, found: String },
+    #[error("build-wasm {}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+    #[error("build-wasm {}: layer {digest}: {source}", path.display())]
+    Layer {
+        path: PathBuf,
+        digest: String,
+        source: LayerError,
+    },
+    #[error("build-wasm {}: {source}", path.display())]
+    Store { path: PathBuf, source: StoreError },
+}
+
+/// Pushing an image from the store to a registry failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error("push {reference}: no such image in the store")]
+    NotFound { reference: String },
+    #[error("push {reference}: it is an image id, not a name; say where to push it (--to)")]
+    NoTarget { reference: String },
+    #[error("push {reference}: stored blob {digest}: {reason}")]
+    Blob {
+        reference: String,
+        digest: String,
+        reason: String,
+    },
+    #[error("push {reference}: {message}")]
+    Registry { reference: String, message: String },
+    #[error("push {reference}: {source}")]
+    Store {
+        reference: String,
+        source: StoreError,
+    },
+}

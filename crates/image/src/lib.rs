@@ -19,9 +19,11 @@ mod error;
 mod import;
 mod manifest;
 mod pull;
+mod push;
 mod reference;
 mod store;
 mod unpack;
+mod wasm;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,9 +31,13 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use block::{BlockImageError, BLOCK_LAYERS_DIR};
-pub use error::{ImportError, LayerError, OpenError, PullError, ReferenceError, StoreError};
+pub use error::{
+    BuildError, ImportError, LayerError, OpenError, PullError, PushError, ReferenceError,
+    StoreError,
+};
 pub use reference::normalize_reference;
 pub use store::ImageStore;
+pub use wasm::{wasm_kind, WasmKind};
 
 /// Default store root.
 pub const DEFAULT_ROOT: &str = "/var/lib/vmrun";

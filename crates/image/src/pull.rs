@@ -144,7 +144,7 @@ impl ImageStore {
         endpoints
     }
 
-    fn client_for(&self, r: &Reference, plain: bool) -> Client {
+    pub(crate) fn client_for(&self, r: &Reference, plain: bool) -> Client {
         let mut plain_http: Vec<String> = self
             .registries
             .insecure
@@ -169,7 +169,7 @@ impl ImageStore {
         })
     }
 
-    fn auth_for(&self, r: &Reference) -> RegistryAuth {
+    pub(crate) fn auth_for(&self, r: &Reference) -> RegistryAuth {
         let mut keys = vec![r.registry(), r.resolve_registry()];
         if r.registry() == "docker.io" {
             keys.extend([
@@ -471,7 +471,7 @@ impl Pull<'_> {
 
 /// A one-line description of a registry error: the registry's own error codes for API errors
 /// (`manifest unknown`), the cause chain for transport errors (`connection refused`).
-fn describe(err: &OciDistributionError) -> String {
+pub(crate) fn describe(err: &OciDistributionError) -> String {
     match err {
         OciDistributionError::RegistryError { envelope, .. } => {
             let msgs: Vec<String> = envelope
