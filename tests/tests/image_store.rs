@@ -1010,3 +1010,313 @@ async fn a_mirror_serves_a_registry_and_the_image_keeps_its_name() {
         ["registry.example.invalid/e2e/mirrored:v1"]
     );
 }
+
+// ---- WebAssembly images: Wasm OCI artifacts, build-wasm, push ----
+
+/// The `vmrun` binary alone (the image commands need nothing beside it), built once.
+fn vmrun_image_bin() -> &'static Path {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| workspace.join("target"));
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--quiet", "-p", "vmrun", "--bin", "vmrun"])
+            .current_dir(workspace)
+            .status()
+            .unwrap();
+        assert!(status.success(), "building vmrun failed");
+        target.join("debug/vmrun")
+    })
+}
+
+/// Runs `vmrun --root ROOT image ARGS…`; returns (success, stdout, stderr).
+fn vmrun_image(root: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(vmrun_image_bin())
+        .arg("--root")
+        .arg(root)
+        .arg("image")
+        .args(args)
+        .env_remove("VMRUN_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const TINY_WAT: &str = r#"(module (func (export "_start")) (memory (export "memory") 1))"#;
+
+#[tokio::test]
+async fn build_wasm_push_and_pull_into_another_store() {
+    let wasm = wat::parse_str(TINY_WAT).unwrap();
+    let registry = tokio::task::spawn_blocking(Registry::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny.wasm");
+    std::fs::write(&file, &wasm).unwrap();
+    let root = dir.path().join("store-a");
+    let reference = format!("{}/test/wasm-built:1", registry.addr());
+
+    let (ok, out, err) = vmrun_image(
+        &root,
+        &["build-wasm", file.to_str().unwrap(), "-t", &reference],
+    );
+    assert!(ok, "build-wasm: {err}");
+    assert!(
+        out.contains(&reference) && out.contains("wasip1/wasm"),
+        "{out}"
+    );
+    let (ok, out, err) = vmrun_image(&root, &["ls"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&reference), "{out}");
+    let (ok, out, err) = vmrun_image(&root, &["inspect", &reference]);
+    assert!(ok, "{err}");
+    let inspected: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        inspected["config"]["entrypoint"],
+        serde_json::json!(["/module.wasm"])
+    );
+    assert_eq!(inspected["config"]["cmd"], serde_json::json!([]));
+    assert_eq!(inspected["config"]["env"], serde_json::json!([]));
+    assert_eq!(inspected["config"]["os"], "wasip1");
+    assert_eq!(inspected["config"]["architecture"], "wasm");
+    let built_id = inspected["id"].as_str().unwrap().to_string();
+
+    // The stored artifact is the Wasm OCI layout: wasm config, one application/wasm layer.
+    let manifest_digest = inspected["manifest_digest"].as_str().unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.join("blobs/sha256").join(hex(manifest_digest))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.wasm.config.v0+json"
+    );
+    assert_eq!(manifest["layers"][0]["mediaType"], "application/wasm");
+    assert_eq!(manifest["layers"][0]["digest"], images::sha256(&wasm));
+
+    // Building the same file again gives the same image.
+    let (ok, out, _) = vmrun_image(
+        &root,
+        &["build-wasm", file.to_str().unwrap(), "-t", &reference],
+    );
+    assert!(ok && out.contains(&built_id), "{out}");
+
+    let (ok, out, err) = vmrun_image(&root, &["push", &reference]);
+    assert!(ok, "push: {err}");
+    assert!(out.contains(&format!("pushed {reference}")), "{out}");
+    assert!(
+        err.contains("done") || err.contains("already"),
+        "no per-blob progress: {err}"
+    );
+    let other = format!("{}/other/copy:2", registry.addr());
+    let (ok, _, err) = vmrun_image(&root, &["push", &reference, "--to", &other]);
+    assert!(ok, "push --to: {err}");
+
+    for r in [&reference, &other] {
+        let (_d, store) = new_store();
+        let image = store.pull(r, &NoProgress).await.unwrap();
+        assert_eq!(image.id, built_id, "{r}");
+        assert_eq!(image.manifest_digest, manifest_digest, "{r}");
+        assert_eq!(image.config.entrypoint, ["/module.wasm"]);
+        assert!(image.config.cmd.is_empty() && image.config.env.is_empty());
+        assert_eq!(
+            (image.config.os.as_str(), image.config.architecture.as_str()),
+            ("wasip1", "wasm")
+        );
+        assert_eq!(image.layers.len(), 1);
+        let module = image.layers[0].join("module.wasm");
+        assert!(std::fs::symlink_metadata(&module).unwrap().is_file());
+        assert_eq!(std::fs::read(&module).unwrap(), wasm);
+        assert_eq!(names(&image.layers[0]), ["module.wasm"]);
+        // Artifacts are for the wasm runtime, not for microVM block images.
+        let err = store.block_image(&image).unwrap_err();
+        assert!(
+            matches!(err, vmrun_image::BlockImageError::WasmArtifact { .. }),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn build_wasm_refuses_what_is_not_wasm() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("script.wasm", b"#!/bin/sh\necho hi\n", "23 21 2f 62"),
+        ("short.wasm", b"\0as", "only 3 bytes"),
+        ("v2.wasm", b"\0asm\x02\0\0\0", "02 00 00 00"),
+    ];
+    for (name, bytes, found) in cases {
+        let file = dir.path().join(name);
+        std::fs::write(&file, bytes).unwrap();
+        let (ok, _, err) = vmrun_image(
+            &root,
+            &["build-wasm", file.to_str().unwrap(), "-t", "test/x:1"],
+        );
+        assert!(!ok, "{name} accepted");
+        assert!(err.contains(file.to_str().unwrap()), "{name}: {err}");
+        assert!(err.contains("not a WebAssembly"), "{name}: {err}");
+        assert!(err.contains(found), "{name}: {err}");
+    }
+    let (ok, _, err) = vmrun_image(
+        &root,
+        &["build-wasm", "/nonexistent/x.wasm", "-t", "test/x:1"],
+    );
+    assert!(!ok && err.contains("/nonexistent/x.wasm"), "{err}");
+    let (ok, out, _) = vmrun_image(&root, &["ls"]);
+    assert!(ok);
+    assert_eq!(out.lines().count(), 1, "something was stored: {out}");
+    let store = ImageStore::open(&root, RegistryConfig::default()).unwrap();
+    assert!(store.list().unwrap().is_empty());
+    assert_store_holds(&store, &[], &[]);
+}
+
+/// Pushes a Wasm OCI artifact (wasm config, `application/wasm` layers) straight to a registry.
+async fn push_wasm_artifact(
+    registry: &Registry,
+    repo_tag: &str,
+    wasm: &[u8],
+    layer_digests: &[String],
+) -> (String, String) {
+    let config = serde_json::to_vec(&serde_json::json!({
+        "created": "2024-01-01T00:00:00Z",
+        "architecture": "wasm",
+        "os": "wasip1",
+        "layerDigests": layer_digests,
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": images::OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.wasm.config.v0+json",
+            "digest": images::sha256(&config),
+            "size": config.len(),
+        },
+        "layers": [{
+            "mediaType": "application/wasm",
+            "digest": images::sha256(wasm),
+            "size": wasm.len(),
+        }],
+    }))
+    .unwrap();
+    let image = TestImage {
+        layers: vec![Layer {
+            tar: Vec::new(),
+            blob: wasm.to_vec(),
+            media_type: "application/wasm".into(),
+            digest: images::sha256(wasm),
+            diff_id: String::new(),
+        }],
+        config_digest: images::sha256(&config),
+        manifest_digest: images::sha256(&manifest),
+        manifest_media_type: images::OCI_MANIFEST.into(),
+        config,
+        manifest,
+    };
+    let reference = push_image(&registry.addr(), repo_tag, &image)
+        .await
+        .unwrap();
+    (reference, image.config_digest)
+}
+
+#[tokio::test]
+async fn registry_served_wasm_images_pull() {
+    let wasm = wat::parse_str(TINY_WAT).unwrap();
+    let registry = tokio::task::spawn_blocking(Registry::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let (_dir, store) = new_store();
+
+    // A Wasm OCI artifact as other tools push it.
+    let (reference, id) = push_wasm_artifact(
+        &registry,
+        "test/artifact:1",
+        &wasm,
+        &[images::sha256(&wasm)],
+    )
+    .await;
+    let image = store.pull(&reference, &NoProgress).await.unwrap();
+    assert_eq!(image.id, id);
+    assert_eq!(image.config.entrypoint, ["/module.wasm"]);
+    assert_eq!(
+        std::fs::read(image.layers[0].join("module.wasm")).unwrap(),
+        wasm
+    );
+
+    // Its layerDigests must agree with the manifest.
+    let (bad, _) = push_wasm_artifact(
+        &registry,
+        "test/artifact:bad",
+        &wasm,
+        &[images::sha256(b"x")],
+    )
+    .await;
+    let err = store.pull(&bad, &NoProgress).await.unwrap_err();
+    assert!(err.to_string().contains("layerDigests"), "{err}");
+
+    // An ordinary image whose tar layer holds /app.wasm (what the wasm runtime also runs).
+    let ordinary = images::push_wasm_image(&registry, "test/ordinary-wasm:1", &wasm)
+        .await
+        .unwrap();
+    let expected = images::wasm_image(&wasm);
+    let image = store.pull(&ordinary, &NoProgress).await.unwrap();
+    assert_eq!(image.id, expected.config_digest);
+    assert_eq!(image.config.entrypoint, ["/app.wasm"]);
+    assert!(image.config.cmd.is_empty());
+    assert_eq!(image.config.os, "wasip1");
+    let app = image.layers[0].join("app.wasm");
+    assert_eq!(std::fs::read(&app).unwrap(), wasm);
+    assert_eq!(
+        std::fs::metadata(&app).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+}
+
+#[tokio::test]
+async fn push_of_an_ordinary_image_keeps_its_id() {
+    let registry = tokio::task::spawn_blocking(Registry::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let source = images::push_busybox(&registry, "test/busybox:1")
+        .await
+        .unwrap();
+    let (_a, store) = new_store();
+    let pulled = store.pull(&source, &NoProgress).await.unwrap();
+    let copy = format!("{}/copies/busybox:2", registry.addr());
+    let recorder = Recorder::default();
+    let pushed = store
+        .push(&pulled.id, Some(&copy), &recorder)
+        .await
+        .unwrap();
+    assert_eq!(pushed, copy);
+    // One progress report per blob (layer and config), as a pull reports layers.
+    let mut finished = recorder.finished.lock().unwrap().clone();
+    finished.sort();
+    let mut want = vec![
+        pulled.id.clone(),
+        busybox_image(Compression::Gzip).unwrap().layers[0]
+            .digest
+            .clone(),
+    ];
+    want.sort();
+    assert_eq!(finished, want);
+    let err = store.push(&pulled.id, None, &NoProgress).await.unwrap_err();
+    assert!(err.to_string().contains("--to"), "{err}");
+
+    let (_b, other) = new_store();
+    let again = other.pull(&copy, &NoProgress).await.unwrap();
+    assert_eq!(again.id, pulled.id);
+    assert_eq!(again.manifest_digest, pulled.manifest_digest);
+    check_busybox_rootfs(&again.layers[0]);
+}
