@@ -114,7 +114,7 @@ pub async fn prepare(
             cache_dir: config.root.join("wasm-cache"),
             pids_limit: config.pids_limit,
         }),
-        other => bail!("runtime {other:?} is not available yet"),
+        other => bail!("unknown runtime {other:?}: expected native, vm or wasm"),
     };
     Ok(PreparedPod {
         plan,

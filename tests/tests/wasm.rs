@@ -5,8 +5,9 @@
 //!
 //! The runtime-parameterised cases of `pods.rs` do not run here: they are
 //! written as shell commands in busybox containers. What each of them
-//! covers is covered for wasm below with a wasm program where it applies;
-//! where it cannot apply it is listed in [`NOT_APPLICABLE`].
+//! covers is covered for wasm below with a wasm program where it applies
+//! ([`COVERED`]); where it cannot apply it is listed in [`NOT_APPLICABLE`].
+//! `every_pod_case_is_covered_or_listed` keeps both lists true to pods.rs.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -17,33 +18,135 @@ use std::time::{Duration, Instant};
 use vmrun_tests::pod::{describe, require_root, Vmrun};
 use vmrun_tests::wasm_programs as programs;
 
-/// The cases of `pods.rs` that cannot apply to wasm containers, and why.
+/// The runtime-parameterised cases of `pods.rs` whose subject applies to
+/// wasm, each with the tests here that show it for wasm programs.
+pub const COVERED: &[(&str, &[&str])] = &[
+    (
+        "init_container_fills_empty_dir_served_by_main",
+        &[
+            "init_container_fills_empty_dir_read_by_main",
+            "component_http_server_is_reached_by_probe_and_native_container",
+        ],
+    ),
+    (
+        "containers_share_localhost_and_ipc",
+        &["component_http_server_is_reached_by_probe_and_native_container"],
+    ),
+    (
+        "oom_kill_is_reported",
+        &["memory_bomb_is_oom_killed_at_its_limit"],
+    ),
+    (
+        "cpu_and_memory_limits_reach_the_cgroup",
+        &[
+            "cpu_limit_caps_a_busy_loop",
+            "memory_bomb_is_oom_killed_at_its_limit",
+        ],
+    ),
+    (
+        "config_secret_and_downward_files",
+        &[
+            "hello_with_args_and_env",
+            "config_map_volume_is_read",
+            "every_volume_kind_is_preopened",
+        ],
+    ),
+    (
+        "on_failure_restarts_with_backoff",
+        &["on_failure_restarts_with_backoff"],
+    ),
+    (
+        "ctrl_c_leaves_nothing_behind",
+        &["ctrl_c_leaves_nothing_behind"],
+    ),
+    (
+        "logs_and_exit_codes",
+        &[
+            "exit_code_3_is_reported",
+            "a_trap_ends_the_container_with_its_message_in_the_log",
+        ],
+    ),
+    (
+        "bad_input_is_refused_cleanly",
+        &[
+            "bad_modules_fail_with_one_clear_error",
+            "a_native_image_is_refused_by_name",
+            "a_wrong_architecture_image_is_refused_by_name",
+        ],
+    ),
+    // Its exec hooks cannot apply (no process to run a command in) and are
+    // refused up front; httpGet hooks take the probes' path.
+    (
+        "lifecycle_hooks_run",
+        &[
+            "exec_probes_and_hooks_are_refused",
+            "component_http_server_is_reached_by_probe_and_native_container",
+        ],
+    ),
+];
+
+/// The runtime-parameterised cases of `pods.rs` that cannot apply to wasm
+/// containers, and why.
 pub const NOT_APPLICABLE: &[(&str, &str)] = &[
     (
         "share_process_namespace_sees_other_containers",
         "a wasm container has no processes: there is nothing in a process namespace to see",
     ),
     (
-        "lifecycle_hooks_run (exec hooks)",
-        "exec needs a process to run a command in; refused up front (exec_probes_and_hooks_are_refused), httpGet/tcpSocket hooks work as on native",
-    ),
-    (
         "container_sees_its_own_cgroup_and_limits",
-        "WASI has no /proc or /sys: a module cannot read cgroup files; its limits are enforced by the engine (memory_bomb_is_oom_killed, cpu_limit_caps_a_busy_loop)",
+        "WASI has no /proc or /sys: a module cannot read cgroup files; its limits are enforced by the engine (memory_bomb_is_oom_killed_at_its_limit, cpu_limit_caps_a_busy_loop)",
     ),
     (
         "empty_dir_size_limit_is_enforced",
         "the same tmpfs as native backs the emptyDir; WASI write errors surface as in any program, nothing wasm-specific to show",
     ),
     (
-        "host_path_file_is_read_and_written (file hostPath)",
-        "WASI preopens directories only; a hostPath file mount is refused with an error naming it, directory hostPaths work (host_path_directory_is_preopened)",
-    ),
-    (
-        "guest_kernel_hides_the_host / vmm_killed_fails_the_pod",
-        "vm-only",
+        "host_path_file_is_read_and_written",
+        "WASI preopens directories only: a hostPath file mount is refused with an error naming it, directory hostPaths work (every_volume_kind_is_preopened)",
     ),
 ];
+
+#[test]
+fn every_pod_case_is_covered_or_listed() {
+    let pods = include_str!("pods.rs");
+    let this = include_str!("wasm.rs");
+    let block = pods
+        .split_once("macro_rules! runtime_cases")
+        .and_then(|(_, rest)| rest.split_once("runtime_cases!("))
+        .expect("pods.rs defines runtime_cases!")
+        .0;
+    let cases: Vec<&str> = block
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("case!(")?.strip_suffix(");"))
+        .collect();
+    assert!(cases.len() > 10, "found only {cases:?} in pods.rs");
+    for case in &cases {
+        let covered = COVERED.iter().any(|(c, _)| c == case);
+        let listed = NOT_APPLICABLE.iter().any(|(c, _)| c == case);
+        assert!(
+            covered ^ listed,
+            "pods.rs case {case}: must be in exactly one of COVERED and NOT_APPLICABLE"
+        );
+    }
+    for (case, tests) in COVERED {
+        assert!(
+            cases.contains(case),
+            "COVERED names {case}, not a pods.rs case"
+        );
+        for test in *tests {
+            assert!(
+                this.contains(&format!("#[test]\nfn {test}()")),
+                "COVERED: {case} names {test}, not a test in wasm.rs"
+            );
+        }
+    }
+    for (case, _) in NOT_APPLICABLE {
+        assert!(
+            cases.contains(case),
+            "NOT_APPLICABLE names {case}, not a pods.rs case"
+        );
+    }
+}
 
 fn pod(name: &str, spec: &str) -> String {
     format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels:\n    app: wasm\nspec:\n{spec}")
@@ -291,6 +394,120 @@ data:
         describe(&out)
     );
     assert!(stdout.contains("[app] second key"), "{}", describe(&out));
+}
+
+/// Every volume kind a pod can mount is a preopened directory: secret,
+/// downwardAPI, projected and hostPath (read-only honoured, writes reach
+/// the host); a hostPath file, which WASI cannot preopen, is refused
+/// naming the mount.
+#[test]
+fn every_volume_kind_is_preopened() {
+    require_root("every_volume_kind_is_preopened");
+    let vm = Vmrun::new();
+    let image = wasm_box();
+    let host = tempfile::tempdir().expect("temp dir");
+    std::fs::write(host.path().join("in"), "from the host\n").unwrap();
+    let yaml = format!(
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata: {{name: settings}}
+data: {{colour: "blue\n"}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: creds}}
+type: Opaque
+data: {{password: aHVudGVyMgo=}}
+---
+{}"#,
+        pod(
+            "vols",
+            &format!(
+                r#"  restartPolicy: Never
+  containers:
+  - name: files
+    image: {image}
+    args: ["cat", "/etc/creds/password", "/etc/proj/sub/colour", "/host/in", "/etc/pod/name"]
+    volumeMounts:
+    - {{name: creds, mountPath: /etc/creds}}
+    - {{name: podinfo, mountPath: /etc/pod}}
+    - {{name: proj, mountPath: /etc/proj}}
+    - {{name: host, mountPath: /host, readOnly: true}}
+  - name: writer
+    image: {image}
+    args: ["write", "/host/out", "from wasm"]
+    volumeMounts: [{{name: host, mountPath: /host}}]
+  - name: denied
+    image: {image}
+    args: ["write", "/host/denied", "nope"]
+    volumeMounts: [{{name: host, mountPath: /host, readOnly: true}}]
+  volumes:
+  - name: creds
+    secret: {{secretName: creds}}
+  - name: podinfo
+    downwardAPI:
+      items:
+      - {{path: name, fieldRef: {{fieldPath: metadata.name}}}}
+  - name: proj
+    projected:
+      sources:
+      - configMap:
+          name: settings
+          items: [{{key: colour, path: sub/colour}}]
+  - name: host
+    hostPath: {{path: {host}, type: Directory}}
+"#,
+                host = host.path().display()
+            ),
+        )
+    );
+    let out = run(&vm, "vols", &yaml, &["--keep"]);
+    let stdout = text(&out.stdout);
+    for line in [
+        "[files] hunter2",
+        "[files] blue",
+        "[files] from the host",
+        "[files] vols",
+    ] {
+        assert!(stdout.contains(line), "no {line:?}: {}", describe(&out));
+    }
+    let record = vm.record("vols").expect("kept record");
+    let c = &record["containers"];
+    assert_eq!(c["files"]["last_exit"]["code"], 0, "{record}");
+    assert_eq!(c["writer"]["last_exit"]["code"], 0, "{record}");
+    assert_eq!(
+        c["denied"]["last_exit"]["code"], 1,
+        "a read-only hostPath was written: {record}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("out")).unwrap(),
+        "from wasm"
+    );
+    assert!(!host.path().join("denied").exists());
+    assert_clean(&vm, &uid_of(&record), "vols");
+    assert!(vm.run(&["rm", "vols"]).status.success());
+
+    let file = host.path().join("in");
+    let yaml = pod(
+        "hostfile",
+        &format!(
+            "  restartPolicy: Never\n  containers:\n  - name: c\n    image: {image}\n    args: [cat, /in]\n    volumeMounts: [{{name: f, mountPath: /in}}]\n  volumes:\n  - name: f\n    hostPath: {{path: {}, type: File}}\n",
+            file.display()
+        ),
+    );
+    let out = run(&vm, "hostfile", &yaml, &[]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("volumeMount /in") && stderr.contains("is not a directory"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!stderr.contains("panicked"), "{}", describe(&out));
+    assert!(
+        !vm.pod_dir("hostfile").exists(),
+        "pod directory left behind"
+    );
 }
 
 #[test]
@@ -576,6 +793,34 @@ fn a_native_image_is_refused_by_name() {
     );
 }
 
+/// An image built for a CPU (here an arm64 ELF file where the module
+/// should be) is refused naming the image and the CPU it was built for.
+#[test]
+fn a_wrong_architecture_image_is_refused_by_name() {
+    require_root("a_wrong_architecture_image_is_refused_by_name");
+    let vm = Vmrun::new();
+    let mut elf = b"\x7fELF\x02\x01\x01\0".to_vec();
+    elf.resize(18, 0);
+    elf.extend_from_slice(&0xb7u16.to_le_bytes());
+    elf.resize(64, 0);
+    let image = image("arm64", &elf);
+    let yaml = pod(
+        "arm64",
+        &format!("  restartPolicy: Never\n  containers:\n  - name: c\n    image: {image}\n"),
+    );
+    let out = run(&vm, "arm64", &yaml, &[]);
+    assert_refused(
+        &vm,
+        &out,
+        "arm64",
+        &[
+            &image,
+            "not a WebAssembly image",
+            "ELF executable for arm64",
+        ],
+    );
+}
+
 /// Broken module, missing `_start`, an import WASI does not give: one
 /// error naming the problem, no panic, nothing left behind.
 #[test]
@@ -662,6 +907,9 @@ spec:
     readinessProbe:
       tcpSocket: {{port: 8080}}
       periodSeconds: 1
+    livenessProbe:
+      httpGet: {{path: /healthz, port: 8080}}
+      periodSeconds: 1
   - name: client
     image: {busybox}
     command: ["sh", "-c", "until printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 8080 > /tmp/got && grep -q served /tmp/got; do sleep 0.2; done; cat /tmp/got; echo; sleep 3600"]
@@ -671,10 +919,10 @@ spec:
     let out = vm.run(&["run", "-d", "--runtime", "wasm", path.to_str().unwrap()]);
     assert!(out.status.success(), "{}", describe(&out));
     let deadline = Instant::now() + Duration::from_secs(60);
-    let record = loop {
+    loop {
         let record = vm.record("web").expect("record");
         if record["containers"]["server"]["ready"] == true {
-            break record;
+            break;
         }
         if Instant::now() > deadline {
             let logs = vm.run(&["logs", "web", "server"]);
@@ -684,7 +932,7 @@ spec:
             );
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let logs = vm.run(&["logs", "web", "client"]);
@@ -702,6 +950,25 @@ spec:
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The kubelet-style httpGet liveness probe reached the component too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = vm.run(&["logs", "web", "server"]);
+        if text(&logs.stdout).contains("request: GET /healthz") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no httpGet probe request in the server's log: {}",
+            describe(&logs)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let record = vm.record("web").expect("record");
+    assert_eq!(
+        record["containers"]["server"]["restarts"], 0,
+        "the liveness probe failed: {record}"
+    );
     assert!(vm.run(&["stop", "web"]).status.success());
     assert_clean(&vm, &uid_of(&record), "web");
     assert!(vm.run(&["rm", "web"]).status.success());

@@ -80,10 +80,11 @@ pub fn find_entry(image: &str, layers: &[PathBuf], argv0: &str) -> Result<WasmEn
         path: argv0.to_string(),
         message: e.to_string(),
     };
-    let mut header = Vec::with_capacity(8);
+    // Eight bytes tell wasm from wasm; twenty also name an ELF file's CPU.
+    let mut header = Vec::with_capacity(20);
     std::fs::File::open(&host_path)
         .map_err(read_err)?
-        .take(8)
+        .take(20)
         .read_to_end(&mut header)
         .map_err(read_err)?;
     match WasmKind::of(&header) {
@@ -99,7 +100,12 @@ pub fn find_entry(image: &str, layers: &[PathBuf], argv0: &str) -> Result<WasmEn
 /// What a file that is not WebAssembly is, from its first bytes.
 fn describe(header: &[u8]) -> String {
     if header.starts_with(b"\x7fELF") {
-        "a native ELF executable (an image for a CPU, not for wasm)".into()
+        format!(
+            "a native ELF executable{} (an image for a CPU, not for wasm)",
+            elf_machine(header)
+                .map(|m| format!(" for {m}"))
+                .unwrap_or_default()
+        )
     } else if header.starts_with(b"#!") {
         "a script".into()
     } else if header.starts_with(MAGIC) {
@@ -112,6 +118,29 @@ fn describe(header: &[u8]) -> String {
     } else {
         format!("not WebAssembly (it starts with {:02x?})", header)
     }
+}
+
+/// The CPU an ELF header names (`e_machine`), for the common ones.
+fn elf_machine(header: &[u8]) -> Option<&'static str> {
+    let bytes: [u8; 2] = header.get(18..20)?.try_into().ok()?;
+    // EI_DATA (byte 5): 1 little-endian, 2 big-endian.
+    let machine = match header.get(5)? {
+        1 => u16::from_le_bytes(bytes),
+        2 => u16::from_be_bytes(bytes),
+        _ => return None,
+    };
+    Some(match machine {
+        0x03 => "x86 (32-bit)",
+        0x08 => "MIPS",
+        0x14 => "PowerPC",
+        0x15 => "PowerPC 64",
+        0x16 => "s390x",
+        0x28 => "ARM (32-bit)",
+        0x3e => "x86-64",
+        0xb7 => "arm64",
+        0xf3 => "RISC-V",
+        _ => return None,
+    })
 }
 
 /// The host path of `path` in the merged layers, following symlinks inside
@@ -215,5 +244,19 @@ mod tests {
         assert!(text.contains("ELF"), "{text}");
         let err = find_entry("busybox", &[l.path().to_path_buf()], "/nope.wasm").unwrap_err();
         assert!(matches!(err, EntryError::NotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_elf_file_is_named_with_its_cpu() {
+        let mut arm64 = b"\x7fELF\x02\x01\x01\0".to_vec();
+        arm64.resize(18, 0);
+        arm64.extend_from_slice(&0xb7u16.to_le_bytes());
+        let l = layer(&[("app", &arm64)]);
+        let text = find_entry("img", &[l.path().to_path_buf()], "/app")
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("native ELF executable for arm64"), "{text}");
+        // Too short to name a CPU: still an ELF file.
+        assert_eq!(elf_machine(b"\x7fELF\x02\x01"), None);
     }
 }
