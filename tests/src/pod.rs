@@ -35,8 +35,10 @@ fn build_vmrun(release: bool) -> PathBuf {
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
+    // `--bin` selects targets across every `-p`, so each binary is named.
     cmd.args(["build", "--quiet", "-p", "vmrun", "--bin", "vmrun"])
-        .args(["-p", "vmrun-supervisor", "-p", "vmrun-procview"])
+        .args(["-p", "vmrun-supervisor", "--bin", "vmrun-supervisor"])
+        .args(["-p", "vmrun-procview", "--bin", "vmrun-procview"])
         .args(["-p", "vmrun-wasm", "--bin", "vmrun-wasm"])
         .args(["-p", "vmrun-cri", "--bin", "vmrun-cri-shim"])
         .args(["-p", "vmrun-vmm", "--bin", "vmrun-vmm"])
