@@ -38,6 +38,11 @@ impl CriServer {
         Self::start_with(crate::pod::vmrun_release_bin(), None).await
     }
 
+    /// [`CriServer::start_release`] with `conflist` as the node's only CNI network.
+    pub async fn start_release_with_network(conflist: &str) -> Self {
+        Self::start_with(crate::pod::vmrun_release_bin(), Some(conflist)).await
+    }
+
     /// The daemon's pid, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

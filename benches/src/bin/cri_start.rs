@@ -10,9 +10,15 @@
 //! owner (`vmrun-cri-shim`) and of its pause process.
 //!
 //! `cargo run --release -p vmrun-benches --bin cri_start -- [RUNS]
-//!  [--containerd SOCKET IMAGE]` (as root). With `--containerd`, the same
-//! sequence runs against that CRI endpoint (e.g. containerd 1.6 with runc,
-//! IMAGE pullable by it), interleaved pod by pod.
+//!  [--containerd SOCKET REGISTRY]` (as root). With `--containerd`, the same
+//! sequence runs against that CRI endpoint too (e.g. containerd 1.6 with
+//! runc), interleaved pod by pod, on the same image: the benchmark pushes
+//! its busybox image to REGISTRY (`HOST:PORT`, plain HTTP, e.g. a
+//! `docker-registry` on 127.0.0.1:5000) as `REGISTRY/bench/busybox:latest`,
+//! and a pause image (the same layer, `sleep infinity`) as
+//! `REGISTRY/bench/pause:latest`, which the endpoint's configuration must
+//! name as its sandbox image; both endpoints pull them before the first pod,
+//! as a node has them.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -89,6 +95,32 @@ impl Endpoint {
     }
 }
 
+/// The CNI network of vmrun's pods when compared with containerd.
+fn bench_network(ipam: &Path) -> String {
+    format!(
+        r#"{{"cniVersion": "1.0.0", "name": "vmrun-bench", "plugins": [
+  {{"type": "bridge", "bridge": "vmrunbench0", "isGateway": true, "ipMasq": false,
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "10.198.0.0/16"}}]], "dataDir": {ipam:?}}}}},
+  {{"type": "portmap", "capabilities": {{"portMappings": true}}}}]}}"#
+    )
+}
+
+/// The benchmark's busybox image and a pause image of the same layer, in
+/// `registry`: their references.
+async fn push_bench_images(registry: &str) -> anyhow::Result<(String, String)> {
+    use vmrun_tests::images::{
+        busybox_entries, layer_tar, push_image, Compression, ImageSpec, Layer,
+    };
+    let busybox = vmrun_tests::images::busybox_image(Compression::Gzip)?;
+    let busybox = push_image(registry, "bench/busybox:latest", &busybox).await?;
+    let layer = Layer::new(layer_tar(&busybox_entries()?)?, Compression::Gzip)?;
+    let mut spec = ImageSpec::new(vec![layer]);
+    spec.entrypoint = Some(vec!["/bin/sleep".into(), "infinity".into()]);
+    spec.cmd = vec![];
+    let pause = push_image(registry, "bench/pause:latest", &spec.build()).await?;
+    Ok((busybox, pause))
+}
+
 fn pss_kib(pid: u32) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .with_context(|| format!("smaps_rollup of {pid}"))?;
@@ -138,8 +170,8 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(50);
     let containerd = match args.iter().position(|a| a == "--containerd") {
         Some(i) => match (args.get(i + 1), args.get(i + 2)) {
-            (Some(socket), Some(image)) => Some((PathBuf::from(socket), image.clone())),
-            _ => bail!("--containerd SOCKET IMAGE"),
+            (Some(socket), Some(registry)) => Some((PathBuf::from(socket), registry.clone())),
+            _ => bail!("--containerd SOCKET REGISTRY"),
         },
         None => None,
     };
@@ -147,9 +179,24 @@ async fn main() -> anyhow::Result<()> {
         bail!("RUNS must be at least {MEMORY_PODS} (the memory measurement's pods)");
     }
 
-    let server = CriServer::start_release().await;
+    // Against containerd both runtimes give pods the same kind of network
+    // (CNI bridge + host-local + portmap, each on its own bridge), as
+    // containerd cannot run a pod without one; alone, vmrun pods get
+    // loopback only.
+    let ipam = tempfile::tempdir()?;
+    let server = match &containerd {
+        Some(_) => CriServer::start_release_with_network(&bench_network(ipam.path())).await,
+        None => CriServer::start_release().await,
+    };
     let daemon = server.pid().context("vmrun serve's pid")?;
-    let image = server.pull(&vmrun_tests::shared_busybox().await?).await;
+    let (busybox, pause) = match &containerd {
+        Some((_, registry)) => {
+            let (busybox, pause) = push_bench_images(registry).await?;
+            (busybox, Some(pause))
+        }
+        None => (vmrun_tests::shared_busybox().await?, None),
+    };
+    let image = server.pull(&busybox).await;
     let idle_0 = settled_pss_kib(daemon)?;
 
     let logs = tempfile::tempdir()?;
@@ -160,26 +207,28 @@ async fn main() -> anyhow::Result<()> {
         pods: Vec::new(),
         samples: Vec::new(),
     }];
-    if let Some((socket, image)) = &containerd {
+    if let Some((socket, _)) = &containerd {
         let channel = vmrun_cri::unix::connect(socket)
             .await
             .with_context(|| format!("connecting to {}", socket.display()))?;
         let mut images = api::image_service_client::ImageServiceClient::new(channel.clone());
-        images
-            .pull_image(api::PullImageRequest {
-                image: Some(api::ImageSpec {
-                    image: image.clone(),
-                    ..Default::default()
-                }),
-                auth: None,
-                sandbox_config: None,
-            })
-            .await
-            .with_context(|| format!("pulling {image} into {}", socket.display()))?;
+        for image in [&busybox].into_iter().chain(pause.as_ref()) {
+            images
+                .pull_image(api::PullImageRequest {
+                    image: Some(api::ImageSpec {
+                        image: image.clone(),
+                        ..Default::default()
+                    }),
+                    auth: None,
+                    sandbox_config: None,
+                })
+                .await
+                .with_context(|| format!("pulling {image} into {}", socket.display()))?;
+        }
         endpoints.push(Endpoint {
             name: "containerd".into(),
             client: RuntimeServiceClient::new(channel),
-            image: image.clone(),
+            image: busybox.clone(),
             pods: Vec::new(),
             samples: Vec::new(),
         });
