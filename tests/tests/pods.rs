@@ -140,6 +140,109 @@ pub fn init_container_fills_empty_dir_served_by_main(rt: &str) {
     assert_clean(&vm, &uid, "sleep 3601");
 }
 
+/// seccompProfile: RuntimeDefault installs vmrun's filter (the pod's
+/// setting, inherited), Unconfined and privileged containers run without
+/// one, a Localhost profile denies what it names with its errno; a bad
+/// type and a missing profile are refused naming them.
+pub fn seccomp_profiles_filter_syscalls(rt: &str) {
+    require_root("seccomp_profiles_filter_syscalls");
+    let vm = Vmrun::for_runtime(rt);
+    let image = busybox();
+    let root = std::path::Path::new(vmrun_pod::seccomp::LOCALHOST_ROOT);
+    std::fs::create_dir_all(root).unwrap();
+    let name = format!("vmrun-test-{}.json", std::process::id());
+    let profile = root.join(&name);
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}"#,
+    )
+    .unwrap();
+    let status = "grep -E '^Seccomp:' /proc/self/status";
+    let yaml = pod(
+        "filtered",
+        &format!(
+            r#"  restartPolicy: Never
+  securityContext:
+    seccompProfile: {{type: RuntimeDefault}}
+  containers:
+  - name: default
+    image: {image}
+    command: ["sh", "-c", "{status}"]
+  - name: unconfined
+    image: {image}
+    command: ["sh", "-c", "{status}"]
+    securityContext:
+      seccompProfile: {{type: Unconfined}}
+  - name: privileged
+    image: {image}
+    command: ["sh", "-c", "{status}"]
+    securityContext:
+      privileged: true
+  - name: local
+    image: {image}
+    command: ["sh", "-c", "{status}; mkdir /tmp/made 2>&1 || echo mkdir-denied; touch /tmp/file && echo touch-ok"]
+    securityContext:
+      seccompProfile: {{type: Localhost, localhostProfile: {name}}}
+"#
+        ),
+    );
+    let out = run_in_foreground(&vm, rt, "filtered", &yaml);
+    let _ = std::fs::remove_file(&profile);
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    for line in [
+        "[default] Seccomp:\t2",
+        "[unconfined] Seccomp:\t0",
+        "[privileged] Seccomp:\t0",
+        "[local] Seccomp:\t2",
+        "[local] mkdir-denied",
+        "[local] touch-ok",
+    ] {
+        assert!(stdout.contains(line), "no {line:?}: {}", describe(&out));
+    }
+    assert!(
+        stdout.contains("Operation not permitted"),
+        "mkdir's error should be the profile's EPERM: {stdout}"
+    );
+
+    let bad = |pod_name: &str, profile: &str| {
+        pod(
+            pod_name,
+            &format!(
+                "  restartPolicy: Never\n  containers:\n  - name: c\n    image: {image}\n    command: [\"true\"]\n    securityContext:\n      seccompProfile: {profile}\n"
+            ),
+        )
+    };
+    let out = run_in_foreground(&vm, rt, "badtype", &bad("badtype", "{type: Sometimes}"));
+    assert_refused(
+        &vm,
+        &out,
+        "badtype",
+        &["securityContext.seccompProfile", "Sometimes"],
+    );
+    let out = run_in_foreground(
+        &vm,
+        rt,
+        "noprofile",
+        &bad(
+            "noprofile",
+            "{type: Localhost, localhostProfile: vmrun-no-such-profile.json}",
+        ),
+    );
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("vmrun-no-such-profile.json"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        describe(&out)
+    );
+}
+
 pub fn containers_share_localhost_and_ipc(rt: &str) {
     require_root("containers_share_localhost_and_ipc");
     let vm = Vmrun::for_runtime(rt);
@@ -1039,6 +1142,7 @@ macro_rules! runtime_cases {
             case!(host_path_file_is_read_and_written);
             case!(empty_dir_size_limit_is_enforced);
             case!(container_sees_its_own_cgroup_and_limits);
+            case!(seccomp_profiles_filter_syscalls);
         }
     )*};
 }
@@ -1110,6 +1214,7 @@ mod vm {
             guest_kernel_hides_the_host,
             vmm_killed_fails_the_pod,
             empty_dir_size_limit_is_enforced,
+            seccomp_profiles_filter_syscalls,
         ],
     }
 }

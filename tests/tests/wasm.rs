@@ -101,6 +101,10 @@ pub const NOT_APPLICABLE: &[(&str, &str)] = &[
         "the same tmpfs as native backs the emptyDir; WASI write errors surface as in any program, nothing wasm-specific to show",
     ),
     (
+        "seccomp_profiles_filter_syscalls",
+        "wasm code makes no system calls of its own: WASI calls are served by the engine, which reaches only the container's preopens and sockets",
+    ),
+    (
         "host_path_file_is_read_and_written",
         "WASI preopens directories only: a hostPath file mount is refused with an error naming it, directory hostPaths work (every_volume_kind_is_preopened)",
     ),

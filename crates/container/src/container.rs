@@ -152,7 +152,7 @@ fn init_body(
         return SetupError(format!("report ready: {}", errno_text(&e)));
     }
     match chan.recv() {
-        Ok(Some((TAG_START, _))) => process_setup::exec(proc_plan),
+        Ok(Some((TAG_START, _))) => process_setup::exec(proc_plan, sys),
         // The caller aborted or went away: leave quietly.
         // SAFETY: _exit ends this forked process immediately.
         _ => unsafe { libc::_exit(0) },
@@ -165,10 +165,6 @@ fn warn_unsupported(id: &str, spec: &Spec) {
     let linux = spec.linux().as_ref();
     let process = spec.process().as_ref();
     let ignored = [
-        (
-            "linux.seccomp",
-            linux.is_some_and(|l| l.seccomp().is_some()),
-        ),
         (
             "linux.mountLabel",
             linux.is_some_and(|l| l.mount_label().is_some()),
@@ -248,7 +244,10 @@ pub fn create(cfg: ContainerConfig, sys: &dyn Syscall) -> Result<Created, Create
         .process()
         .as_ref()
         .ok_or_else(|| invalid("process is missing".into()))?;
-    let proc_plan = process_setup::plan(process).map_err(invalid)?;
+    let mut proc_plan = process_setup::plan(process).map_err(invalid)?;
+    if let Some(profile) = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+        proc_plan.seccomp = crate::seccomp::compile(profile).map_err(|e| invalid(e.to_string()))?;
+    }
     if proc_plan.terminal {
         terminal::check_stdio(&cfg.stdio).map_err(invalid)?;
     }

@@ -88,7 +88,7 @@ fn exec_body(chan: &Channel, stdio: [i32; 3], plan: &ProcessPlan, sys: &dyn Sysc
     if let Err(e) = process_setup::apply(plan, sys, false) {
         return e;
     }
-    process_setup::exec(plan)
+    process_setup::exec(plan, sys)
 }
 
 /// A process started by [`exec`].

@@ -35,13 +35,15 @@
 //! cpuset, pids, blkio/io, hugetlb, v1 devices, net_cls/net_prio, v2
 //! unified), `rootfsPropagation` (private/slave), process args/env/cwd,
 //! user/additionalGids/umask, capabilities, noNewPrivileges, rlimits,
-//! oomScoreAdj, `process.terminal` (the caller allocates the pty and passes
+//! oomScoreAdj, `linux.seccomp` (compiled with seccompiler, installed last
+//! before exec; not applied to `exec` into a running container yet),
+//! `process.terminal` (the caller allocates the pty and passes
 //! its slave as stdin/stdout/stderr; the process makes it its controlling
 //! terminal; there is no console socket).
 //!
 //! Not supported (rejected with an error): user and time namespaces,
 //! idmapped mounts, shared rootfs propagation.
-//! Ignored with a `tracing` warning: seccomp, AppArmor/SELinux labels,
+//! Ignored with a `tracing` warning: AppArmor/SELinux labels,
 //! hooks, intelRdt, personality, memory policy, net devices, scheduler and
 //! I/O priority. Ignored silently: device cgroup rules on cgroup v2 (they
 //! need an eBPF program; the container's /dev is still limited to the
@@ -62,6 +64,7 @@ mod process_setup;
 mod reaper;
 mod resolve;
 mod rootfs;
+pub mod seccomp;
 mod spawn;
 mod terminal;
 

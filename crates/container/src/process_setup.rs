@@ -40,6 +40,10 @@ pub(crate) struct ProcessPlan {
     /// `process.terminal`: the process makes its stdin (a pty slave the
     /// caller passes, see `terminal.rs`) its controlling terminal.
     pub terminal: bool,
+    /// `linux.seccomp`, compiled; installed last before exec (or before
+    /// the user switch when no_new_privs is off, while the process still
+    /// has CAP_SYS_ADMIN, as runc does).
+    pub seccomp: Vec<seccompiler::BpfProgram>,
 }
 
 fn cstring(what: &str, s: &str) -> Result<CString, String> {
@@ -147,6 +151,7 @@ pub(crate) fn plan(p: &Process) -> Result<ProcessPlan, String> {
         rlimits,
         oom_score_adj: p.oom_score_adj(),
         terminal: p.terminal() == Some(true),
+        seccomp: Vec::new(),
     })
 }
 
@@ -185,6 +190,9 @@ pub(crate) fn apply(
         sys.set_keep_caps(true)
             .map_err(|e| fail("prctl(PR_SET_KEEPCAPS)".into(), e))?;
     }
+    if !plan.no_new_privileges {
+        install_seccomp(plan, sys)?;
+    }
     sys.setgroups(&plan.additional_gids)
         .map_err(|e| fail(format!("setgroups {:?}", plan.additional_gids), e))?;
     sys.setgid(plan.gid)
@@ -205,6 +213,14 @@ pub(crate) fn apply(
     Ok(())
 }
 
+fn install_seccomp(plan: &ProcessPlan, sys: &dyn Syscall) -> Result<(), SetupError> {
+    for filter in &plan.seccomp {
+        sys.set_seccomp_filter(filter)
+            .map_err(|e| fail("install the seccomp filter (linux.seccomp)".into(), e))?;
+    }
+    Ok(())
+}
+
 /// The home directory of `uid` from the container's /etc/passwd.
 fn home_from_passwd(passwd: &str, uid: u32) -> Option<String> {
     passwd.lines().find_map(|l| {
@@ -215,7 +231,7 @@ fn home_from_passwd(passwd: &str, uid: u32) -> Option<String> {
 
 /// Looks up args[0] and execs it; only returns on failure. Runs inside the
 /// container's root, after the user switch.
-pub(crate) fn exec(plan: &ProcessPlan) -> SetupError {
+pub(crate) fn exec(plan: &ProcessPlan, sys: &dyn Syscall) -> SetupError {
     let path = match find_executable(&plan.arg0, plan.path_env.as_deref()) {
         Ok(p) => p,
         Err(msg) => return SetupError(msg),
@@ -231,6 +247,13 @@ pub(crate) fn exec(plan: &ProcessPlan) -> SetupError {
         let home = home_from_passwd(&passwd, plan.uid).unwrap_or_else(|| "/".into());
         if let Ok(h) = CString::new(format!("HOME={home}")) {
             env.push(h);
+        }
+    }
+    // The last step: from here the process makes only the calls the
+    // profile allows, execve among them.
+    if plan.no_new_privileges {
+        if let Err(e) = install_seccomp(plan, sys) {
+            return e;
         }
     }
     let err = nix::unistd::execve(&cpath, &plan.args, &env).unwrap_err();

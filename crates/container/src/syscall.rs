@@ -62,6 +62,9 @@ pub trait Syscall: Send + Sync {
     fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()>;
     fn umask(&self, mask: u32);
     fn set_no_new_privs(&self) -> io::Result<()>;
+    /// Installs a seccomp BPF filter on the calling thread (without setting
+    /// no_new_privs: that is the spec's choice, made apart).
+    fn set_seccomp_filter(&self, filter: &[seccompiler::sock_filter]) -> io::Result<()>;
     fn set_keep_caps(&self, keep: bool) -> io::Result<()>;
     /// Drops every capability not in `keep` from the bounding set.
     fn drop_bounding_capabilities(&self, keep: &HashSet<Capability>) -> io::Result<()>;
@@ -181,6 +184,26 @@ impl Syscall for LinuxSyscall {
     fn set_no_new_privs(&self) -> io::Result<()> {
         // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only.
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into())
+    }
+
+    fn set_seccomp_filter(&self, filter: &[seccompiler::sock_filter]) -> io::Result<()> {
+        let len = u16::try_from(filter.len())
+            .map_err(|_| io::Error::other("seccomp filter longer than 65535 instructions"))?;
+        let prog = libc::sock_fprog {
+            len,
+            // seccompiler's sock_filter is #[repr(C)] with the kernel's layout.
+            filter: filter.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: prog points at `len` instructions that outlive the call;
+        // the kernel copies them and keeps no pointer.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                &prog as *const libc::sock_fprog,
+            )
+        })
     }
 
     fn set_keep_caps(&self, keep: bool) -> io::Result<()> {

@@ -25,6 +25,41 @@ pub struct InvalidConfig {
     pub message: String,
 }
 
+/// CRI's SecurityProfile for seccomp; absent means unconfined, as with
+/// containerd (the kubelet sends RuntimeDefault when the pod asks for it or
+/// `seccompDefault` is on).
+fn seccomp_profile(
+    profile: Option<&api::SecurityProfile>,
+) -> Result<vmrun_pod::seccomp::SeccompProfile, InvalidConfig> {
+    use api::security_profile::ProfileType;
+    use vmrun_pod::seccomp::SeccompProfile;
+    const FIELD: &str = "config.linux.security_context.seccomp";
+    let Some(p) = profile else {
+        return Ok(SeccompProfile::Unconfined);
+    };
+    match ProfileType::try_from(p.profile_type) {
+        Ok(ProfileType::RuntimeDefault) => Ok(SeccompProfile::RuntimeDefault),
+        Ok(ProfileType::Unconfined) => Ok(SeccompProfile::Unconfined),
+        Ok(ProfileType::Localhost) => {
+            let path = PathBuf::from(&p.localhost_ref);
+            if !path.is_absolute() {
+                return Err(invalid(
+                    FIELD,
+                    format!(
+                        "localhost_ref {:?} must be an absolute path",
+                        p.localhost_ref
+                    ),
+                ));
+            }
+            Ok(SeccompProfile::Localhost(path))
+        }
+        Err(_) => Err(invalid(
+            FIELD,
+            format!("profile_type {} is not a CRI profile type", p.profile_type),
+        )),
+    }
+}
+
 fn invalid(field: &str, message: impl Into<String>) -> InvalidConfig {
     InvalidConfig {
         field: field.to_string(),
@@ -348,6 +383,7 @@ pub fn container_request(
         caps_drop: caps.drop_capabilities.iter().map(cap_name).collect(),
         masked_paths: paths(&sc.masked_paths),
         readonly_paths: paths(&sc.readonly_paths),
+        seccomp: seccomp_profile(sc.seccomp.as_ref())?,
     };
     let log_path = (!config.log_path.is_empty() && !log_directory.is_empty())
         .then(|| PathBuf::from(log_directory).join(&config.log_path));
@@ -578,5 +614,39 @@ mod tests {
         let mut c = container_config();
         c.envs[0].key.clear();
         assert!(container_request("c", &c, "").is_err());
+    }
+
+    #[test]
+    fn seccomp_profiles_map_as_containerd_reads_them() {
+        use vmrun_pod::seccomp::SeccompProfile;
+        let with = |profile: Option<api::SecurityProfile>| {
+            let mut c = container_config();
+            let linux = c.linux.as_mut().unwrap();
+            linux.security_context.as_mut().unwrap().seccomp = profile;
+            container_request("c", &c, "").map(|r| r.plan.security.seccomp)
+        };
+        let profile = |t: api::security_profile::ProfileType, path: &str| {
+            Some(api::SecurityProfile {
+                profile_type: t as i32,
+                localhost_ref: path.into(),
+            })
+        };
+        use api::security_profile::ProfileType;
+        assert_eq!(with(None).unwrap(), SeccompProfile::Unconfined);
+        assert_eq!(
+            with(profile(ProfileType::RuntimeDefault, "")).unwrap(),
+            SeccompProfile::RuntimeDefault
+        );
+        assert_eq!(
+            with(profile(ProfileType::Localhost, "/etc/p.json")).unwrap(),
+            SeccompProfile::Localhost("/etc/p.json".into())
+        );
+        let e = with(profile(ProfileType::Localhost, "p.json")).unwrap_err();
+        assert_eq!(e.field, "config.linux.security_context.seccomp");
+        assert!(with(Some(api::SecurityProfile {
+            profile_type: 9,
+            localhost_ref: String::new()
+        }))
+        .is_err());
     }
 }

@@ -13,6 +13,7 @@ pub mod prepared;
 pub mod probe;
 pub mod quantity;
 pub mod runtime;
+pub mod seccomp;
 pub mod signals;
 pub mod spec;
 pub mod state;

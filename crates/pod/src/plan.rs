@@ -105,6 +105,9 @@ pub struct Security {
     pub masked_paths: Option<Vec<String>>,
     #[serde(default)]
     pub readonly_paths: Option<Vec<String>>,
+    /// The container's seccomp profile (its own, else the pod's).
+    #[serde(default)]
+    pub seccomp: crate::seccomp::SeccompProfile,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -422,6 +425,28 @@ fn plan_container(
         caps_drop: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
         masked_paths: None,
         readonly_paths: None,
+        seccomp: match sc
+            .and_then(|s| s.seccomp_profile.as_ref())
+            .map(|p| (p, "securityContext"))
+            .or_else(|| {
+                pod_sc
+                    .and_then(|s| s.seccomp_profile.as_ref())
+                    .map(|p| (p, "pod securityContext"))
+            }) {
+            None => Default::default(),
+            Some((p, whose)) => {
+                crate::seccomp::from_kubernetes(&p.type_, p.localhost_profile.as_deref()).map_err(
+                    |m| {
+                        let field = if whose == "securityContext" {
+                            format!("{field}.securityContext.seccompProfile")
+                        } else {
+                            "spec.securityContext.seccompProfile".to_string()
+                        };
+                        ctx.err(field, m)
+                    },
+                )?
+            }
+        },
     };
     if sc
         .and_then(|s| s.run_as_non_root)

@@ -80,6 +80,11 @@ pub enum SpecError {
     UnknownCapability { container: String, cap: String },
     #[error("container {container:?}: volume {volume:?} was not prepared")]
     MissingVolume { container: String, volume: String },
+    #[error("container {container:?}: {source}")]
+    Seccomp {
+        container: String,
+        source: crate::seccomp::ProfileError,
+    },
     #[error("container {container:?}: generated spec is invalid: {message}")]
     Invalid { container: String, message: String },
 }
@@ -338,7 +343,16 @@ pub fn container_spec(
     } else {
         "rprivate"
     };
-    let spec = json!({
+    let seccomp = crate::seccomp::linux_seccomp(
+        &c.security.seccomp,
+        c.security.privileged,
+        &c.security.caps_add,
+    )
+    .map_err(|source| SpecError::Seccomp {
+        container: c.name.clone(),
+        source,
+    })?;
+    let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": process,
         "root": { "path": "rootfs", "readonly": c.security.read_only_root },
@@ -361,6 +375,9 @@ pub fn container_spec(
             "io.kubernetes.container.name": c.name,
         },
     });
+    if let Some(profile) = seccomp {
+        spec["linux"]["seccomp"] = profile;
+    }
     serde_json::from_value(spec).map_err(|e| SpecError::Invalid {
         container: c.name.clone(),
         message: e.to_string(),

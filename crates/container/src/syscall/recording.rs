@@ -41,6 +41,8 @@ pub enum Op {
     WriteFile(PathBuf, Vec<u8>),
     Umask(u32),
     NoNewPrivs,
+    /// A seccomp filter of this many instructions.
+    Seccomp(usize),
     KeepCaps(bool),
     DropBounding(Vec<String>),
     SetCapabilities(ProcessCapabilities),
@@ -151,6 +153,9 @@ impl Syscall for RecordingSyscall {
     }
     fn set_no_new_privs(&self) -> io::Result<()> {
         self.record(Op::NoNewPrivs)
+    }
+    fn set_seccomp_filter(&self, filter: &[seccompiler::sock_filter]) -> io::Result<()> {
+        self.record(Op::Seccomp(filter.len()))
     }
     fn set_keep_caps(&self, keep: bool) -> io::Result<()> {
         self.record(Op::KeepCaps(keep))
