@@ -136,6 +136,8 @@ struct ContainerEntry {
     io: Arc<ProcessIo>,
     exit: Arc<ExitCell>,
     execs: Mutex<HashMap<String, Arc<ExecEntry>>>,
+    /// The spec's `linux.seccomp`: exec'd processes get it too.
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -345,6 +347,7 @@ impl Containers {
             None => format!("{}/{id}", self.cgroup_parent),
         };
         linux.set_cgroups_path(Some(PathBuf::from(&cgroup_path)));
+        let seccomp = linux.seccomp().clone();
         spec.set_linux(Some(linux));
 
         let terminal = spec
@@ -378,6 +381,7 @@ impl Containers {
             io: Arc::new(io),
             exit: Arc::new(ExitCell::new()),
             execs: Mutex::new(HashMap::new()),
+            seccomp,
         };
         lock(&self.map).insert(id.to_string(), Arc::new(entry));
         tracing::info!(container = id, pid, "container created");
@@ -483,8 +487,16 @@ impl Containers {
         let (stdio, io) = make_stdio(stdin, process.terminal() == Some(true))?;
         let target = container.pid();
         let cgroup = container.cgroup().path().to_string();
+        let seccomp = entry.seccomp.clone();
         let process = blocking("exec", move || {
-            vmrun_container::exec(target, &process, Some(&cgroup), stdio, &LinuxSyscall)
+            vmrun_container::exec(
+                target,
+                &process,
+                seccomp.as_ref(),
+                Some(&cgroup),
+                stdio,
+                &LinuxSyscall,
+            )
         })
         .await??;
         let process = Arc::new(process);

@@ -188,7 +188,6 @@ pub fn seccomp_profiles_filter_syscalls(rt: &str) {
         ),
     );
     let out = run_in_foreground(&vm, rt, "filtered", &yaml);
-    let _ = std::fs::remove_file(&profile);
     assert!(out.status.success(), "{}", describe(&out));
     let stdout = text(&out.stdout);
     for line in [
@@ -205,6 +204,35 @@ pub fn seccomp_profiles_filter_syscalls(rt: &str) {
         stdout.contains("Operation not permitted"),
         "mkdir's error should be the profile's EPERM: {stdout}"
     );
+    // A process exec'd into the container runs under its filter too.
+    let yaml = pod(
+        "execd",
+        &format!(
+            "  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: {image}\n    command: [sleep, '3600']\n    securityContext:\n      seccompProfile: {{type: Localhost, localhostProfile: {name}}}\n"
+        ),
+    );
+    start_detached(&vm, rt, "execd", &yaml);
+    let denied = exec(&vm, "execd", "c", &["mkdir", "/tmp/by-exec"]);
+    assert!(!denied.status.success(), "{}", describe(&denied));
+    assert!(
+        text(&denied.stdout).contains("Operation not permitted")
+            || text(&denied.stderr).contains("Operation not permitted"),
+        "{}",
+        describe(&denied)
+    );
+    let status = exec(
+        &vm,
+        "execd",
+        "c",
+        &["grep", "Seccomp:", "/proc/self/status"],
+    );
+    assert!(
+        text(&status.stdout).contains("Seccomp:\t2"),
+        "{}",
+        describe(&status)
+    );
+    stop_and_rm(&vm, "execd");
+    let _ = std::fs::remove_file(&profile);
 
     let bad = |pod_name: &str, profile: &str| {
         pod(

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
-use oci_spec::runtime::Process;
+use oci_spec::runtime::{LinuxSeccomp, Process};
 
 use crate::cgroups::{self, Cgroup, CgroupError};
 use crate::channel::{Channel, TAG_ERROR};
@@ -127,17 +127,25 @@ impl Drop for ExecProcess {
 }
 
 /// Runs `process` inside the namespaces and cgroup of the running
-/// container whose init is `target_pid`.
+/// container whose init is `target_pid`, under the container's seccomp
+/// profile (`linux.seccomp` of its spec) when it has one, as runc does.
 pub fn exec(
     target_pid: i32,
     process: &Process,
+    seccomp: Option<&LinuxSeccomp>,
     cgroup_path: Option<&str>,
     stdio: Stdio,
     sys: &dyn Syscall,
 ) -> Result<ExecProcess, ExecError> {
     let pid = target_pid;
-    let plan =
+    let mut plan =
         process_setup::plan(process).map_err(|reason| ExecError::InvalidProcess { pid, reason })?;
+    if let Some(profile) = seccomp {
+        plan.seccomp = crate::seccomp::compile(profile).map_err(|e| ExecError::InvalidProcess {
+            pid,
+            reason: e.to_string(),
+        })?;
+    }
     if plan.terminal {
         terminal::check_stdio(&stdio)
             .map_err(|reason| ExecError::InvalidProcess { pid, reason })?;

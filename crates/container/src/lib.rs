@@ -36,7 +36,7 @@
 //! unified), `rootfsPropagation` (private/slave), process args/env/cwd,
 //! user/additionalGids/umask, capabilities, noNewPrivileges, rlimits,
 //! oomScoreAdj, `linux.seccomp` (compiled with seccompiler, installed last
-//! before exec; not applied to `exec` into a running container yet),
+//! before exec; [`exec`] takes the container's profile too),
 //! `process.terminal` (the caller allocates the pty and passes
 //! its slave as stdin/stdout/stderr; the process makes it its controlling
 //! terminal; there is no console socket).

@@ -149,6 +149,7 @@ fn exec_sees_the_container_filesystem_pids_and_cgroup() {
     let p = exec(
         c.pid(),
         &process,
+        None,
         Some(&cg),
         Stdio {
             stdin: None,
@@ -169,6 +170,7 @@ fn exec_sees_the_container_filesystem_pids_and_cgroup() {
     let p = exec(
         c.pid(),
         &sleeper,
+        None,
         Some(&cg),
         Stdio::default(),
         &LinuxSyscall,
@@ -188,6 +190,7 @@ fn exec_sees_the_container_filesystem_pids_and_cgroup() {
     let err = exec(
         c.pid(),
         &missing,
+        None,
         Some(&cg),
         Stdio::default(),
         &LinuxSyscall,
@@ -241,6 +244,7 @@ fn exec_helper_in_another_process() {
     let p = exec(
         pid.parse().unwrap(),
         &process,
+        None,
         Some(&cg),
         Stdio {
             stdin: None,

@@ -485,6 +485,9 @@ impl Sandbox for NativeSandbox {
             root.set_path(rootfs);
         }
         let process = serde_json::to_value(spec.process()).unwrap_or_default();
+        // Processes exec'd into the container get its filter too.
+        let seccomp = serde_json::to_value(spec.linux().as_ref().and_then(|l| l.seccomp().clone()))
+            .unwrap_or_default();
         let mut lower = launch.layers.clone();
         if lower.is_empty() {
             // overlayfs needs one lower dir; an image with no layers gets an empty one.
@@ -511,6 +514,7 @@ impl Sandbox for NativeSandbox {
             dir,
             cgroup: cgroup_path,
             process,
+            seccomp,
         });
         self.running
             .lock()
@@ -575,6 +579,8 @@ struct NativeContainer {
     dir: PathBuf,
     cgroup: String,
     process: serde_json::Value,
+    /// `linux.seccomp` of the container's spec (null without one).
+    seccomp: serde_json::Value,
 }
 
 impl Running for NativeContainer {
@@ -616,7 +622,13 @@ impl Running for NativeContainer {
         })
     }
     fn exec_target(&self) -> serde_json::Value {
-        json!({ "runtime": "native", "pid": self.pid(), "cgroup": self.cgroup, "process": self.process })
+        json!({
+            "runtime": "native",
+            "pid": self.pid(),
+            "cgroup": self.cgroup,
+            "process": self.process,
+            "seccomp": self.seccomp,
+        })
     }
 }
 
@@ -677,8 +689,18 @@ pub fn spawn_exec(
     let mut process: oci_spec::runtime::Process = serde_json::from_value(target["process"].clone())
         .map_err(|e| format!("exec target: {e}"))?;
     process.set_args(Some(argv.to_vec()));
-    vmrun_container::exec(pid, &process, cgroup.as_deref(), stdio, &LinuxSyscall)
-        .map_err(|e| e.to_string())
+    let seccomp: Option<oci_spec::runtime::LinuxSeccomp> =
+        serde_json::from_value(target["seccomp"].clone())
+            .map_err(|e| format!("exec target: seccomp: {e}"))?;
+    vmrun_container::exec(
+        pid,
+        &process,
+        seccomp.as_ref(),
+        cgroup.as_deref(),
+        stdio,
+        &LinuxSyscall,
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// A pidfd for `pid`: pollable for its exit without reaping it.
