@@ -420,6 +420,72 @@ async fn a_pod_with_two_containers_runs_its_whole_lifecycle() {
     assert!(web_log.exists());
 }
 
+/// CRI's seccomp profiles: RuntimeDefault filters (and its ExecSync
+/// processes with it), absent is unconfined, a Localhost profile that does
+/// not exist fails the container naming the file.
+#[tokio::test]
+async fn seccomp_profiles_are_applied_as_the_kubelet_asks() {
+    require_root("seccomp_profiles_are_applied_as_the_kubelet_asks");
+    let server = CriServer::start().await;
+    let image = server
+        .pull(&vmrun_tests::shared_busybox().await.unwrap())
+        .await;
+    let logs = tempfile::tempdir().unwrap();
+    let config = kubelet_sandbox_config("sec", "uid-sec", logs.path());
+    let sandbox = run_sandbox(&server, &config, "runc").await.unwrap();
+    use api::security_profile::ProfileType;
+    let with = |name: &str, profile: Option<api::SecurityProfile>| {
+        let mut c = kubelet_container_config(name, &image, &["sleep", "3600"], &config);
+        let linux = c.linux.get_or_insert_with(Default::default);
+        linux
+            .security_context
+            .get_or_insert_with(Default::default)
+            .seccomp = profile;
+        c
+    };
+    let runtime_default = Some(api::SecurityProfile {
+        profile_type: ProfileType::RuntimeDefault as i32,
+        localhost_ref: String::new(),
+    });
+    let filtered = create(
+        &server,
+        &sandbox,
+        with("filtered", runtime_default),
+        &config,
+    )
+    .await
+    .unwrap();
+    start(&server, &filtered).await;
+    let plain = create(&server, &sandbox, with("plain", None), &config)
+        .await
+        .unwrap();
+    start(&server, &plain).await;
+    let status = |out: api::ExecSyncResponse| String::from_utf8_lossy(&out.stdout).into_owned();
+    let seccomp = ["grep", "Seccomp:", "/proc/self/status"];
+    assert!(status(exec_sync(&server, &filtered, &seccomp).await).contains("Seccomp:\t2"));
+    assert!(status(exec_sync(&server, &plain, &seccomp).await).contains("Seccomp:\t0"));
+    let missing = Some(api::SecurityProfile {
+        profile_type: ProfileType::Localhost as i32,
+        localhost_ref: "/nonexistent/vmrun-profile.json".into(),
+    });
+    let failed = match create(&server, &sandbox, with("missing", missing), &config).await {
+        Err(e) => e.message().to_string(),
+        Ok(id) => server
+            .runtime()
+            .await
+            .start_container(api::StartContainerRequest { container_id: id })
+            .await
+            .expect_err("a container with a missing seccomp profile started")
+            .message()
+            .to_string(),
+    };
+    assert!(
+        failed.contains("/nonexistent/vmrun-profile.json"),
+        "{failed}"
+    );
+    stop_and_remove(&server, &sandbox).await;
+}
+
 #[tokio::test]
 async fn a_container_over_its_memory_limit_is_reported_oom_killed() {
     require_root("a_container_over_its_memory_limit_is_reported_oom_killed");
