@@ -65,13 +65,27 @@ pub fn import_busybox(
     root: &std::path::Path,
     work: &std::path::Path,
 ) -> anyhow::Result<()> {
-    use vmrun_tests::images::{busybox_image, write_oci_archive, Compression};
-    let archive = work.join("busybox.oci.tar");
-    write_oci_archive(
-        &archive,
+    use vmrun_tests::images::{busybox_image, Compression};
+    import_image(
+        vmrun,
+        root,
+        work,
         &busybox_image(Compression::Gzip)?,
-        Some("localhost/busybox:latest"),
-    )?;
+        "localhost/busybox:latest",
+    )
+}
+
+/// Imports `image` into the image store at `root` as `name`, through an
+/// OCI archive in `work` and `vmrun image import`.
+pub fn import_image(
+    vmrun: &std::path::Path,
+    root: &std::path::Path,
+    work: &std::path::Path,
+    image: &vmrun_tests::images::TestImage,
+    name: &str,
+) -> anyhow::Result<()> {
+    let archive = work.join("import.oci.tar");
+    vmrun_tests::images::write_oci_archive(&archive, image, Some(name))?;
     let status = Command::new(vmrun)
         .arg("--root")
         .arg(root)
@@ -79,7 +93,7 @@ pub fn import_busybox(
         .arg(&archive)
         .status()?;
     if !status.success() {
-        bail!("vmrun image import failed");
+        bail!("vmrun image import of {name} failed");
     }
     Ok(())
 }

@@ -106,14 +106,10 @@ pub async fn prepare(
             max_vcpus: config.vm.max_vcpus,
             boot_timeout: VmRuntime::boot_timeout_from_env(),
         }),
-        "wasm" => PodRuntime::Wasm(WasmRuntime {
-            state_root: config.state.clone(),
-            engine_binary: std::env::current_exe()
-                .context("locating vmrun")?
-                .with_file_name(vmrun_pod::wasm::ENGINE_BINARY),
-            cache_dir: config.root.join("wasm-cache"),
-            pids_limit: config.pids_limit,
-        }),
+        "wasm" => PodRuntime::Wasm(
+            WasmRuntime::beside_current_exe(config.state.clone(), &config.root, config.pids_limit)
+                .context("locating vmrun")?,
+        ),
         other => bail!("unknown runtime {other:?}: expected native, vm or wasm"),
     };
     Ok(PreparedPod {

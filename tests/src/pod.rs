@@ -291,6 +291,30 @@ impl Default for Vmrun {
     }
 }
 
+/// Bytes of a command's output as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The pod uid of a pod record.
+pub fn uid_of(record: &serde_json::Value) -> String {
+    record["uid"].as_str().expect("uid").to_string()
+}
+
+/// `vmrun` refused the pod: it failed without panicking, its stderr names
+/// every one of `needles`, and the pod's directory is gone.
+pub fn assert_refused(vm: &Vmrun, out: &Output, pod: &str, needles: &[&str]) {
+    assert!(!out.status.success(), "{}", describe(out));
+    let stderr = text(&out.stderr);
+    assert!(
+        needles.iter().all(|n| stderr.contains(n)),
+        "stderr does not name all of {needles:?}: {}",
+        describe(out)
+    );
+    assert!(!stderr.contains("panicked"), "{}", describe(out));
+    assert!(!vm.pod_dir(pod).exists(), "pod directory left behind");
+}
+
 /// stdout and stderr of a finished command, for assertion messages.
 pub fn describe(out: &Output) -> String {
     format!(

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use vmrun_tests::pod::{describe, require_root, Vmrun};
+use vmrun_tests::pod::{assert_refused, describe, require_root, text, uid_of, Vmrun};
 
 fn busybox() -> String {
     vmrun_tests::busybox_reference()
@@ -17,14 +17,6 @@ fn busybox() -> String {
 
 fn pod(name: &str, spec: &str) -> String {
     format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels:\n    app: demo\n    tier: test\n  annotations:\n    note: hello\nspec:\n{spec}")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn uid_of(record: &serde_json::Value) -> String {
-    record["uid"].as_str().expect("uid").to_string()
 }
 
 fn assert_clean(vm: &Vmrun, uid: &str, marker: &str) {
@@ -61,19 +53,6 @@ fn start_detached(vm: &Vmrun, rt: &str, name: &str, yaml: &str) -> serde_json::V
         handoff.display()
     );
     record
-}
-
-/// `vmrun` refused the pod: it failed, its stderr names every one of
-/// `needles`, and the pod's directory is gone.
-fn assert_refused(vm: &Vmrun, out: &std::process::Output, pod: &str, needles: &[&str]) {
-    assert!(!out.status.success(), "{}", describe(out));
-    let stderr = text(&out.stderr);
-    assert!(
-        needles.iter().all(|n| stderr.contains(n)),
-        "stderr does not name all of {needles:?}: {}",
-        describe(out)
-    );
-    assert!(!vm.pod_dir(pod).exists(), "pod directory left behind");
 }
 
 fn exec(vm: &Vmrun, pod: &str, container: &str, cmd: &[&str]) -> std::process::Output {

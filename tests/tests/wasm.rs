@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use vmrun_tests::pod::{describe, require_root, Vmrun};
+use vmrun_tests::pod::{assert_refused, describe, require_root, text, uid_of, Vmrun};
 use vmrun_tests::wasm_programs as programs;
 
 /// The runtime-parameterised cases of `pods.rs` whose subject applies to
@@ -156,10 +156,6 @@ fn pod(name: &str, spec: &str) -> String {
     format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels:\n    app: wasm\nspec:\n{spec}")
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 /// `wasm` packaged as `test/wasm-NAME:latest` in the test registry.
 fn image(name: &str, wasm: &[u8]) -> String {
     static PUSHED: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
@@ -172,24 +168,13 @@ fn image(name: &str, wasm: &[u8]) -> String {
         .build()
         .unwrap()
         .block_on(async {
-            use vmrun_tests::images::{
-                layer_tar, push_image, Compression, Entry, ImageSpec, Layer,
-            };
             let registry = vmrun_tests::shared_registry().await?;
             // An ordinary OCI image whose one layer holds the module, its
             // entry point naming it, as runwasi's images are built.
-            let layer = Layer::new(
-                layer_tar(&[Entry::file("app.wasm", wasm)])?,
-                Compression::Gzip,
-            )?;
-            let mut spec = ImageSpec::new(vec![layer]);
-            spec.entrypoint = Some(vec!["/app.wasm".into()]);
-            spec.cmd = vec![];
-            spec.env = vec![];
-            push_image(
-                &registry.addr(),
+            vmrun_tests::images::push_wasm_image(
+                registry,
                 &format!("test/wasm-{name}:latest"),
-                &spec.build(),
+                wasm,
             )
             .await
         })
@@ -213,28 +198,11 @@ fn run(vm: &Vmrun, name: &str, yaml: &str, extra: &[&str]) -> std::process::Outp
     vm.run(&args)
 }
 
-fn uid_of(record: &serde_json::Value) -> String {
-    record["uid"].as_str().expect("uid").to_string()
-}
-
 /// Nothing of pod `name` (uid) is left: mounts, cgroups, its engine.
 fn assert_clean(vm: &Vmrun, uid: &str, name: &str) {
     let marker = vm.pod_dir(name).to_string_lossy().into_owned();
     let left = vm.leftovers(uid, &format!("--pod {marker}"));
     assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
-}
-
-/// A refused pod: failed, one clear line naming every needle, nothing left.
-fn assert_refused(vm: &Vmrun, out: &std::process::Output, pod: &str, needles: &[&str]) {
-    assert!(!out.status.success(), "{}", describe(out));
-    let stderr = text(&out.stderr);
-    assert!(
-        needles.iter().all(|n| stderr.contains(n)),
-        "stderr does not name all of {needles:?}: {}",
-        describe(out)
-    );
-    assert!(!stderr.contains("panicked"), "{}", describe(out));
-    assert!(!vm.pod_dir(pod).exists(), "pod directory left behind");
 }
 
 #[test]

@@ -13,8 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use vmrun_benches::{import_busybox, ms, summarize, time_to_first_line, Summary};
-use vmrun_tests::images::{layer_tar, write_oci_archive, Compression, Entry, ImageSpec, Layer};
+use vmrun_benches::{import_busybox, import_image, ms, summarize, time_to_first_line, Summary};
 
 const WASM_IMAGE: &str = "localhost/wasm-box:latest";
 
@@ -32,7 +31,9 @@ fn main() -> anyhow::Result<()> {
     let wasm = vmrun_tests::wasm_programs::wasm_box_p1();
     let module = work.path().join("wasm-box.wasm");
     std::fs::write(&module, wasm)?;
-    import_wasm(vmrun, &root, work.path(), wasm)?;
+    // An ordinary OCI image whose one layer holds the module at /app.wasm.
+    let image = vmrun_tests::images::wasm_image(wasm);
+    import_image(vmrun, &root, work.path(), &image, WASM_IMAGE)?;
     println!(
         "module: wasm-box (Rust, wasm32-wasip1), {} KiB",
         wasm.len() / 1024
@@ -161,30 +162,6 @@ fn main() -> anyhow::Result<()> {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// An OCI archive of the module as an ordinary image (`/app.wasm`, its entry point).
-fn import_wasm(vmrun: &Path, root: &Path, work: &Path, wasm: &[u8]) -> anyhow::Result<()> {
-    let layer = Layer::new(
-        layer_tar(&[Entry::file("app.wasm", wasm)])?,
-        Compression::Gzip,
-    )?;
-    let mut spec = ImageSpec::new(vec![layer]);
-    spec.entrypoint = Some(vec!["/app.wasm".into()]);
-    spec.cmd = vec![];
-    spec.env = vec![];
-    let archive = work.join("wasm.oci.tar");
-    write_oci_archive(&archive, &spec.build(), Some(WASM_IMAGE))?;
-    let status = Command::new(vmrun)
-        .arg("--root")
-        .arg(root)
-        .args(["image", "import"])
-        .arg(&archive)
-        .status()?;
-    if !status.success() {
-        bail!("vmrun image import of the wasm image failed");
-    }
-    Ok(())
 }
 
 fn wasmtime_cli() -> Option<PathBuf> {

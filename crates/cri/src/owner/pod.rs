@@ -75,14 +75,12 @@ impl Owner {
             }
             RuntimeKind::Wasm => {
                 let native = &settings.native;
-                let runtime = vmrun_pod::wasm::WasmRuntime {
-                    state_root: native.state_root.clone(),
-                    engine_binary: std::env::current_exe()
-                        .context("locating vmrun-cri-shim")?
-                        .with_file_name(vmrun_pod::wasm::ENGINE_BINARY),
-                    cache_dir: settings.image_root.join("wasm-cache"),
-                    pids_limit: native.pids_limit,
-                };
+                let runtime = vmrun_pod::wasm::WasmRuntime::beside_current_exe(
+                    native.state_root.clone(),
+                    &settings.image_root,
+                    native.pids_limit,
+                )
+                .context("locating vmrun-cri-shim")?;
                 let pod = plan.clone();
                 tokio::task::spawn_blocking(move || runtime.create_sandbox(&pod))
                     .await

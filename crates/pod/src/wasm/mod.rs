@@ -42,6 +42,22 @@ pub struct WasmRuntime {
 }
 
 impl WasmRuntime {
+    /// The runtime of a process installed with the others: the engine
+    /// binary beside the running executable (`vmrun`, `vmrun-cri-shim`),
+    /// compiled modules cached with the images, in `image_root/wasm-cache`.
+    pub fn beside_current_exe(
+        state_root: PathBuf,
+        image_root: &std::path::Path,
+        pids_limit: Option<i64>,
+    ) -> std::io::Result<WasmRuntime> {
+        Ok(WasmRuntime {
+            state_root,
+            engine_binary: std::env::current_exe()?.with_file_name(ENGINE_BINARY),
+            cache_dir: image_root.join("wasm-cache"),
+            pids_limit,
+        })
+    }
+
     fn native(&self) -> NativeRuntime {
         NativeRuntime {
             state_root: self.state_root.clone(),
