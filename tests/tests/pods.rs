@@ -120,9 +120,11 @@ pub fn init_container_fills_empty_dir_served_by_main(rt: &str) {
 }
 
 /// seccompProfile: RuntimeDefault installs vmrun's filter (the pod's
-/// setting, inherited), Unconfined and privileged containers run without
-/// one, a Localhost profile denies what it names with its errno; a bad
-/// type and a missing profile are refused naming them.
+/// setting, inherited; also for a non-root container allowed to escalate,
+/// without no_new_privs), Unconfined and privileged containers run without
+/// one, a Localhost profile denies what it names with its errno, also to
+/// processes exec'd into the container; a bad type and a missing profile
+/// are refused naming them.
 pub fn seccomp_profiles_filter_syscalls(rt: &str) {
     require_root("seccomp_profiles_filter_syscalls");
     let vm = Vmrun::for_runtime(rt);
@@ -158,6 +160,12 @@ pub fn seccomp_profiles_filter_syscalls(rt: &str) {
     command: ["sh", "-c", "{status}"]
     securityContext:
       privileged: true
+  - name: escalating
+    image: {image}
+    command: ["sh", "-c", "{status}; grep NoNewPrivs: /proc/self/status"]
+    securityContext:
+      runAsUser: 1000
+      allowPrivilegeEscalation: true
   - name: local
     image: {image}
     command: ["sh", "-c", "{status}; mkdir /tmp/made 2>&1 || echo mkdir-denied; touch /tmp/file && echo touch-ok"]
@@ -173,6 +181,9 @@ pub fn seccomp_profiles_filter_syscalls(rt: &str) {
         "[default] Seccomp:\t2",
         "[unconfined] Seccomp:\t0",
         "[privileged] Seccomp:\t0",
+        // Installed before the user switch, without no_new_privs.
+        "[escalating] Seccomp:\t2",
+        "[escalating] NoNewPrivs:\t0",
         "[local] Seccomp:\t2",
         "[local] mkdir-denied",
         "[local] touch-ok",
