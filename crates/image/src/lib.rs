@@ -164,3 +164,25 @@ pub struct ImageConfig {
     #[serde(default)]
     pub architecture: String,
 }
+
+/// Entry points for the fuzz targets in `fuzz/`: the parsers of what a
+/// registry or an archive hands the store, called as the store calls them.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    /// A manifest or index, as a pull reads it.
+    pub fn parse_manifest(bytes: &[u8]) -> Result<(), String> {
+        crate::manifest::parse_manifest(bytes).map(drop)
+    }
+
+    /// An image config, as a pull reads it.
+    pub fn parse_config(bytes: &[u8]) -> Result<(), String> {
+        crate::manifest::parse_config(bytes).map(drop)
+    }
+
+    /// A layer blob (tar, gzip or zstd) unpacked into `dest` through `tmp`.
+    pub fn unpack_layer(blob: &Path, tmp: &Path, dest: &Path) -> Result<(), String> {
+        crate::unpack::unpack_layer(blob, "sha256:unchecked", tmp, dest).map_err(|e| e.to_string())
+    }
+}
