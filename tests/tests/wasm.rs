@@ -905,36 +905,21 @@ spec:
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let logs = vm.run(&["logs", "web", "client"]);
-        if text(&logs.stdout).contains("served by a component") {
-            break;
-        }
-        if Instant::now() > deadline {
-            let server = vm.run(&["logs", "web", "server"]);
-            panic!(
-                "client never got the page: {}\nserver: {}\n{:?}",
-                describe(&logs),
-                describe(&server),
-                vm.record("web")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    if let Err(logs) = wait_for_log(&vm, "web", "client", "served by a component") {
+        let server = vm.run(&["logs", "web", "server"]);
+        panic!(
+            "client never got the page: {}\nserver: {}\n{:?}",
+            describe(&logs),
+            describe(&server),
+            vm.record("web")
+        );
     }
     // The kubelet-style httpGet liveness probe reached the component too.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let logs = vm.run(&["logs", "web", "server"]);
-        if text(&logs.stdout).contains("request: GET /healthz") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
+    if let Err(logs) = wait_for_log(&vm, "web", "server", "request: GET /healthz") {
+        panic!(
             "no httpGet probe request in the server's log: {}",
             describe(&logs)
         );
-        std::thread::sleep(Duration::from_millis(100));
     }
     let record = vm.record("web").expect("record");
     assert_eq!(
@@ -944,6 +929,27 @@ spec:
     assert!(vm.run(&["stop", "web"]).status.success());
     assert_clean(&vm, &uid_of(&record), "web");
     assert!(vm.run(&["rm", "web"]).status.success());
+}
+
+/// Polls `vmrun logs POD CONTAINER` for up to 30 s until its stdout holds
+/// `needle`; the last logs when it never does.
+fn wait_for_log(
+    vm: &Vmrun,
+    pod: &str,
+    container: &str,
+    needle: &str,
+) -> Result<(), std::process::Output> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = vm.run(&["logs", pod, container]);
+        if text(&logs.stdout).contains(needle) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(logs);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The engine keeps what it compiled: a second pod of the same module

@@ -10,7 +10,8 @@
 //! restrictive answer, so a call a rule matches gets that rule's action,
 //! and any other call the default.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, OnceLock};
 
 use oci_spec::runtime::{
     LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompOperator, LinuxSyscall,
@@ -117,14 +118,27 @@ fn rules_of(syscall: &LinuxSyscall, arch: TargetArch) -> Result<Vec<Value>, Secc
     Ok(rules)
 }
 
-/// Whether seccompiler's table for `arch` has `name`.
+/// Whether seccompiler's table for `arch` has `name`. seccompiler keeps
+/// its table private, so a one-rule filter is compiled to find out; the
+/// answer is kept, as every container start of a process asks about the
+/// same names again (`arch` is the process's own, so names are the key).
 fn known(name: &str, arch: TargetArch) -> bool {
+    static KNOWN: OnceLock<Mutex<HashMap<String, bool>>> = OnceLock::new();
+    let cache = KNOWN.get_or_init(Mutex::default);
+    if let Some(&known) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+        return known;
+    }
     let probe = json!({ "probe": {
         "mismatch_action": "allow",
         "match_action": "log",
         "filter": [{ "syscall": name }],
     }});
-    seccompiler::compile_from_json(probe.to_string().as_bytes(), arch).is_ok()
+    let known = seccompiler::compile_from_json(probe.to_string().as_bytes(), arch).is_ok();
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.to_string(), known);
+    known
 }
 
 fn condition(name: &str, a: &LinuxSeccompArg) -> Result<Value, SeccompError> {
