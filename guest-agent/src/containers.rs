@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use nix::mount::{mount, MsFlags};
 use nix::sys::signal::Signal;
@@ -200,6 +201,37 @@ fn check_relative(what: &str, p: &str) -> Result<(), ContainerError> {
     }
 }
 
+/// How long a disk the host attached after boot may take to show its size.
+const DISK_ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+const DISK_POLL: Duration = Duration::from_millis(2);
+
+/// A disk the host put in a spare slot after boot (CRI adds a pod's images
+/// as its containers arrive) has size 0 until the guest's virtio-blk driver
+/// handled the configuration-change interrupt; waits until sysfs shows a
+/// size. Devices sysfs does not know (not a plain `/dev/NAME` disk) are
+/// left to `mount` to judge.
+fn wait_for_disk_size(device: &str, timeout: Duration) -> Result<(), String> {
+    let Some(name) = device.strip_prefix("/dev/").filter(|n| !n.contains('/')) else {
+        return Ok(());
+    };
+    let size_file = Path::new("/sys/class/block").join(name).join("size");
+    let started = std::time::Instant::now();
+    loop {
+        match std::fs::read_to_string(&size_file) {
+            Ok(text) if text.trim() != "0" => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("{}: {e}", size_file.display())),
+        }
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "the disk is still empty (size 0) after {timeout:?}: the host did not attach it"
+            ));
+        }
+        std::thread::sleep(DISK_POLL);
+    }
+}
+
 pub(crate) struct Containers {
     containers_dir: PathBuf,
     images_dir: PathBuf,
@@ -256,6 +288,12 @@ impl Containers {
         } else {
             disk.fstype.as_str()
         };
+        wait_for_disk_size(&disk.device, DISK_ATTACH_TIMEOUT).map_err(|reason| {
+            ContainerError::Invalid {
+                what: what.clone(),
+                reason,
+            }
+        })?;
         let mp = self
             .images_dir
             .join(disk.device.trim_start_matches("/dev/").replace('/', "_"));

@@ -105,6 +105,7 @@ pub async fn prepare(
             pids_limit: config.pids_limit,
             max_vcpus: config.vm.max_vcpus,
             boot_timeout: VmRuntime::boot_timeout_from_env(),
+            spare_disks: 0,
         }),
         "wasm" => PodRuntime::Wasm(
             WasmRuntime::beside_current_exe(config.state.clone(), &config.root, config.pids_limit)

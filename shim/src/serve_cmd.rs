@@ -27,6 +27,8 @@ pub async fn serve(config: &Config, args: ServeArgs) -> anyhow::Result<()> {
         registries: config.registries.clone(),
         pids_limit: config.pids_limit,
         proc_view: config.proc_view_setup(),
+        vm_assets: config.vm_assets(),
+        vm_max_vcpus: config.vm.max_vcpus,
         shim: beside_vmrun("vmrun-cri-shim"),
     };
     eprintln!("vmrun: serving CRI on {}", opts.cri.socket.display());

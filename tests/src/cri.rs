@@ -33,6 +33,13 @@ impl CriServer {
         Self::start_with(vmrun_bin(), Some(conflist)).await
     }
 
+    /// Starts the daemon with the vm handler's guest configured (the test
+    /// guest; one vCPU per pod VM inside L1), and `conflist` as the node's
+    /// CNI network if given.
+    pub async fn start_for_vm(conflist: Option<&str>) -> Self {
+        Self::start_in(Vmrun::for_runtime("vm"), vmrun_bin(), conflist).await
+    }
+
     /// Starts the release daemon (benchmarks).
     pub async fn start_release() -> Self {
         Self::start_with(crate::pod::vmrun_release_bin(), None).await
@@ -49,7 +56,10 @@ impl CriServer {
     }
 
     async fn start_with(bin: &Path, conflist: Option<&str>) -> Self {
-        let vmrun = Vmrun::new();
+        Self::start_in(Vmrun::new(), bin, conflist).await
+    }
+
+    async fn start_in(vmrun: Vmrun, bin: &Path, conflist: Option<&str>) -> Self {
         let socket = vmrun.state.path().join("cri.sock");
         let cni = vmrun
             .state

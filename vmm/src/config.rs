@@ -213,6 +213,10 @@ pub struct VmConfig {
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Empty disk slots after `disks`, filled through the control API's
+    /// `attach_disk` while the guest runs (capacity 0 until then).
+    #[serde(default)]
+    pub spare_disks: u8,
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
     /// virtio-net devices, in the order the guest sees them (eth0, ...).
@@ -260,6 +264,7 @@ impl VmConfig {
             huge_pages: false,
             console: ConsoleConfig::default(),
             disks: Vec::new(),
+            spare_disks: 0,
             vsock: None,
             nets: Vec::new(),
             api: None,
@@ -296,6 +301,7 @@ impl VmConfig {
             check_file(initrd, "initrd")?;
         }
         let devices = self.disks.len()
+            + usize::from(self.spare_disks)
             + usize::from(self.vsock.is_some())
             + self.nets.len()
             + usize::from(self.balloon.is_some());
@@ -318,6 +324,9 @@ impl VmConfig {
                     return Err(ConfigError::NetDuplicate(format!("MAC {mac}")));
                 }
             }
+        }
+        if self.spare_disks > 0 && self.api.is_none() {
+            return Err(ConfigError::SpareDisksWithoutApi);
         }
         if let Some(api) = &self.api {
             let len = api.as_os_str().len();
@@ -372,6 +381,8 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("at most {MAX_VIRTIO_DEVICES} virtio devices fit, not {0}")]
     TooManyDevices(usize),
+    #[error("spare disk slots are filled through the control API: give --api too")]
+    SpareDisksWithoutApi,
     #[error("console file path is empty")]
     EmptyConsolePath,
     #[error("vsock guest cid must be between 3 and 4294967294, not {0}")]

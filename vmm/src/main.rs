@@ -53,6 +53,11 @@ struct Args {
     /// A disk image as a virtio-blk device: PATH or PATH,ro (repeatable).
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<DiskConfig>,
+    /// Empty disk slots after the --disk ones (the guest sees them as
+    /// disks of size 0), each filled once while the guest runs by the
+    /// control API's {"action":"attach_disk","path":P,"read_only":B}.
+    #[arg(long, default_value_t = 0)]
+    spare_disks: u8,
     /// A hybrid vsock device: host clients connect to the unix socket PATH
     /// and write `CONNECT <port>\n`; guest connects to host port P reach
     /// `PATH_P`. The guest CID defaults to 3.
@@ -77,7 +82,7 @@ struct Args {
     /// A JSON VM configuration instead of the options above.
     #[arg(
         long,
-        conflicts_with_all = ["kernel", "initrd", "disks", "vsock", "nets", "api", "free_page_reporting", "huge_pages"]
+        conflicts_with_all = ["kernel", "initrd", "disks", "spare_disks", "vsock", "nets", "api", "free_page_reporting", "huge_pages"]
     )]
     config: Option<PathBuf>,
 }
@@ -100,6 +105,7 @@ fn config_from(args: Args) -> anyhow::Result<VmConfig> {
         huge_pages: args.huge_pages,
         console: args.console,
         disks: args.disks,
+        spare_disks: args.spare_disks,
         vsock: args.vsock,
         nets: args.nets,
         api: args.api,

@@ -29,6 +29,7 @@ use crate::devices::panic_watch::{PanicLine, PanicWatch};
 use crate::devices::serial::{SerialPort, COM1_PORT, COM1_PORT_COUNT};
 use crate::devices::virtio::balloon::{Balloon, BalloonStats};
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::block_media::{Media, MediaSlot};
 use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
@@ -106,6 +107,29 @@ pub struct MicroVm {
     memory: GuestMemoryMmap,
     kernel: LoadedKernel,
     balloon: Option<Arc<BalloonStats>>,
+    disks: DiskSlots,
+}
+
+/// The spare disk slots `attach_disk` fills, after the boot disks.
+#[derive(Default)]
+struct DiskSlots {
+    boot_disks: usize,
+    spares: Vec<Arc<MediaSlot>>,
+}
+
+impl DiskSlots {
+    /// Opens `path` into the first empty slot; the guest's disk index.
+    fn attach(&self, path: &std::path::Path, read_only: bool) -> Result<usize, String> {
+        let Some(k) = self.spares.iter().position(|s| s.is_empty()) else {
+            return Err(format!(
+                "no empty disk slot left ({} spare slots, all filled)",
+                self.spares.len()
+            ));
+        };
+        let media = Media::open(path, read_only).map_err(|e| e.to_string())?;
+        self.spares[k].fill(media).map_err(|e| e.to_string())?;
+        Ok(self.boot_disks + k)
+    }
 }
 
 impl MicroVm {
@@ -144,6 +168,16 @@ impl MicroVm {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut devices = disks;
+        let mut disk_slots = DiskSlots {
+            boot_disks: devices.len(),
+            spares: Vec::new(),
+        };
+        for k in 0..usize::from(config.spare_disks) {
+            let index = disk_slots.boot_disks + k;
+            let (block, media) = Block::empty(&format!("vmrun-disk-{index}"));
+            devices.push(Box::new(block));
+            disk_slots.spares.push(media);
+        }
         if let Some(vsock) = &config.vsock {
             devices.push(Box::new(Vsock::new(vsock.guest_cid, &vsock.uds_path)?));
         }
@@ -202,6 +236,7 @@ impl MicroVm {
             memory,
             kernel,
             balloon,
+            disks: disk_slots,
         })
     }
 
@@ -255,6 +290,7 @@ impl MicroVm {
             memory,
             kernel: _,
             balloon,
+            disks,
         } = self;
         let io_bus = Arc::new(io_bus);
         let mmio_bus = Arc::new(mmio_bus);
@@ -323,6 +359,7 @@ impl MicroVm {
             vcpus: vcpu_count,
             memory_mib: memory_mib(&memory),
             balloon: balloon.as_deref(),
+            disks: &disks,
         };
         owner.serve(events);
         let reason = stop.reason().unwrap_or(GuestStop::HostStop);
@@ -370,6 +407,7 @@ struct Owner<'a> {
     vcpus: u8,
     memory_mib: u64,
     balloon: Option<&'a BalloonStats>,
+    disks: &'a DiskSlots,
 }
 
 /// A `shutdown` waiting for the guest to power off.
@@ -470,6 +508,12 @@ impl Owner<'_> {
                 self.stop.request(GuestStop::HostStop);
                 ActionReply::done()
             }
+            VmmAction::AttachDisk { path, read_only } => {
+                match self.disks.attach(&path, read_only) {
+                    Ok(disk) => ActionReply::Attached { ok: true, disk },
+                    Err(e) => ActionReply::error(format!("attach_disk {}: {e}", path.display())),
+                }
+            }
             // Needs the event loop's deadline: handled in `serve`.
             VmmAction::Shutdown { .. } => ActionReply::error("shutdown is not handled here"),
         }
@@ -546,6 +590,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 64,
             balloon: None,
+            disks: &DiskSlots::default(),
         };
         let (events_tx, events) = mpsc::channel();
         let notify = events_tx.clone();
@@ -569,6 +614,55 @@ mod tests {
                 ok: true,
                 outcome: Some("guest stopped")
             }
+        );
+    }
+
+    /// `attach_disk` fills the spare slots in order and names each disk's
+    /// guest index; a full set of slots and a bad path are answered as errors.
+    #[test]
+    fn attach_disk_fills_spare_slots_in_order() {
+        let (stop, pause, running) = (StopSignal::new(), PauseGate::new(), AtomicUsize::new(0));
+        let disks = DiskSlots {
+            boot_disks: 2,
+            spares: vec![MediaSlot::empty(), MediaSlot::empty()],
+        };
+        let owner = Owner {
+            stop: &stop,
+            pause: &pause,
+            threads: &[],
+            running: &running,
+            started: Instant::now(),
+            vcpus: 1,
+            memory_mib: 64,
+            balloon: None,
+            disks: &disks,
+        };
+        let image = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(image.path(), [0u8; 4096]).unwrap();
+        let attach = |path: &std::path::Path| {
+            owner.act(VmmAction::AttachDisk {
+                path: path.to_owned(),
+                read_only: true,
+            })
+        };
+        assert_eq!(
+            attach(image.path()),
+            ActionReply::Attached { ok: true, disk: 2 }
+        );
+        let missing = attach(std::path::Path::new("/nonexistent/disk.img"));
+        assert!(
+            matches!(&missing, ActionReply::Error { error, .. } if error.contains("/nonexistent/disk.img")),
+            "{missing:?}"
+        );
+        assert_eq!(
+            attach(image.path()),
+            ActionReply::Attached { ok: true, disk: 3 }
+        );
+        assert_eq!(disks.spares[1].capacity_sectors(), 8);
+        let full = attach(image.path());
+        assert!(
+            matches!(&full, ActionReply::Error { error, .. } if error.contains("no empty disk slot")),
+            "{full:?}"
         );
     }
 }

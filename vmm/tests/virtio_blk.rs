@@ -391,3 +391,64 @@ fn notifying_before_activation_is_a_device_error_not_a_panic() {
         "other queue indexes are ignored"
     );
 }
+
+/// A spare slot (CRI attaches a pod's images after its VM booted): capacity
+/// 0 and I/O errors while empty; once filled, the capacity is in the
+/// configuration space with a new generation, the active driver gets a
+/// configuration interrupt, reads work and a read-only disk refuses writes
+/// (the slot cannot offer VIRTIO_BLK_F_RO: features are fixed at probe).
+#[test]
+fn a_spare_slot_is_filled_while_the_driver_runs() {
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO;
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+    use vmrun_vmm::devices::virtio::block_media::Media;
+
+    let (disk, memory) = (Disk::new(), memory());
+    let (mut block, slot) = Block::empty("vmrun-disk-3");
+    assert_eq!(block.features() & (1 << VIRTIO_BLK_F_RO), 0);
+    let capacity = |block: &Block| {
+        let mut bytes = [0u8; 8];
+        block.read_config(0, &mut bytes);
+        u64::from_le_bytes(bytes)
+    };
+    assert_eq!((capacity(&block), block.config_generation()), (0, 0));
+    write_header(&memory, VIRTIO_BLK_T_IN, 0);
+    let read = [
+        desc(HEADER, 16, 0),
+        desc(DATA, 512, WRITE),
+        desc(STATUS, 1, WRITE),
+    ];
+    assert_eq!(run_chain(&memory, &mut block, &read, true), ioerr());
+
+    // The driver is active (run_chain left it so) when the disk arrives.
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let interrupt = Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap()));
+    let mock = MockSplitQueue::create(&memory, GuestAddress(0), 16);
+    block.reset();
+    block
+        .activate(
+            memory.clone(),
+            vec![mock.create_queue().unwrap()],
+            interrupt.clone(),
+        )
+        .unwrap();
+    slot.fill(Media::open(disk.file.path(), true).unwrap())
+        .unwrap();
+    assert_eq!(interrupt.status(), VIRTIO_MMIO_INT_CONFIG);
+    assert_eq!(irq.read().unwrap(), 1);
+    assert_eq!((capacity(&block), block.config_generation()), (16, 1));
+
+    write_header(&memory, VIRTIO_BLK_T_IN, 5);
+    assert_eq!(run_chain(&memory, &mut block, &read, true), ok(513));
+    let mut data = vec![0u8; 512];
+    memory.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+    assert_eq!(data, vec![5; 512]);
+    write_header(&memory, VIRTIO_BLK_T_OUT, 5);
+    let write = [
+        desc(HEADER, 16, 0),
+        desc(DATA, 512, 0),
+        desc(STATUS, 1, WRITE),
+    ];
+    assert_eq!(run_chain(&memory, &mut block, &write, true), ioerr());
+    assert_eq!(disk.sector(5), vec![5; 512]);
+}

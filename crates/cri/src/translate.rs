@@ -179,6 +179,14 @@ pub fn pod_plan(
             ));
         }
     }
+    // The kubelet sets the pod's total limits (containers plus overhead)
+    // on the sandbox; a pod VM is sized from them.
+    let pod_limits = linux
+        .resources
+        .as_ref()
+        .map(resources_of)
+        .transpose()
+        .map_err(|e| invalid("config.linux.resources", e.to_string()))?;
     Ok(PodPlan {
         name: meta.name.clone(),
         namespace: meta.namespace.clone(),
@@ -199,6 +207,7 @@ pub fn pod_plan(
         containers: Vec::new(),
         volumes: Vec::new(),
         resolv_conf,
+        pod_limits,
     })
 }
 

@@ -369,6 +369,8 @@ async fn start_and_supervise(
         attempt,
         image: image.defaults,
         layers: image.layers,
+        // vmrun run gives a pod VM every image's disk when it boots.
+        block_image: None,
         stdout: out_w,
         stderr: err_w,
     };

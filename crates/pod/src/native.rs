@@ -675,6 +675,7 @@ pub fn exec_in(
     Ok(ExecOutput {
         exit: status,
         output,
+        separate: None,
     })
 }
 

@@ -58,6 +58,11 @@ pub struct PodPlan {
     /// None copies the host's.
     #[serde(default)]
     pub resolv_conf: Option<String>,
+    /// Limits for the whole pod when its containers are not known yet
+    /// (CRI's sandbox resources: the sum of the containers' limits the
+    /// kubelet computed); sizes a pod VM made before its containers.
+    #[serde(default)]
+    pub pod_limits: Option<Resources>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -313,6 +318,7 @@ pub fn plan(manifest: &Manifest, uid: &str, node_name: &str) -> Result<PodPlan, 
         containers,
         volumes,
         resolv_conf: None,
+        pod_limits: None,
     })
 }
 

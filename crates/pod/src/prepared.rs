@@ -164,6 +164,7 @@ mod tests {
                 pids_limit: Some(1024),
                 max_vcpus: Some(1),
                 boot_timeout: Duration::from_secs(60),
+                spare_disks: 0,
             }),
         }
     }

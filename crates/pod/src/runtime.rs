@@ -68,6 +68,11 @@ pub struct Launch {
     pub image: ImageDefaults,
     /// Unpacked image layers, bottom first.
     pub layers: Vec<PathBuf>,
+    /// The image as a read-only block image (EROFS of the layers), for a
+    /// runtime whose sandbox reads images from disks and did not get this
+    /// one when it was made (a CRI pod VM learns its images container by
+    /// container). None elsewhere.
+    pub block_image: Option<PathBuf>,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
 }
@@ -76,7 +81,17 @@ pub struct Launch {
 #[derive(Debug, Clone)]
 pub struct ExecOutput {
     pub exit: ExitInfo,
+    /// stdout and stderr as they came, interleaved.
     pub output: Vec<u8>,
+    /// stdout and stderr apart, where the runtime receives them apart
+    /// (the vm runtime; CRI's ExecSync reports them so).
+    pub separate: Option<SeparateOutput>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SeparateOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]

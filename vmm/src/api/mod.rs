@@ -6,10 +6,14 @@
 //! [`ActionReply`]. Requests, one JSON object per line:
 //! `{"action":"status"}`, `{"action":"pause"}`, `{"action":"resume"}`,
 //! `{"action":"shutdown","graceful_timeout_ms":N}` (wait up to N ms for the
-//! guest to power off by itself, then stop it) and `{"action":"stop"}`.
+//! guest to power off by itself, then stop it), `{"action":"stop"}` and
+//! `{"action":"attach_disk","path":"/img","read_only":true}` (fills the
+//! first empty spare disk slot; the reply names the guest's disk index:
+//! 0 is vda).
 
 pub mod server;
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 
@@ -25,6 +29,7 @@ pub enum VmmAction {
     Resume,
     Shutdown { graceful_timeout_ms: u64 },
     Stop,
+    AttachDisk { path: PathBuf, read_only: bool },
 }
 
 /// A request line as sent. Parsed into this flat shape first because
@@ -35,6 +40,8 @@ pub enum VmmAction {
 struct RawRequest {
     action: String,
     graceful_timeout_ms: Option<u64>,
+    path: Option<PathBuf>,
+    read_only: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -76,6 +83,11 @@ pub enum ActionReply {
         /// With a balloon device: what the guest gave back.
         #[serde(skip_serializing_if = "Option::is_none")]
         balloon: Option<BalloonStatus>,
+    },
+    /// `attach_disk`: the guest's index of the disk (0 is vda).
+    Attached {
+        ok: bool,
+        disk: usize,
     },
     Done {
         ok: bool,
@@ -122,16 +134,35 @@ pub struct ActionRequest {
 pub enum ParseError {
     #[error("request is not valid JSON for a known action: {0}")]
     Invalid(String),
-    #[error("unknown action {0:?} (status, pause, resume, shutdown, stop) is not a known action")]
+    #[error("unknown action {0:?} (status, pause, resume, shutdown, stop, attach_disk) is not a known action")]
     UnknownAction(String),
     #[error("graceful_timeout_ms is only valid for shutdown, which is a known action")]
     UnexpectedTimeout,
+    #[error("path and read_only are only valid for attach_disk")]
+    UnexpectedDisk,
+    #[error("attach_disk needs an absolute path")]
+    DiskPath,
 }
 
 /// Parses one request line.
 pub fn parse_request(line: &str) -> Result<VmmAction, ParseError> {
     let raw: RawRequest =
         serde_json::from_str(line).map_err(|e| ParseError::Invalid(e.to_string()))?;
+    if raw.action == "attach_disk" {
+        if raw.graceful_timeout_ms.is_some() {
+            return Err(ParseError::UnexpectedTimeout);
+        }
+        return match raw.path {
+            Some(path) if path.is_absolute() => Ok(VmmAction::AttachDisk {
+                path,
+                read_only: raw.read_only.unwrap_or(false),
+            }),
+            _ => Err(ParseError::DiskPath),
+        };
+    }
+    if raw.path.is_some() || raw.read_only.is_some() {
+        return Err(ParseError::UnexpectedDisk);
+    }
     let action = match raw.action.as_str() {
         "status" => VmmAction::Status,
         "pause" => VmmAction::Pause,
@@ -172,7 +203,19 @@ mod tests {
                 graceful_timeout_ms: 0
             })
         );
+        assert_eq!(
+            parse_request(r#"{"action":"attach_disk","path":"/a/b.erofs","read_only":true}"#),
+            Ok(VmmAction::AttachDisk {
+                path: "/a/b.erofs".into(),
+                read_only: true
+            })
+        );
         for bad in [
+            r#"{"action":"attach_disk"}"#,
+            r#"{"action":"attach_disk","path":"rel.img"}"#,
+            r#"{"action":"attach_disk","path":"/a","graceful_timeout_ms":1}"#,
+            r#"{"action":"status","path":"/a"}"#,
+            r#"{"action":"stop","read_only":true}"#,
             r#"{"action":"reboot"}"#,
             r#"{"action":"stop","force":true}"#,
             r#"{"action":"stop","graceful_timeout_ms":5}"#,

@@ -32,6 +32,10 @@ pub struct ServeOptions {
     pub registries: RegistryConfig,
     pub pids_limit: Option<i64>,
     pub proc_view: Option<ProcViewSetup>,
+    /// What the `vm` handler's pod VMs boot with.
+    pub vm_assets: vmrun_pod::vm::VmAssets,
+    /// Upper bound on a pod VM's vCPUs (default: the host's CPUs).
+    pub vm_max_vcpus: Option<u8>,
     /// The `vmrun-cri-shim` binary.
     pub shim: PathBuf,
 }

@@ -12,6 +12,11 @@ use vmrun_pod::native::NativeRuntime;
 use super::cleanup;
 use super::registry::{Pod, Registry};
 use super::ServeOptions;
+use vmrun_pod::vm::VmRuntime;
+
+/// Images a CRI pod VM can take: its disks arrive with its containers
+/// (one per distinct image), in empty slots it boots with.
+const VM_IMAGE_SLOTS: u8 = 8;
 use crate::api;
 use crate::api::runtime_service_client::RuntimeServiceClient;
 use crate::api::runtime_service_server::RuntimeService;
@@ -191,14 +196,14 @@ impl RuntimeService for RuntimeServiceImpl {
             .cri
             .runtime_for(&r.runtime_handler)
             .map_err(Status::invalid_argument)?;
-        match runtime {
-            RuntimeKind::Native | RuntimeKind::Wasm => {}
-            RuntimeKind::Vm => {
-                return Err(Status::unimplemented(format!(
-                    "runtime handler {:?}: vm pods are not served through CRI yet (a pod VM's image disks are fixed when it boots, and CRI adds containers after); use `vmrun run --runtime vm`",
+        if runtime == RuntimeKind::Vm {
+            // Named before anything is made: a node without the guest.
+            self.opts.vm_assets.check().map_err(|e| {
+                Status::failed_precondition(format!(
+                    "runtime handler {:?} (vm): {e}",
                     r.runtime_handler
-                )))
-            }
+                ))
+            })?;
         }
         let id =
             crate::ids::new_id().map_err(|e| Status::internal(format!("making an id: {e}")))?;
@@ -213,6 +218,15 @@ impl RuntimeService for RuntimeServiceImpl {
                 pids_limit: self.opts.pids_limit,
                 proc_view: self.opts.proc_view.clone(),
             },
+            vm: (runtime == RuntimeKind::Vm).then(|| VmRuntime {
+                state_root: self.opts.sandboxes_dir().join(&id),
+                assets: self.opts.vm_assets.clone(),
+                image_disks: Default::default(),
+                pids_limit: self.opts.pids_limit,
+                max_vcpus: self.opts.vm_max_vcpus,
+                boot_timeout: VmRuntime::boot_timeout_from_env(),
+                spare_disks: VM_IMAGE_SLOTS,
+            }),
             image_root: self.opts.image_root.clone(),
             // Without a network configuration a pod gets loopback only, and
             // Status tells the kubelet the network is not ready.

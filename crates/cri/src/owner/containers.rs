@@ -19,6 +19,14 @@ pub mod state {
     pub const EXITED: i32 = 2;
 }
 
+/// Signals a container's process off the async threads: a pod VM's
+/// container is signalled through a blocking call to its guest agent.
+/// A process already gone is not an error: stopping is idempotent.
+async fn signal(running: &Arc<dyn Running>, signal: Signal) {
+    let running = running.clone();
+    let _ = tokio::task::spawn_blocking(move || running.signal(signal)).await;
+}
+
 /// containerd's exit code for a container whose process never started.
 const START_ERROR_CODE: i32 = 128;
 
@@ -52,6 +60,8 @@ pub struct Container {
     pub config: api::ContainerConfig,
     pub request: ContainerRequest,
     pub image: vmrun_image::Image,
+    /// The image's disk, for a pod VM.
+    pub block_image: Mutex<Option<std::path::PathBuf>>,
     pub created_at: i64,
     pub state: Mutex<RunState>,
     exited: watch::Sender<bool>,
@@ -74,6 +84,7 @@ impl Container {
             config,
             request,
             image,
+            block_image: Mutex::new(None),
             created_at: crate::now_ns(),
             state: Mutex::new(RunState {
                 phase: Phase::Created,
@@ -174,13 +185,12 @@ impl Container {
             return Ok(());
         };
         if !grace.is_zero() {
-            // A process already gone is not an error: stopping is idempotent.
-            let _ = running.signal(Signal::SIGTERM);
+            signal(&running, Signal::SIGTERM).await;
             if self.wait_exited(grace).await {
                 return Ok(());
             }
         }
-        let _ = running.signal(Signal::SIGKILL);
+        signal(&running, Signal::SIGKILL).await;
         if self.wait_exited(KILL_WAIT).await {
             Ok(())
         } else {

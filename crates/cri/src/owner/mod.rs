@@ -26,6 +26,7 @@ use anyhow::Context;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use vmrun_pod::native::NativeRuntime;
+use vmrun_pod::vm::VmRuntime;
 
 use crate::api;
 use crate::config::RuntimeKind;
@@ -56,6 +57,10 @@ pub struct OwnerSettings {
     pub runtime: RuntimeKind,
     /// The native runtime's settings; its state root is the pod's directory.
     pub native: NativeRuntime,
+    /// The vm runtime's settings, for the `vm` handler; its state root is
+    /// the pod's directory too.
+    #[serde(default)]
+    pub vm: Option<VmRuntime>,
     /// The image store, read to resolve the containers' images.
     pub image_root: PathBuf,
     /// The node's CNI setup; None leaves pods with loopback only (no

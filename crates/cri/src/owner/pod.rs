@@ -17,7 +17,7 @@ use vmrun_pod::spec::ImageDefaults;
 use super::containers::{Container, Phase};
 use super::exec::{exec_sync, ExecError, ExecResult};
 use super::network::PodNetwork;
-use super::OwnerSettings;
+use super::{OwnerSettings, SETTINGS_FILE};
 use crate::api;
 use crate::config::RuntimeKind;
 use crate::status::{container_not_found, runtime_status};
@@ -26,6 +26,8 @@ use crate::translate;
 /// How long log copying may go on after a container's main process ended
 /// (a process it left behind in a shared pid namespace keeps the pipe open).
 const LOG_DRAIN: Duration = Duration::from_secs(2);
+/// An ExecSync without a timeout (0) still ends some day.
+const NO_EXEC_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// CRI's PodSandboxState values.
 pub mod sandbox_state {
@@ -86,11 +88,15 @@ impl Owner {
                     .await
                     .context("sandbox creation panicked")??
             }
-            other => anyhow::bail!(
-                "runtime handler {:?} (runtime {}) cannot run pods through CRI yet",
-                settings.handler,
-                other.as_str()
-            ),
+            RuntimeKind::Vm => {
+                let runtime = settings.vm.clone().with_context(|| {
+                    format!("{}: the vm handler's settings are missing", SETTINGS_FILE)
+                })?;
+                let pod = plan.clone();
+                tokio::task::spawn_blocking(move || runtime.create_sandbox(&pod))
+                    .await
+                    .context("sandbox creation panicked")??
+            }
         };
         let network = match (&settings.network, sandbox.network_holder_pid()) {
             (Some(net), Some(pid)) => {
@@ -237,7 +243,24 @@ impl Owner {
             )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
+        let block_image = if self.settings.runtime == RuntimeKind::Vm {
+            // The guest reads the image from a disk: built now (once per
+            // image), so a bad image fails CreateContainer, not Start.
+            let (store, img) = (self.store.clone(), image.clone());
+            let built = tokio::task::spawn_blocking(move || store.block_image(&img))
+                .await
+                .map_err(|e| internal("building the image's disk", e))?;
+            Some(built.map_err(|e| {
+                Status::failed_precondition(format!("image {:?}: {e}", request.image))
+            })?)
+        } else {
+            None
+        };
         let container = Arc::new(Container::new(id.clone(), config, request, image));
+        *container
+            .block_image
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = block_image;
         self.containers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -294,6 +317,11 @@ impl Owner {
                 user: c.request.user_name.clone().or_else(|| cfg.user.clone()),
             },
             layers: c.image.layers.clone(),
+            block_image: c
+                .block_image
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             stdout: pipes.stdout,
             stderr: pipes.stderr,
         };
@@ -376,10 +404,31 @@ impl Owner {
             return Err(Status::unimplemented(vmrun_pod::wasm::NO_EXEC));
         }
         if target["runtime"] != "native" {
-            return Err(Status::unimplemented(format!(
-                "ExecSync in {} containers through CRI is not available yet",
-                target["runtime"]
-            )));
+            // The vm runtime runs it through the guest agent.
+            let sandbox = self.sandbox().ok_or_else(|| {
+                Status::failed_precondition(format!("pod sandbox {} is stopped", self.id))
+            })?;
+            let timeout = match timeout_s {
+                t if t > 0 => Duration::from_secs(t as u64),
+                _ => NO_EXEC_TIMEOUT,
+            };
+            let out =
+                tokio::task::spawn_blocking(move || sandbox.exec(running.as_ref(), &cmd, timeout))
+                    .await
+                    .map_err(|e| internal("exec", e))?
+                    .map_err(|e| match e.to_string() {
+                        m if m.contains("timed out") => Status::deadline_exceeded(m),
+                        m => Status::unknown(m),
+                    })?;
+            let separate = out.separate.unwrap_or(vmrun_pod::runtime::SeparateOutput {
+                stdout: out.output,
+                stderr: Vec::new(),
+            });
+            return Ok(ExecResult {
+                stdout: separate.stdout,
+                stderr: separate.stderr,
+                exit_code: out.exit.code,
+            });
         }
         let timeout = (timeout_s > 0).then(|| Duration::from_secs(timeout_s as u64));
         tokio::task::spawn_blocking(move || exec_sync(&target, &cmd, timeout))

@@ -16,7 +16,7 @@ use vmrun_proto::AgentClient;
 
 use super::sandbox::{call, status_msg, VmSandbox};
 use super::vmm_process::VmmProcess;
-use crate::runtime::{ExecOutput, ExitInfo, Running, RuntimeError};
+use crate::runtime::{ExecOutput, ExitInfo, Running, RuntimeError, SeparateOutput};
 
 /// Output kept from an exec (probes, hooks), like the native runtime.
 const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
@@ -58,7 +58,7 @@ impl VmContainer {
             id,
             pid,
             process,
-            vsock: sandbox.vmm.files.vsock.clone(),
+            vsock: sandbox.vmm.vsock_addr(),
             agent: sandbox.agent.clone(),
             rt: sandbox.rt.clone(),
             vmm: sandbox.vmm.clone(),
@@ -215,6 +215,7 @@ pub(super) fn exec_collect(
     let ids = (container_id.to_string(), exec_id.to_string());
     let collect = async {
         let mut output = Vec::new();
+        let mut separate = SeparateOutput::default();
         let request = v1::ReadOutputRequest {
             container_id: ids.0.clone(),
             exec_id: ids.1.clone(),
@@ -222,17 +223,23 @@ pub(super) fn exec_collect(
         let mut stream = agent.clone().read_output(request).await?.into_inner();
         while let Some(chunk) = stream.message().await? {
             let room = EXEC_OUTPUT_LIMIT.saturating_sub(output.len());
-            output.extend_from_slice(&chunk.data[..chunk.data.len().min(room)]);
+            let data = &chunk.data[..chunk.data.len().min(room)];
+            output.extend_from_slice(data);
+            match v1::output_chunk::Stream::try_from(chunk.stream) {
+                Ok(v1::output_chunk::Stream::Stderr) => separate.stderr.extend_from_slice(data),
+                _ => separate.stdout.extend_from_slice(data),
+            }
         }
         let request = v1::WaitProcessRequest {
             container_id: ids.0.clone(),
             exec_id: ids.1.clone(),
         };
         let done = agent.clone().wait_process(request).await?.into_inner();
-        Ok::<_, tonic::Status>((output, done))
+        Ok::<_, tonic::Status>((output, separate, done))
     };
     match rt.block_on(tokio::time::timeout(timeout, collect)) {
-        Ok(Ok((output, done))) => Ok(ExecOutput {
+        Ok(Ok((output, separate, done))) => Ok(ExecOutput {
+            separate: Some(separate),
             exit: ExitInfo {
                 code: done.exit_code,
                 signal: (done.signal != 0).then_some(done.signal),

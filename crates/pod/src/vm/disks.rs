@@ -18,7 +18,7 @@ use crate::runtime::RuntimeError;
 const SECTOR: u64 = 512;
 /// vmrun-vmm has 19 virtio-mmio slots (IOAPIC lines 5 to 23, one each);
 /// the pod VM's vsock and balloon take two: `/dev/vda` … `/dev/vdq`.
-const MAX_DISKS: usize = 17;
+pub(super) const MAX_DISKS: usize = 17;
 
 /// One `--disk` of the VMM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +38,7 @@ pub(super) struct DiskPlan {
 }
 
 /// `/dev/vda`, `/dev/vdb`, ...: the guest's names for the VMM's `--disk`s, in order.
-fn guest_disk(index: usize) -> Result<String, RuntimeError> {
+pub(super) fn guest_disk(index: usize) -> Result<String, RuntimeError> {
     let letter = u8::try_from(index)
         .ok()
         .filter(|i| usize::from(*i) < MAX_DISKS)

@@ -8,6 +8,7 @@
 mod container;
 pub mod disks;
 mod exec;
+mod host_mounts;
 mod sandbox;
 pub mod sizing;
 pub mod vmm_process;
@@ -40,6 +41,12 @@ pub struct VmRuntime {
     /// Upper bound on a pod VM's vCPUs (default: the host's CPUs).
     pub max_vcpus: Option<u8>,
     pub boot_timeout: Duration,
+    /// Empty disk slots a pod VM boots with, for images its containers
+    /// bring later ([`crate::runtime::Launch::block_image`]): CRI creates
+    /// the VM at RunPodSandbox, before it knows any container. 0 for
+    /// `vmrun run`, which knows every image when the VM boots.
+    #[serde(default)]
+    pub spare_disks: u8,
 }
 
 impl VmRuntime {

@@ -13,7 +13,8 @@ use vmrun_proto::v1;
 use vmrun_proto::AgentClient;
 
 use super::container::{self, VmContainer};
-use super::disks::DiskPlan;
+use super::disks::{guest_disk, DiskPlan, MAX_DISKS};
+use super::host_mounts;
 use super::sizing::vm_size;
 use super::vmm_process::{VmFiles, VmmProcess};
 use super::VmRuntime;
@@ -35,6 +36,8 @@ pub(super) struct VmSandbox {
     pub(super) rt: Handle,
     /// Guest block device of each image, by image reference.
     disks: BTreeMap<String, String>,
+    /// Guest block device of each block image attached after boot.
+    late_disks: Mutex<BTreeMap<PathBuf, String>>,
     /// Guest block device of each hostPath volume, by volume name.
     host_devices: BTreeMap<String, String>,
     ns_dir: Option<PathBuf>,
@@ -74,10 +77,20 @@ impl VmSandbox {
             cpus = cpus.min(usize::from(max.max(1)));
         }
         let size = vm_size(pod, cpus);
-        tracing::info!(pod = %pod.name, vcpus = size.vcpus, memory_mib = size.memory_mib, disks = disks.disks.len(), "starting the pod VM");
+        // Spare slots take what the boot disks leave of the guest's names.
+        let spare_disks = runtime
+            .spare_disks
+            .min(u8::try_from(MAX_DISKS.saturating_sub(disks.disks.len())).unwrap_or(0));
+        tracing::info!(pod = %pod.name, vcpus = size.vcpus, memory_mib = size.memory_mib, disks = disks.disks.len(), spare_disks, "starting the pod VM");
         let vmm = Arc::new(
-            VmmProcess::spawn(&runtime.assets, size, &disks.disks, VmFiles::new(&dir))
-                .map_err(sandbox_err)?,
+            VmmProcess::spawn(
+                &runtime.assets,
+                size,
+                &disks.disks,
+                spare_disks,
+                VmFiles::new(&dir),
+            )
+            .map_err(sandbox_err)?,
         );
         let agent = match rt.block_on(wait_for_agent(&vmm, runtime.boot_timeout)) {
             Ok(agent) => agent,
@@ -95,6 +108,7 @@ impl VmSandbox {
             agent,
             rt,
             disks: disks.images,
+            late_disks: Mutex::new(BTreeMap::new()),
             host_devices: disks.volumes,
             ns_dir: None,
             volume_dirs: BTreeMap::new(),
@@ -291,6 +305,51 @@ impl VmSandbox {
         Ok(())
     }
 
+    /// Copies host path `host` to `dest` under the guest's sandbox
+    /// directory; the copy's guest path.
+    fn copy_host_path(&self, dest: &str, host: &Path, budget: &mut u64) -> Result<PathBuf, String> {
+        let entries = host_mounts::entries(host, budget).map_err(|e| e.to_string())?;
+        let mut top = None;
+        for entry in entries {
+            let (path, made) = match entry {
+                host_mounts::Entry::Dir { path, mode } => {
+                    let guest = join(dest, &path);
+                    (path, self.make_dir(&guest, mode, None))
+                }
+                host_mounts::Entry::File { path, mode, data } => {
+                    let guest = join(dest, &path);
+                    (path, self.copy_file(&guest, mode, data))
+                }
+            };
+            let made = made.map_err(|e| e.to_string())?;
+            if path.is_empty() {
+                top = Some(made);
+            }
+        }
+        top.ok_or_else(|| format!("host path {}: nothing was copied", host.display()))
+    }
+
+    /// The guest device of an image: one it booted with, else its block
+    /// image attached now to a spare slot (once per block image).
+    fn image_device(&self, image: &str, block_image: Option<&Path>) -> Result<String, String> {
+        if let Some(device) = self.disks.get(image) {
+            return Ok(device.clone());
+        }
+        let path = block_image.ok_or_else(|| format!("image {image:?} has no disk in this VM"))?;
+        let mut late = self.late_disks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(device) = late.get(path) {
+            return Ok(device.clone());
+        }
+        let index = self
+            .vmm
+            .attach_disk(path, true)
+            .map_err(|e| format!("image {image:?}: {e}"))?;
+        let device = guest_disk(index).map_err(|e| e.to_string())?;
+        tracing::info!(pod = %self.pod.name, image, %device, "attached the image's disk");
+        late.insert(path.to_path_buf(), device.clone());
+        Ok(device)
+    }
+
     fn next_exec_id(&self) -> String {
         format!("exec-{}", self.exec_ids.fetch_add(1, Ordering::Relaxed))
     }
@@ -331,7 +390,7 @@ async fn wait_for_agent(
                 vmm.exit_reason(Some(exit))
             ));
         }
-        match vmrun_proto::connect_hybrid_vsock(&vmm.files.vsock, port).await {
+        match vmrun_proto::connect_hybrid_vsock(&vmm.vsock_addr(), port).await {
             Ok(mut agent) => match agent.health(v1::HealthRequest {}).await {
                 Ok(health) => {
                     let h = health.into_inner();
@@ -374,6 +433,18 @@ impl Sandbox for VmSandbox {
                     .map_err(|e| start_err(e.to_string()))?;
             }
         }
+        // CRI mounts name host paths: the guest gets copies (host_mounts.rs).
+        let mut c = c.clone();
+        let mut budget = host_mounts::MAX_COPY_BYTES;
+        for (index, m) in c.mounts.iter_mut().enumerate() {
+            if let Some(host) = &m.host_path {
+                let guest = self
+                    .copy_host_path(&format!("host-mounts/{id}/{index}"), host, &mut budget)
+                    .map_err(|e| start_err(format!("mount {}: {e}", m.path)))?;
+                m.host_path = Some(guest);
+            }
+        }
+        let c = &c;
         let mut ctx = self.spec_context(&launch.layers);
         ctx.cgroup_path = format!("/vmrun/{id}");
         ctx.cpuset = self.cpuset_for(c);
@@ -381,9 +452,8 @@ impl Sandbox for VmSandbox {
         let process = serde_json::to_value(spec.process()).unwrap_or_default();
         let spec_json = serde_json::to_vec(&spec).map_err(|e| start_err(e.to_string()))?;
         let device = self
-            .disks
-            .get(&c.image)
-            .ok_or_else(|| start_err(format!("image {:?} has no disk in this VM", c.image)))?;
+            .image_device(&c.image, launch.block_image.as_deref())
+            .map_err(start_err)?;
         let request = v1::CreateContainerRequest {
             container_id: id.clone(),
             oci_spec_json: spec_json,
@@ -459,7 +529,7 @@ impl Sandbox for VmSandbox {
     fn connect(&self, port: u16, timeout: Duration) -> Result<Box<dyn PodStream>, RuntimeError> {
         // The agent connects to 127.0.0.1:<port> in the pod's network
         // namespace and forwards the stream over vsock.
-        vmrun_proto::connect_guest_tcp_blocking(&self.vmm.files.vsock, port, timeout)
+        vmrun_proto::connect_guest_tcp_blocking(&self.vmm.vsock_addr(), port, timeout)
             .map(|stream| Box::new(stream) as Box<dyn PodStream>)
             .map_err(|e| RuntimeError::Connect {
                 port,
@@ -480,6 +550,14 @@ impl Sandbox for VmSandbox {
             "the pod VM died: {}",
             self.vmm.exit_reason(Some(exit))
         ))
+    }
+}
+
+fn join(dest: &str, rel: &str) -> String {
+    if rel.is_empty() {
+        dest.to_string()
+    } else {
+        format!("{dest}/{rel}")
     }
 }
 

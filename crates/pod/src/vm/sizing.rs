@@ -13,6 +13,9 @@ pub const OVERHEAD_MIB: u64 = 128;
 pub const UNLIMITED_CONTAINER_MIB: u64 = 256;
 /// What a container without a cpu limit adds, in millicores.
 pub const UNLIMITED_CONTAINER_MILLI: u64 = 1000;
+/// A pod VM made before its containers are known (CRI) without pod limits:
+/// as much memory as a Kata Containers VM gets by default. A ceiling only.
+pub const UNKNOWN_POD_MIB: u64 = 2048;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmSize {
@@ -26,6 +29,22 @@ pub struct VmSize {
 /// needs the larger of the biggest init container and the sum of the app
 /// containers (Kubernetes' effective pod request rule, applied to limits).
 pub fn vm_size(pod: &PodPlan, host_cpus: usize) -> VmSize {
+    let host_cpus = host_cpus.clamp(1, usize::from(u8::MAX)) as u64;
+    if pod.all_containers().next().is_none() {
+        // CRI: the containers come later; the pod's limits say what they
+        // may take together, else the VM gets a generous ceiling.
+        let limits = pod.pod_limits.clone().unwrap_or_default();
+        let memory = limits
+            .memory_limit
+            .map_or(UNKNOWN_POD_MIB, |bytes| bytes.div_ceil(1 << 20));
+        let cpus = limits
+            .cpu_limit_milli
+            .map_or(host_cpus, |milli| milli.div_ceil(1000).max(1));
+        return VmSize {
+            vcpus: cpus.min(host_cpus) as u8,
+            memory_mib: OVERHEAD_MIB + memory,
+        };
+    }
     let memory_mib = |c: &crate::plan::ContainerPlan| {
         c.resources
             .memory_limit
@@ -46,7 +65,6 @@ pub fn vm_size(pod: &PodPlan, host_cpus: usize) -> VmSize {
     let app_milli: u64 = pod.containers.iter().map(milli).sum();
     let init_milli = pod.init_containers.iter().map(milli).max().unwrap_or(0);
     let cpus = app_milli.max(init_milli).div_ceil(1000).max(1);
-    let host_cpus = host_cpus.clamp(1, usize::from(u8::MAX)) as u64;
     VmSize {
         vcpus: cpus.min(host_cpus) as u8,
         memory_mib: OVERHEAD_MIB + app_mem.max(init_mem),
@@ -135,5 +153,32 @@ mod tests {
         // Odd byte counts round up to whole MiB.
         let p = pod(&[], &[(Some("1048577"), Some("1m"))]);
         assert_eq!(vm_size(&p, 2).memory_mib, OVERHEAD_MIB + 2);
+    }
+
+    /// CRI makes the VM before any container: the pod's limits size it,
+    /// else a generous ceiling with every host CPU.
+    #[test]
+    fn a_pod_without_containers_yet_is_sized_from_its_limits() {
+        let mut p = pod(&[], &[(None, None)]);
+        p.containers.clear();
+        assert_eq!(
+            vm_size(&p, 4),
+            VmSize {
+                vcpus: 4,
+                memory_mib: OVERHEAD_MIB + UNKNOWN_POD_MIB
+            }
+        );
+        p.pod_limits = Some(crate::plan::Resources {
+            memory_limit: Some(300 << 20),
+            cpu_limit_milli: Some(1500),
+            ..Default::default()
+        });
+        assert_eq!(
+            vm_size(&p, 4),
+            VmSize {
+                vcpus: 2,
+                memory_mib: OVERHEAD_MIB + 300
+            }
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! One `vmrun-vmm` process per pod: how it is started, watched and stopped.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
@@ -49,6 +50,9 @@ pub struct VmFiles {
     pub console: PathBuf,
     /// The VMM's own stderr (its exit reason).
     pub vmm_log: PathBuf,
+    /// The VMM's control socket (line-delimited JSON), for disks attached
+    /// after boot.
+    pub api: PathBuf,
 }
 
 impl VmFiles {
@@ -58,15 +62,28 @@ impl VmFiles {
             vsock: dir.join("vsock.sock"),
             console: dir.join("console.log"),
             vmm_log: dir.join("vmm.log"),
+            api: dir.join("api.sock"),
         }
     }
 }
+
+/// How long the VMM's control socket may take to answer.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct VmmProcess {
     child: Mutex<Child>,
     pidfd: OwnedFd,
     pub files: VmFiles,
+    /// Where the VMM's sockets are reached: its fd of the VM directory
+    /// (`/proc/<vmm pid>/fd/3`), a path that fits in a socket address
+    /// however deep the pod's directory is (a CRI pod's is 150 bytes and
+    /// more; `sun_path` takes 107).
+    socket_dir: PathBuf,
 }
+
+/// The VMM's descriptor of the VM directory; its sockets are named below
+/// `/proc/self/fd/3/`.
+const DIR_FD: i32 = 3;
 
 /// Kernel command line of pod VMs; the VMM appends the virtio-mmio devices.
 /// `reboot=k panic=-1`: a shutdown and a panic both reset the VM, which the
@@ -80,14 +97,31 @@ pub const GUEST_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 quiet printk.devkmsg=on vmrun.page_reporting_order=5";
 
 impl VmmProcess {
+    /// Starts the VMM with `disks` and `spare_disks` empty slots after
+    /// them (filled later with [`VmmProcess::attach_disk`]).
     pub fn spawn(
         assets: &VmAssets,
         size: VmSize,
         disks: &[VmDisk],
+        spare_disks: u8,
         files: VmFiles,
     ) -> Result<Self, String> {
         let log = File::create(&files.vmm_log)
             .map_err(|e| format!("{}: {e}", files.vmm_log.display()))?;
+        let dir = nix::fcntl::open(
+            &files.dir,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| format!("{}: {e}", files.dir.display()))?;
+        let in_vmm = |path: &Path| -> PathBuf {
+            let name = path.file_name().unwrap_or_default();
+            Path::new("/proc/self/fd")
+                .join(DIR_FD.to_string())
+                .join(name)
+        };
         let mut cmd = Command::new(&assets.vmm);
         cmd.arg("--kernel")
             .arg(&assets.kernel)
@@ -97,7 +131,7 @@ impl VmmProcess {
             .args(["--vcpus", &size.vcpus.to_string()])
             .args(["--memory", &size.memory_mib.to_string()])
             .arg("--vsock")
-            .arg(&files.vsock)
+            .arg(in_vmm(&files.vsock))
             // An idle pod VM gives the memory its guest freed back to the host.
             .arg("--free-page-reporting")
             .arg("--console")
@@ -108,6 +142,30 @@ impl VmmProcess {
                 arg.push(",ro");
             }
             cmd.arg("--disk").arg(arg);
+        }
+        if spare_disks > 0 {
+            cmd.args(["--spare-disks", &spare_disks.to_string()])
+                .arg("--api")
+                .arg(in_vmm(&files.api));
+        }
+        let dir_fd = dir.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe calls (dup2, fcntl) on `dir`, which stays
+        // open in the parent until `spawn` returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                let ok = if dir_fd == DIR_FD {
+                    // Already in place (dup2 would keep close-on-exec).
+                    libc::fcntl(dir_fd, libc::F_SETFD, 0) == 0
+                } else {
+                    libc::dup2(dir_fd, DIR_FD) >= 0
+                };
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -124,11 +182,67 @@ impl VmmProcess {
                 return Err(format!("pidfd of the VMM: {e}"));
             }
         };
+        drop(dir);
+        let socket_dir = Path::new("/proc")
+            .join(child.id().to_string())
+            .join("fd")
+            .join(DIR_FD.to_string());
         Ok(VmmProcess {
             child: Mutex::new(child),
             pidfd,
             files,
+            socket_dir,
         })
+    }
+
+    /// Puts the disk image `path` in the VM's next empty disk slot (the
+    /// guest sees the slot's disk grow from size 0); its guest index, 0
+    /// being `/dev/vda`.
+    pub fn attach_disk(&self, path: &Path, read_only: bool) -> Result<usize, String> {
+        let request = serde_json::json!({
+            "action": "attach_disk",
+            "path": path,
+            "read_only": read_only,
+        });
+        let reply = self.api_call(&request)?;
+        match reply["disk"].as_u64() {
+            Some(disk) if reply["ok"] == true => Ok(disk as usize),
+            _ => Err(format!(
+                "the VMM did not attach {}: {}",
+                path.display(),
+                reply["error"].as_str().unwrap_or("no reason given")
+            )),
+        }
+    }
+
+    /// One request on the VMM's control socket and its one-line reply.
+    fn api_call(&self, request: &serde_json::Value) -> Result<serde_json::Value, String> {
+        use std::io::{BufRead, BufReader, Write};
+        let api = &self.api_addr();
+        let fail = |e: std::io::Error| format!("the VMM's control socket {}: {e}", api.display());
+        let stream = std::os::unix::net::UnixStream::connect(api).map_err(fail)?;
+        stream.set_read_timeout(Some(API_TIMEOUT)).map_err(fail)?;
+        let mut line = request.to_string();
+        line.push('\n');
+        (&stream).write_all(line.as_bytes()).map_err(fail)?;
+        let mut reply = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut reply)
+            .map_err(fail)?;
+        serde_json::from_str(&reply)
+            .map_err(|e| format!("the VMM's control socket answered {reply:?}: {e}"))
+    }
+
+    /// The hybrid vsock socket's address for any process of the host
+    /// (while the VMM runs).
+    pub fn vsock_addr(&self) -> PathBuf {
+        self.socket_dir
+            .join(self.files.vsock.file_name().unwrap_or_default())
+    }
+
+    fn api_addr(&self) -> PathBuf {
+        self.socket_dir
+            .join(self.files.api.file_name().unwrap_or_default())
     }
 
     pub fn pid(&self) -> u32 {

@@ -5,10 +5,9 @@
 //! byte, a used entry of length 0) and the device goes on; only a queue
 //! the device cannot even return buffers to makes it need a reset.
 
-use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -19,6 +18,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
+use super::block_media::{Media, MediaError, MediaSlot};
 use super::block_request::{
     collect_chain, parse, status_address, Request, RequestError, RequestType, SECTOR_SIZE,
 };
@@ -26,11 +26,8 @@ use super::{read_config_bytes, ActivateError, VirtioDevice, VirtioInterrupt, VIR
 
 pub const QUEUE_SIZE: u16 = 256;
 
-#[derive(Debug, thiserror::Error)]
-pub enum BlockError {
-    #[error("cannot open disk image {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
-}
+/// Opening a boot disk fails as opening any disk does.
+pub type BlockError = MediaError;
 
 struct Active {
     memory: GuestMemoryMmap,
@@ -39,9 +36,11 @@ struct Active {
 }
 
 pub struct Block {
-    disk: File,
-    read_only: bool,
-    capacity: u64,
+    media: Arc<MediaSlot>,
+    /// VIRTIO_BLK_F_RO offered: a read-only boot disk. A slot filled later
+    /// offers it not (the feature is fixed at probe); a read-only disk put
+    /// there refuses writes with an I/O error instead.
+    read_only_feature: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     acked_features: u64,
     active: Option<Active>,
@@ -54,6 +53,8 @@ enum ServeError {
     Invalid(#[from] RequestError),
     #[error("write to a read-only disk")]
     ReadOnly,
+    #[error("no disk in this slot")]
+    NoMedia,
     #[error("disk I/O: {0}")]
     Io(#[from] io::Error),
     #[error("guest memory: {0}")]
@@ -63,60 +64,70 @@ enum ServeError {
 impl Block {
     /// Opens `path` as the disk; `id` is what GET_ID reports (serial number).
     pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Block, BlockError> {
-        let open_error = |source| BlockError::Open {
-            path: path.to_owned(),
-            source,
-        };
-        let disk = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(open_error)?;
-        let size = disk.metadata().map_err(open_error)?.len();
+        let media = Media::open(path, read_only)?;
+        Ok(Block::new(MediaSlot::with(media), read_only, id))
+    }
+
+    /// A disk slot to fill after boot through `media` (capacity 0 until then).
+    pub fn empty(id: &str) -> (Block, Arc<MediaSlot>) {
+        let media = MediaSlot::empty();
+        (Block::new(media.clone(), false, id), media)
+    }
+
+    fn new(media: Arc<MediaSlot>, read_only_feature: bool, id: &str) -> Block {
         let mut id_bytes = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = id.len().min(id_bytes.len());
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
-        Ok(Block {
-            disk,
-            read_only,
-            // A trailing partial sector is not addressable.
-            capacity: size / SECTOR_SIZE,
+        Block {
+            media,
+            read_only_feature,
             id: id_bytes,
             acked_features: 0,
             active: None,
-        })
+        }
     }
 
     pub fn capacity_sectors(&self) -> u64 {
-        self.capacity
+        self.media.capacity_sectors()
     }
 
     /// Serves a validated request; returns the bytes written to guest buffers.
-    fn serve(&self, request: &Request, memory: &GuestMemoryMmap) -> Result<u32, ServeError> {
+    fn serve(
+        &self,
+        disk: Option<&Media>,
+        request: &Request,
+        memory: &GuestMemoryMmap,
+    ) -> Result<u32, ServeError> {
         let mut offset = request.sector * SECTOR_SIZE;
         let mut written = 0u32;
         match request.kind {
             RequestType::In => {
+                let disk = disk.ok_or(ServeError::NoMedia)?;
                 for segment in &request.data {
                     let mut buffer = vec![0u8; segment.len as usize];
-                    self.disk.read_exact_at(&mut buffer, offset)?;
+                    disk.file.read_exact_at(&mut buffer, offset)?;
                     memory.write_slice(&buffer, segment.addr)?;
                     offset += u64::from(segment.len);
                     written += segment.len;
                 }
             }
             RequestType::Out => {
-                if self.read_only {
+                let disk = disk.ok_or(ServeError::NoMedia)?;
+                if disk.read_only {
                     return Err(ServeError::ReadOnly);
                 }
                 for segment in &request.data {
                     let mut buffer = vec![0u8; segment.len as usize];
                     memory.read_slice(&mut buffer, segment.addr)?;
-                    self.disk.write_all_at(&buffer, offset)?;
+                    disk.file.write_all_at(&buffer, offset)?;
                     offset += u64::from(segment.len);
                 }
             }
-            RequestType::Flush => self.disk.sync_data()?,
+            RequestType::Flush => {
+                if let Some(disk) = disk {
+                    disk.file.sync_data()?;
+                }
+            }
             RequestType::GetId => {
                 let mut remaining: &[u8] = &self.id;
                 for segment in &request.data {
@@ -142,10 +153,13 @@ impl Block {
             // No trustworthy end of chain, so no status byte to write.
             Err(_) => return 0,
         };
-        let (status, written) = match parse(&descriptors, memory, self.capacity) {
+        // Each request sees one disk: the slot may be filled meanwhile.
+        let disk = self.media.current();
+        let capacity = disk.as_ref().map_or(0, |d| d.capacity);
+        let (status, written) = match parse(&descriptors, memory, capacity) {
             Ok(request) => match request.kind {
                 RequestType::Unsupported(_) => (VIRTIO_BLK_S_UNSUPP, 0),
-                _ => match self.serve(&request, memory) {
+                _ => match self.serve(disk.as_deref(), &request, memory) {
                     Ok(written) => (VIRTIO_BLK_S_OK, written),
                     Err(_) => (VIRTIO_BLK_S_IOERR, 0),
                 },
@@ -170,7 +184,7 @@ impl VirtioDevice for Block {
 
     fn features(&self) -> u64 {
         let mut features = VIRTIO_F_VERSION_1 | (1 << VIRTIO_BLK_F_FLUSH);
-        if self.read_only {
+        if self.read_only_feature {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
         features
@@ -182,7 +196,11 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_blk_config starts with `capacity` (u64, sectors).
-        read_config_bytes(&self.capacity.to_le_bytes(), offset, data);
+        read_config_bytes(&self.capacity_sectors().to_le_bytes(), offset, data);
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.media.generation()
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -197,6 +215,7 @@ impl VirtioDevice for Block {
     ) -> Result<(), ActivateError> {
         super::check_queues(&queues, &memory, 1)?;
         let queue = queues.remove(0);
+        self.media.set_interrupt(Some(interrupt.clone()));
         self.active = Some(Active {
             memory,
             queue,
@@ -218,6 +237,7 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
+        self.media.set_interrupt(None);
         self.active = None;
         self.acked_features = 0;
     }

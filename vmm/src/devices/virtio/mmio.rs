@@ -216,7 +216,9 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
             VIRTIO_MMIO_STATUS => self.status,
-            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            VIRTIO_MMIO_CONFIG_GENERATION => self
+                .config_generation
+                .wrapping_add(self.device.config_generation()),
             _ => 0,
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod balloon;
 pub mod block;
+pub mod block_media;
 pub mod block_request;
 pub mod mmio;
 pub mod net;
@@ -135,6 +136,12 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space.
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Counts changes of the configuration space the device made on its
+    /// own (the transport adds its own count of driver writes), so that a
+    /// driver reading it in pieces sees a change in between.
+    fn config_generation(&self) -> u32 {
+        0
+    }
     /// One eventfd per queue, in queue order, for a device that serves its
     /// queues on its own thread: the VMM registers each as the ioeventfd
     /// of a QueueNotify write of that queue's index. Empty (the default)
