@@ -21,6 +21,7 @@ pub mod service;
 mod containers;
 mod files;
 mod forward;
+mod network;
 mod oom;
 mod process;
 mod resources;

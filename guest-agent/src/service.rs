@@ -414,6 +414,22 @@ impl Agent for AgentService {
         Ok(Response::new(self.inner.containers.oom_events(stop)))
     }
 
+    async fn configure_network(
+        &self,
+        request: Request<ConfigureNetworkRequest>,
+    ) -> Result<Response<ConfigureNetworkResponse>, Status> {
+        let req = request.into_inner();
+        crate::network::configure(&req)
+            .await
+            .map_err(|e| fail("ConfigureNetwork", e))?;
+        tracing::info!(
+            interfaces = req.interfaces.len(),
+            routes = req.routes.len(),
+            "network configured"
+        );
+        Ok(Response::new(ConfigureNetworkResponse {}))
+    }
+
     async fn destroy_sandbox(
         &self,
         request: Request<DestroySandboxRequest>,

@@ -38,4 +38,5 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// what an agent supports. 1: `ResizeTty`, `UpdateResources`, `OomEvents`,
 /// `DestroySandbox` and terminals for `process.terminal` processes.
 /// 2: `CopyFile.tmpfs_size_bytes` (size-limited emptyDirs).
-pub const PROTOCOL_REVISION: u32 = 2;
+/// 3: `ConfigureNetwork` (pod networking of vm pods).
+pub const PROTOCOL_REVISION: u32 = 3;

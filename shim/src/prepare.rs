@@ -106,6 +106,7 @@ pub async fn prepare(
             max_vcpus: config.vm.max_vcpus,
             boot_timeout: VmRuntime::boot_timeout_from_env(),
             spare_disks: 0,
+            pod_network: false,
         }),
         "wasm" => PodRuntime::Wasm(
             WasmRuntime::beside_current_exe(config.state.clone(), &config.root, config.pids_limit)

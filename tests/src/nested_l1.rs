@@ -31,7 +31,9 @@ pub(crate) const BUSYBOX: &str = "/bin/busybox";
 
 /// Modules L1 loads at boot (their dependencies come along): PCI virtio and virtiofs for the
 /// host share, KVM with nested SVM, and what tests running inside typically need (vsock
-/// for guest agents, overlayfs, tun).
+/// for guest agents, overlayfs, tun; veth and bridge for CNI's bridge plugin, and the tc
+/// ingress qdisc, u32 classifier and mirred action that join a pod VM's tap to its CNI
+/// interface).
 const WANTED_MODULES: &[&str] = &[
     "virtio_pci",
     "virtiofs",
@@ -40,6 +42,11 @@ const WANTED_MODULES: &[&str] = &[
     "vsock_loopback",
     "overlay",
     "tun",
+    "veth",
+    "bridge",
+    "sch_ingress",
+    "cls_u32",
+    "act_mirred",
 ];
 
 /// Parameters L1 loads modules with (none so far; `kvm_amd vgif=0` was tried against the

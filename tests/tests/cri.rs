@@ -1628,6 +1628,112 @@ mod streaming {
         assert_eq!(e.code(), tonic::Code::NotFound);
         stop_and_remove(&server, &sandbox).await;
     }
+
+    /// Exec with stdin and a terminal, and port-forward, into a vm pod:
+    /// through the guest agent (its pty, its TCP forwarder in the guest).
+    /// Nested inside L1 where /dev/kvm is not hardware KVM.
+    #[tokio::test]
+    async fn a_vm_pod_is_reached_by_exec_with_a_tty_and_port_forward() {
+        const TEST: &str = "a_vm_pod_is_reached_by_exec_with_a_tty_and_port_forward";
+        vmrun_tests::pod::vmrun_bin();
+        vmrun_tests::pod::guest_assets();
+        vmrun_tests::hardware_kvm_or_nested!(TEST);
+        require_root(TEST);
+        let server = CriServer::start_for_vm(None).await;
+        let image = server
+            .pull(&vmrun_tests::shared_busybox().await.unwrap())
+            .await;
+        let logs = tempfile::tempdir().unwrap();
+        let mut config = kubelet_sandbox_config("vmstream", "uid-vmstream", logs.path());
+        config.linux.get_or_insert_with(Default::default).resources =
+            Some(api::LinuxContainerResources {
+                memory_limit_in_bytes: 128 << 20,
+                ..Default::default()
+            });
+        let sandbox = run_sandbox(&server, &config, "vm").await.unwrap();
+        let script = "trap 'exit 0' TERM; while :; do echo pong | nc -l -p 7070; done & wait";
+        let id = create(
+            &server,
+            &sandbox,
+            kubelet_container_config("main", &image, &sh(script), &config),
+            &config,
+        )
+        .await
+        .unwrap();
+        start(&server, &id).await;
+
+        let url = server
+            .runtime()
+            .await
+            .exec(api::ExecRequest {
+                container_id: id.clone(),
+                cmd: [
+                    "/bin/sh",
+                    "-c",
+                    "read x; echo got:$x; tty; stty size; exit 7",
+                ]
+                .map(String::from)
+                .to_vec(),
+                tty: true,
+                stdin: true,
+                stdout: true,
+                stderr: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        let mut ws = connect(&url, "v5.channel.k8s.io").await;
+        let size = br#"{"Width":90,"Height":30}"#;
+        ws.send(Message::Binary([&[4u8][..], size].concat().into()))
+            .await
+            .unwrap();
+        ws.send(Message::Binary([&[0u8][..], b"hi\n"].concat().into()))
+            .await
+            .unwrap();
+        let got = collect(&mut ws).await;
+        let out = String::from_utf8_lossy(got.get(&1).map(Vec::as_slice).unwrap_or_default());
+        assert!(out.contains("got:hi"), "{out:?}");
+        assert!(out.contains("/dev/pts/"), "{out:?}");
+        assert!(out.contains("30 90"), "{out:?}");
+        let status: serde_json::Value = serde_json::from_slice(&got[&3]).unwrap();
+        assert_eq!(status["details"]["causes"][0]["message"], "7", "{status}");
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let url = server
+                .runtime()
+                .await
+                .port_forward(api::PortForwardRequest {
+                    pod_sandbox_id: sandbox.clone(),
+                    port: vec![7070],
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .url;
+            let mut ws = connect(&format!("{url}?port=7070"), "v4.channel.k8s.io").await;
+            ws.send(Message::Binary([&[0u8][..], b"ping\n"].concat().into()))
+                .await
+                .unwrap();
+            let got = collect_until(&mut ws, |got| {
+                got.get(&0).is_some_and(|d| d.ends_with(b"pong\n"))
+                    || got.get(&1).is_some_and(|e| e.len() > 2)
+            })
+            .await;
+            let data = got.get(&0).cloned().unwrap_or_default();
+            if data.len() > 2 && &data[2..] == b"pong\n" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "port-forward to 7070 in the pod VM: {got:?}"
+            );
+            // The server in the guest may not listen yet.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        stop_and_remove(&server, &sandbox).await;
+    }
 }
 
 /// The `vm` handler: RunPodSandbox boots the pod's microVM before any
@@ -1638,6 +1744,9 @@ mod streaming {
 /// Nested inside L1 where /dev/kvm is not hardware KVM.
 #[tokio::test]
 async fn the_vm_handler_runs_a_pod_in_a_microvm() {
+    // Built here, not by the emulated L1.
+    vmrun_tests::pod::vmrun_bin();
+    vmrun_tests::pod::guest_assets();
     vmrun_tests::hardware_kvm_or_nested!("the_vm_handler_runs_a_pod_in_a_microvm");
     require_root("the_vm_handler_runs_a_pod_in_a_microvm");
     let server = CriServer::start_for_vm(None).await;
@@ -1797,4 +1906,146 @@ async fn the_vm_handler_runs_a_pod_in_a_microvm() {
         })
         .count();
     assert_eq!(vmm, 0, "the VMM is gone with the pod");
+}
+
+/// A vm pod and a native pod on one CNI bridge network reach each other
+/// over TCP by pod IP: the pod VM's tap is joined to its CNI interface and
+/// the guest's eth0 has that interface's address and MAC. No portmap here:
+/// L1 (nested) has no iptables modules. Nested inside L1 where /dev/kvm is
+/// not hardware KVM.
+#[tokio::test]
+async fn a_vm_pod_and_a_native_pod_talk_over_cni() {
+    const TEST: &str = "a_vm_pod_and_a_native_pod_talk_over_cni";
+    // Built here, not by the emulated L1.
+    vmrun_tests::pod::vmrun_bin();
+    vmrun_tests::pod::guest_assets();
+    vmrun_tests::hardware_kvm_or_nested!(TEST);
+    require_root(TEST);
+    if !std::path::Path::new("/usr/lib/cni/bridge").exists() {
+        eprintln!("SKIPPED {TEST}: containernetworking-plugins not installed (/usr/lib/cni)");
+        return;
+    }
+    let ipam = tempfile::tempdir().unwrap();
+    let conflist = format!(
+        r#"{{"cniVersion": "1.0.0", "name": "vmrvm0", "plugins": [
+  {{"type": "bridge", "bridge": "vmrvm0", "isGateway": true, "ipMasq": false,
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "10.250.42.0/24"}}]], "dataDir": {:?}}}}},
+  {{"type": "loopback"}}]}}"#,
+        ipam.path().display().to_string()
+    );
+    let server = CriServer::start_for_vm(Some(&conflist)).await;
+    let image = server
+        .pull(&vmrun_tests::shared_busybox().await.unwrap())
+        .await;
+    let logs = tempfile::tempdir().unwrap();
+    let mut vm_config = kubelet_sandbox_config("vmnet", "uid-vmnet", logs.path());
+    vm_config
+        .linux
+        .get_or_insert_with(Default::default)
+        .resources = Some(api::LinuxContainerResources {
+        memory_limit_in_bytes: 128 << 20,
+        ..Default::default()
+    });
+    let native_config = kubelet_sandbox_config("natnet", "uid-natnet", logs.path());
+    let vm_pod = run_sandbox(&server, &vm_config, "vm").await.unwrap();
+    let native_pod = run_sandbox(&server, &native_config, "runc").await.unwrap();
+    let pod_ip = |id: String| {
+        let server = &server;
+        async move {
+            server
+                .runtime()
+                .await
+                .pod_sandbox_status(api::PodSandboxStatusRequest {
+                    pod_sandbox_id: id,
+                    verbose: false,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap()
+                .network
+                .unwrap()
+                .ip
+        }
+    };
+    let (vm_ip, native_ip) = (
+        pod_ip(vm_pod.clone()).await,
+        pod_ip(native_pod.clone()).await,
+    );
+    assert!(vm_ip.starts_with("10.250.42."), "{vm_ip:?}");
+    assert!(
+        native_ip.starts_with("10.250.42.") && native_ip != vm_ip,
+        "{native_ip:?}"
+    );
+
+    // Each pod serves a line on 8080 and has a client to try the other.
+    let serve = |line: &str| {
+        format!("trap 'exit 0' TERM; while :; do echo {line} | nc -l -p 8080; done & wait")
+    };
+    let in_vm = create(
+        &server,
+        &vm_pod,
+        kubelet_container_config("srv", &image, &sh(&serve("hello-from-vm")), &vm_config),
+        &vm_config,
+    )
+    .await
+    .unwrap();
+    let in_native = create(
+        &server,
+        &native_pod,
+        kubelet_container_config(
+            "srv",
+            &image,
+            &sh(&serve("hello-from-native")),
+            &native_config,
+        ),
+        &native_config,
+    )
+    .await
+    .unwrap();
+    start(&server, &in_vm).await;
+    start(&server, &in_native).await;
+
+    // The guest's eth0 holds the pod IP.
+    let addr = exec_sync(&server, &in_vm, &["ip", "-4", "addr", "show", "eth0"]).await;
+    let addr = String::from_utf8_lossy(&addr.stdout).into_owned();
+    assert!(addr.contains(&format!("inet {vm_ip}/24")), "{addr}");
+
+    for (from, to_ip, want) in [
+        (&in_native, &vm_ip, "hello-from-vm\n"),
+        (&in_vm, &native_ip, "hello-from-native\n"),
+    ] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = exec_sync(
+                &server,
+                from,
+                &sh(&format!("nc -w 2 {to_ip} 8080 </dev/null")),
+            )
+            .await;
+            if out.stdout == want.as_bytes() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{want:?} from {to_ip}:8080 never came: {out:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    stop_and_remove(&server, &vm_pod).await;
+    stop_and_remove(&server, &native_pod).await;
+    let leases: Vec<_> = std::fs::read_dir(ipam.path().join("vmrvm0"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !leases.iter().any(|l| l.starts_with("10.250.42.")),
+        "host-local leases left: {leases:?}"
+    );
 }

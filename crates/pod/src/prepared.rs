@@ -165,6 +165,7 @@ mod tests {
                 max_vcpus: Some(1),
                 boot_timeout: Duration::from_secs(60),
                 spare_disks: 0,
+                pod_network: false,
             }),
         }
     }

@@ -135,6 +135,22 @@ pub trait Sandbox: Send + Sync {
     /// The host process whose network namespace is the pod's (a native pod's
     /// pause process), for CNI to attach it; None with hostNetwork, or when
     /// the pod's network lives elsewhere (a VM).
+    /// Where a client outside the sandbox's process reaches its pod's TCP
+    /// ports when the pod's network namespace cannot (a pod VM: the hybrid
+    /// vsock socket of its guest agent's forwarder). None: connect in the
+    /// pod's network namespace.
+    fn guest_forwarder(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
+    /// CNI has configured the pod's interface in the network namespace
+    /// pinned at `netns` (that of [`Sandbox::network_holder_pid`]): a
+    /// sandbox whose containers do not live in that namespace themselves
+    /// (a pod VM) joins them to it now.
+    fn network_attached(&self, _netns: &std::path::Path) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
     fn network_holder_pid(&self) -> Option<i32> {
         None
     }

@@ -6,6 +6,7 @@ mod images;
 mod registry;
 mod runtime;
 mod streaming;
+mod streaming_vm;
 
 use std::future::Future;
 use std::path::PathBuf;

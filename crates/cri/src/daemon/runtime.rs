@@ -226,6 +226,7 @@ impl RuntimeService for RuntimeServiceImpl {
                 max_vcpus: self.opts.vm_max_vcpus,
                 boot_timeout: VmRuntime::boot_timeout_from_env(),
                 spare_disks: VM_IMAGE_SLOTS,
+                pod_network: self.network().is_ok(),
             }),
             image_root: self.opts.image_root.clone(),
             // Without a network configuration a pod gets loopback only, and

@@ -49,8 +49,15 @@ async fn exec_target(registry: &Registry, id: &str) -> Result<serde_json::Value,
     }
 }
 
-/// The pod's network namespace, from its owner (None: the host's).
-async fn pod_netns(registry: &Registry, id: &str) -> Result<Option<PathBuf>, String> {
+/// How a pod's ports are reached, from its owner.
+enum PodPorts {
+    /// Connect in this network namespace (None: the host's).
+    Netns(Option<PathBuf>),
+    /// Through a pod VM's guest agent, at this hybrid vsock socket.
+    Guest(PathBuf),
+}
+
+async fn pod_ports(registry: &Registry, id: &str) -> Result<PodPorts, String> {
     let pod = registry.pod(id).map_err(|s| s.message().to_string())?;
     let mut owner = pod.owner().map_err(|s| s.message().to_string())?;
     let status = owner
@@ -62,7 +69,10 @@ async fn pod_netns(registry: &Registry, id: &str) -> Result<Option<PathBuf>, Str
         .map_err(|s| s.message().to_string())?
         .into_inner();
     let info = verbose_info(&status.info);
-    Ok(info["netns"].as_str().map(PathBuf::from))
+    if let Some(uds) = info["guestForwarder"].as_str() {
+        return Ok(PodPorts::Guest(PathBuf::from(uds)));
+    }
+    Ok(PodPorts::Netns(info["netns"].as_str().map(PathBuf::from)))
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
@@ -345,6 +355,7 @@ impl Backend for StreamBackend {
             let target = exec_target(&registry, &req.container_id).await?;
             match target["runtime"].as_str() {
                 Some("native") => exec_native(target, req, streams).await,
+                Some("vm") => super::streaming_vm::exec(target, req, streams).await,
                 other => Err(format!(
                     "exec with streams in {} containers is not available through CRI yet",
                     other.unwrap_or("unknown")
@@ -371,7 +382,19 @@ impl Backend for StreamBackend {
     ) -> BoxFuture<'static, Result<(), String>> {
         let registry = self.registry.clone();
         async move {
-            let netns = pod_netns(&registry, &pod_sandbox_id).await?;
+            let netns = match pod_ports(&registry, &pod_sandbox_id).await? {
+                PodPorts::Netns(netns) => netns,
+                PodPorts::Guest(uds) => {
+                    let mut guest = vmrun_proto::connect_guest_tcp(&uds, port)
+                        .await
+                        .map_err(|e| format!("port {port} in the pod VM: {e}"))?;
+                    let mut stream = stream;
+                    return tokio::io::copy_bidirectional(&mut stream, &mut guest)
+                        .await
+                        .map(drop)
+                        .map_err(|e| format!("port {port}: {e}"));
+                }
+            };
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
             let tcp = tokio::task::spawn_blocking(move || match netns {
                 Some(ns) => vmrun_cni::netns::connect_tcp(&ns, addr, CONNECT_TIMEOUT)

@@ -111,6 +111,11 @@ impl PodNetwork {
         }
     }
 
+    /// Where the pod's network namespace is pinned.
+    pub fn netns_path(&self) -> &Path {
+        self.netns.path()
+    }
+
     /// DEL, then the pin goes; repeatable (CNI DEL is idempotent).
     pub fn detach(&self) -> Result<(), NetworkError> {
         self.cni.del(&self.list, &self.attachment)?;

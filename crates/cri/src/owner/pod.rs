@@ -111,12 +111,32 @@ impl Owner {
                 })
                 .await
                 .context("network setup panicked")?;
-                match attached {
+                let joined = match attached {
+                    Ok(n) => {
+                        // A pod VM joins its guest to the interface CNI made.
+                        let (joining, netns) = (sandbox.clone(), n.netns_path().to_path_buf());
+                        match tokio::task::spawn_blocking(move || joining.network_attached(&netns))
+                            .await
+                        {
+                            Ok(Ok(())) => Ok(n),
+                            Ok(Err(e)) => {
+                                let _ = n.detach();
+                                Err(anyhow::Error::from(e))
+                            }
+                            Err(e) => {
+                                let _ = n.detach();
+                                Err(anyhow::anyhow!("joining the pod network panicked: {e}"))
+                            }
+                        }
+                    }
+                    Err(e) => Err(e.into()),
+                };
+                match joined {
                     Ok(n) => Some(Arc::new(n)),
                     Err(e) => {
                         let doomed = sandbox.clone();
                         let _ = tokio::task::spawn_blocking(move || doomed.destroy()).await;
-                        return Err(e.into());
+                        return Err(e);
                     }
                 }
             }
@@ -622,6 +642,7 @@ impl Owner {
             "ownerPid": std::process::id(),
             "directory": self.dir,
             "netns": self.sandbox().and_then(|s| s.network_holder_pid()).map(|pid| format!("/proc/{pid}/ns/net")),
+            "guestForwarder": self.sandbox().and_then(|s| s.guest_forwarder()),
         });
         HashMap::from([("info".to_string(), info.to_string())])
     }

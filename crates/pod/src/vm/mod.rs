@@ -9,6 +9,7 @@ mod container;
 pub mod disks;
 mod exec;
 mod host_mounts;
+pub mod network;
 mod sandbox;
 pub mod sizing;
 pub mod vmm_process;
@@ -47,6 +48,12 @@ pub struct VmRuntime {
     /// `vmrun run`, which knows every image when the VM boots.
     #[serde(default)]
     pub spare_disks: u8,
+    /// The pod joins a CNI network after its VM boots (CRI): the VMM runs
+    /// in a network namespace of its own holding the guest NIC's tap, for
+    /// CNI to add the pod's interface to (see [`network`]). A hostNetwork
+    /// pod keeps the guest's own network, loopback only.
+    #[serde(default)]
+    pub pod_network: bool,
 }
 
 impl VmRuntime {

@@ -50,6 +50,10 @@ pub(super) struct VmSandbox {
     destroyed: AtomicBool,
     /// Whether containers get the guest's /proc view (the agent serves it).
     proc_view: bool,
+    /// On the pod's CNI network: the VMM's namespace holds the guest NIC's
+    /// tap, and the containers share the guest's own network namespace
+    /// (where that NIC is).
+    networked: bool,
     vcpus: u8,
     /// Guest CPUs each container (by name) is pinned to, with the view.
     pinned: Mutex<BTreeMap<String, Vec<u32>>>,
@@ -77,6 +81,7 @@ impl VmSandbox {
             cpus = cpus.min(usize::from(max.max(1)));
         }
         let size = vm_size(pod, cpus);
+        let networked = runtime.pod_network && !pod.host_network;
         // Spare slots take what the boot disks leave of the guest's names.
         let spare_disks = runtime
             .spare_disks
@@ -88,6 +93,7 @@ impl VmSandbox {
                 size,
                 &disks.disks,
                 spare_disks,
+                networked,
                 VmFiles::new(&dir),
             )
             .map_err(sandbox_err)?,
@@ -101,6 +107,7 @@ impl VmSandbox {
         };
         let mut sandbox = VmSandbox {
             proc_view,
+            networked,
             vcpus: size.vcpus,
             pinned: Mutex::new(BTreeMap::new()),
             pod: pod.clone(),
@@ -146,7 +153,7 @@ impl VmSandbox {
             sysctls: pod.sysctls.iter().cloned().collect(),
             // hostNetwork/hostIPC/hostPID mean the guest's own namespaces:
             // the VM is the pod's host.
-            new_network: !pod.host_network,
+            new_network: !pod.host_network && !self.networked,
             new_ipc: !pod.host_ipc,
             new_uts: !pod.host_network,
             new_pid: pod.share_process_namespace && !pod.host_pid,
@@ -539,6 +546,26 @@ impl Sandbox for VmSandbox {
 
     fn destroy(&self) -> Result<(), RuntimeError> {
         self.teardown()
+    }
+
+    fn guest_forwarder(&self) -> Option<PathBuf> {
+        Some(self.vmm.vsock_addr())
+    }
+
+    fn network_holder_pid(&self) -> Option<i32> {
+        self.networked.then(|| self.vmm.pid() as i32)
+    }
+
+    fn network_attached(&self, netns: &Path) -> Result<(), RuntimeError> {
+        let err = |e: String| RuntimeError::Sandbox(format!("pod network: {e}"));
+        let request = super::network::wire(netns).map_err(|e| err(e.to_string()))?;
+        let mut agent = self.agent.clone();
+        self.call(
+            "configuring the guest's network",
+            agent.configure_network(request),
+        )
+        .map_err(err)?;
+        Ok(())
     }
 
     fn lost(&self) -> Option<String> {

@@ -104,6 +104,7 @@ impl VmmProcess {
         size: VmSize,
         disks: &[VmDisk],
         spare_disks: u8,
+        pod_network: bool,
         files: VmFiles,
     ) -> Result<Self, String> {
         let log = File::create(&files.vmm_log)
@@ -148,12 +149,19 @@ impl VmmProcess {
                 .arg("--api")
                 .arg(in_vmm(&files.api));
         }
+        if pod_network {
+            // Created by the VMM in the namespace it gets below.
+            cmd.arg("--net").arg(super::network::TAP);
+        }
         let dir_fd = dir.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe calls (dup2, fcntl) on `dir`, which stays
-        // open in the parent until `spawn` returns.
+        // makes async-signal-safe calls: unshare, and dup2/fcntl on `dir`,
+        // which stays open in the parent until `spawn` returns.
         unsafe {
             cmd.pre_exec(move || {
+                if pod_network && libc::unshare(libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 let ok = if dir_fd == DIR_FD {
                     // Already in place (dup2 would keep close-on-exec).
                     libc::fcntl(dir_fd, libc::F_SETFD, 0) == 0
