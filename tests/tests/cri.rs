@@ -112,6 +112,35 @@ fn log_records(path: &std::path::Path) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// The pod IP PodSandboxStatus reports.
+async fn pod_ip(server: &CriServer, id: &str) -> String {
+    server
+        .runtime()
+        .await
+        .pod_sandbox_status(api::PodSandboxStatusRequest {
+            pod_sandbox_id: id.to_string(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .network
+        .unwrap()
+        .ip
+}
+
+/// How many VMM processes run for the pod directory `pod_dir`.
+fn vmms_of(pod_dir: &std::path::Path) -> usize {
+    vmrun_tests::pod::process_table()
+        .into_iter()
+        .filter(|(_, _, cmd)| {
+            cmd.contains("vmrun-vmm") && cmd.contains(&*pod_dir.to_string_lossy())
+        })
+        .count()
+}
+
 fn chrono_like(t: &str) -> bool {
     t.len() >= 20 && t.as_bytes()[4] == b'-' && t.contains('T') && t.ends_with('Z')
 }
@@ -1176,27 +1205,7 @@ async fn pods_on_a_cni_network_reach_each_other_and_a_host_port() {
     let srv = run_sandbox(&server, &server_config, "").await.unwrap();
     let client_config = kubelet_sandbox_config("cli", "uid-cli", logs.path());
     let cli = run_sandbox(&server, &client_config, "").await.unwrap();
-    let pod_ip = |id: String| {
-        let server = &server;
-        async move {
-            server
-                .runtime()
-                .await
-                .pod_sandbox_status(api::PodSandboxStatusRequest {
-                    pod_sandbox_id: id,
-                    verbose: false,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .status
-                .unwrap()
-                .network
-                .unwrap()
-                .ip
-        }
-    };
-    let (srv_ip, cli_ip) = (pod_ip(srv.clone()).await, pod_ip(cli.clone()).await);
+    let (srv_ip, cli_ip) = (pod_ip(&server, &srv).await, pod_ip(&server, &cli).await);
     assert!(srv_ip.starts_with("10.250.41."), "{srv_ip:?}");
     assert!(
         cli_ip.starts_with("10.250.41.") && cli_ip != srv_ip,
@@ -1781,12 +1790,7 @@ async fn the_vm_handler_runs_a_pod_in_a_microvm() {
         .unwrap();
     assert_eq!(status.state, SANDBOX_READY);
     let pod_dir = server.sandboxes_dir().join(&sandbox);
-    let vmm = vmrun_tests::pod::process_table()
-        .into_iter()
-        .filter(|(_, _, cmd)| {
-            cmd.contains("vmrun-vmm") && cmd.contains(&*pod_dir.to_string_lossy())
-        })
-        .count();
+    let vmm = vmms_of(&pod_dir);
     assert_eq!(vmm, 1, "one VMM runs the pod");
 
     // What the kubelet mounts from the host: a file and a projected-style
@@ -1900,12 +1904,7 @@ async fn the_vm_handler_runs_a_pod_in_a_microvm() {
         (0, "Completed")
     );
     stop_and_remove(&server, &sandbox).await;
-    let vmm = vmrun_tests::pod::process_table()
-        .into_iter()
-        .filter(|(_, _, cmd)| {
-            cmd.contains("vmrun-vmm") && cmd.contains(&*pod_dir.to_string_lossy())
-        })
-        .count();
+    let vmm = vmms_of(&pod_dir);
     assert_eq!(vmm, 0, "the VMM is gone with the pod");
 }
 
@@ -1950,29 +1949,9 @@ async fn a_vm_pod_and_a_native_pod_talk_over_cni() {
     let native_config = kubelet_sandbox_config("natnet", "uid-natnet", logs.path());
     let vm_pod = run_sandbox(&server, &vm_config, "vm").await.unwrap();
     let native_pod = run_sandbox(&server, &native_config, "runc").await.unwrap();
-    let pod_ip = |id: String| {
-        let server = &server;
-        async move {
-            server
-                .runtime()
-                .await
-                .pod_sandbox_status(api::PodSandboxStatusRequest {
-                    pod_sandbox_id: id,
-                    verbose: false,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .status
-                .unwrap()
-                .network
-                .unwrap()
-                .ip
-        }
-    };
     let (vm_ip, native_ip) = (
-        pod_ip(vm_pod.clone()).await,
-        pod_ip(native_pod.clone()).await,
+        pod_ip(&server, &vm_pod).await,
+        pod_ip(&server, &native_pod).await,
     );
     assert!(vm_ip.starts_with("10.250.42."), "{vm_ip:?}");
     assert!(
