@@ -1,5 +1,6 @@
-//! Container output: CRI log files (what `kubectl logs` reads on a node) and a
-//! per-container prefixed stream on the terminal.
+//! Container output: CRI log files (what `kubectl logs` reads on a node), a
+//! per-container prefixed stream on the terminal, and a live tap of the raw
+//! bytes for whoever follows the output as it comes (CRI Attach).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,12 +26,27 @@ impl Stream {
     }
 }
 
+/// A piece of a container's output as it was read, before any line
+/// splitting: an attached terminal needs a prompt that has no newline yet.
+#[derive(Debug, Clone)]
+pub struct OutputChunk {
+    pub stream: Stream,
+    pub data: Arc<[u8]>,
+}
+
+/// Live followers of a container's output subscribe here. A broadcast, so a
+/// slow follower lags (and learns it) instead of stalling the container
+/// and its log.
+pub type OutputTap = tokio::sync::broadcast::Sender<OutputChunk>;
+
 /// Where one container attempt's output goes.
 #[derive(Clone)]
 pub struct LogTarget {
     pub file: Arc<Mutex<std::fs::File>>,
     /// `Some(prefix)` to echo to this process's stdout/stderr.
     pub terminal_prefix: Option<String>,
+    /// Also sends every chunk read here, as read.
+    pub tap: Option<OutputTap>,
 }
 
 impl LogTarget {
@@ -45,7 +61,24 @@ impl LogTarget {
         Ok(Self {
             file: Arc::new(Mutex::new(file)),
             terminal_prefix,
+            tap: None,
         })
+    }
+
+    /// The same target, also sending what it gets to `tap`.
+    pub fn with_tap(mut self, tap: OutputTap) -> Self {
+        self.tap = Some(tap);
+        self
+    }
+
+    fn send_to_tap(&self, stream: Stream, data: &[u8]) {
+        if let Some(tap) = &self.tap {
+            // Fails only when nobody follows right now: nothing to do then.
+            let _ = tap.send(OutputChunk {
+                stream,
+                data: Arc::from(data),
+            });
+        }
     }
 
     /// Points the target at a fresh file at `path` (the old one may have been
@@ -118,10 +151,11 @@ pub async fn pump(reader: tokio::net::unix::pipe::Receiver, stream: Stream, targ
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        target.send_to_tap(stream, &chunk[..n]);
         pending.extend_from_slice(&chunk[..n]);
         while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
-            target.record(stream, &line[..line.len() - 1], false);
+            target.record(stream, line_content(&line), false);
         }
         while pending.len() >= MAX_LINE {
             let part: Vec<u8> = pending.drain(..MAX_LINE).collect();
@@ -131,6 +165,13 @@ pub async fn pump(reader: tokio::net::unix::pipe::Receiver, stream: Stream, targ
     if !pending.is_empty() {
         target.record(stream, &pending, false);
     }
+}
+
+/// A complete line without its end: `\n`, or `\r\n` as a terminal writes
+/// it (containerd drops both, so a tty's log reads like a pipe's).
+fn line_content(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 /// One parsed CRI log record.
@@ -192,5 +233,34 @@ mod tests {
         assert!(records[1].content.starts_with("world"));
         assert_eq!(records[2].content.len(), 15);
         assert!(records[0].time.ends_with('Z'));
+    }
+
+    #[tokio::test]
+    async fn the_tap_gets_raw_chunks_and_terminal_line_ends_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let (tap, mut follower) = tokio::sync::broadcast::channel(16);
+        let target = LogTarget::create(&path, None).unwrap().with_tap(tap);
+        let (tx, rx) = tokio::net::unix::pipe::pipe().unwrap();
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut tx = tx;
+            tx.write_all(b"one\r\n/ # ").await.unwrap();
+        });
+        pump(rx, Stream::Stdout, target).await;
+        writer.await.unwrap();
+        let mut raw = Vec::new();
+        while let Ok(chunk) = follower.try_recv() {
+            assert_eq!(chunk.stream, Stream::Stdout);
+            raw.extend_from_slice(&chunk.data);
+        }
+        // The follower sees the prompt that the log only gets at EOF.
+        assert_eq!(raw, b"one\r\n/ # ");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let contents: Vec<_> = text
+            .lines()
+            .map(|l| parse_record(l).unwrap().content.to_string())
+            .collect();
+        assert_eq!(contents, ["one", "/ # "]);
     }
 }
