@@ -37,7 +37,7 @@
 //! user/additionalGids/umask, capabilities, noNewPrivileges, rlimits,
 //! oomScoreAdj, `linux.seccomp` (compiled with seccompiler, installed last
 //! before exec; [`exec`] takes the container's profile too),
-//! `process.terminal` (the caller allocates the pty and passes
+//! `process.terminal` (the caller allocates the pty, e.g. with [`open_pty`], and passes
 //! its slave as stdin/stdout/stderr; the process makes it its controlling
 //! terminal; there is no console socket).
 //!
@@ -76,6 +76,7 @@ pub use exec::{exec, ExecError, ExecProcess};
 pub use reaper::{ExitStatus, SignalError, WaitError};
 pub use sandbox::{create_sandbox, Sandbox, SandboxConfig, SandboxError};
 pub use syscall::{LinuxSyscall, Syscall};
+pub use terminal::open_pty;
 
 /// The capabilities a container gets by default: containerd's and Docker's set.
 pub const DEFAULT_CAPABILITIES: &[&str] = &[

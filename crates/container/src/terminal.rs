@@ -5,9 +5,33 @@
 //! holds the master.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use nix::fcntl::OFlag;
 
 use crate::container::Stdio;
+
+/// Opens a pseudo-terminal on this process's devpts: (master, slave), both
+/// close-on-exec (the caller hands the slave to the process explicitly) and
+/// neither one this process's controlling terminal.
+pub fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    // grantpt is not needed: devpts creates the slave owned by us already.
+    nix::pty::unlockpt(&master)?;
+    // TIOCGPTPEER (Linux 4.13) opens the slave through the master instead
+    // of by its /dev/pts path, which may name another devpts instance.
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: TIOCGPTPEER takes the open flags as an int argument and
+    // returns a new descriptor; no memory is passed.
+    let slave = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) };
+    if slave < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the ioctl succeeded, so `slave` is a new descriptor that
+    // nothing else owns.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    Ok((master.into(), slave))
+}
 
 /// Checks, in the parent, that a process asking for a terminal got one on
 /// stdin (the descriptor that becomes its controlling terminal).
@@ -54,10 +78,9 @@ mod tests {
 
     use super::*;
 
-    /// A pty pair as the agent makes it: (master, slave).
+    /// A pty pair as callers make it: (master, slave).
     fn pty() -> (OwnedFd, OwnedFd) {
-        let r = nix::pty::openpty(None, None).unwrap();
-        (r.master, r.slave)
+        open_pty().unwrap()
     }
 
     #[test]

@@ -373,6 +373,9 @@ async fn start_and_supervise(
         block_image: None,
         stdout: out_w,
         stderr: err_w,
+        // Pod manifests' stdin/tty are not served by `vmrun run`.
+        stdin: None,
+        tty: false,
     };
     let sandbox = ctx.sandbox.clone();
     let started = tokio::task::spawn_blocking(move || sandbox.start(launch)).await;

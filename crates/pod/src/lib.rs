@@ -17,5 +17,6 @@ pub mod seccomp;
 pub mod signals;
 pub mod spec;
 pub mod state;
+mod terminal;
 pub mod vm;
 pub mod wasm;

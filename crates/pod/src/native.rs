@@ -17,9 +17,10 @@ use vmrun_container::{cgroups, LinuxSyscall, Rootfs, Stdio};
 use crate::cpu_placement;
 use crate::plan::{PodPlan, VolumeSource};
 use crate::runtime::{
-    ExecOutput, ExitInfo, Launch, PodStream, Running, Runtime, RuntimeError, Sandbox,
+    ExecOutput, ExitInfo, Launch, PodStream, Running, Runtime, RuntimeError, Sandbox, WindowSize,
 };
 use crate::spec::{container_spec, SpecContext};
+use crate::terminal::Terminal;
 
 /// Parent of every pod's cgroup, in each controller.
 pub const CGROUP_PARENT: &str = "/vmrun";
@@ -484,7 +485,16 @@ impl Sandbox for NativeSandbox {
         if let Some(root) = spec.root_mut() {
             root.set_path(rootfs);
         }
-        let process = serde_json::to_value(spec.process()).unwrap_or_default();
+        let mut process = serde_json::to_value(spec.process()).unwrap_or_default();
+        // An exec'd process gets a terminal only when it asks for one.
+        if let Some(p) = process.as_object_mut() {
+            p.remove("terminal");
+        }
+        if launch.tty {
+            if let Some(p) = spec.process_mut() {
+                p.set_terminal(Some(true));
+            }
+        }
         // Processes exec'd into the container get its filter too.
         let seccomp = serde_json::to_value(spec.linux().as_ref().and_then(|l| l.seccomp().clone()))
             .unwrap_or_default();
@@ -495,18 +505,27 @@ impl Sandbox for NativeSandbox {
             std::fs::create_dir_all(&empty).map_err(|e| start_err(e.to_string()))?;
             lower.push(empty);
         }
+        let (stdio, terminal) =
+            container_stdio(launch.stdin, launch.stdout, launch.stderr, launch.tty)
+                .map_err(|e| start_err(format!("the container's terminal: {e}")))?;
         let config = vmrun_container::ContainerConfig {
             id: format!("{}-{}-{}", self.pod.name, c.name, launch.attempt),
             spec,
             rootfs: Rootfs::Overlay { lower, upper, work },
-            stdio: Stdio {
-                stdin: None,
-                stdout: Some(launch.stdout),
-                stderr: Some(launch.stderr),
-            },
+            stdio,
         };
         let created =
             vmrun_container::create(config, &LinuxSyscall).map_err(|e| start_err(e.to_string()))?;
+        let terminal = match terminal {
+            // Relayed from before the exec, so the first output is not held up.
+            Some((terminal, stdin, stdout)) => {
+                terminal
+                    .relay(stdin, stdout)
+                    .map_err(|e| start_err(format!("relaying the container's terminal: {e}")))?;
+                Some(terminal)
+            }
+            None => None,
+        };
         let container = created.start().map_err(|e| start_err(e.to_string()))?;
         let running = Arc::new(NativeContainer {
             name: c.name.clone(),
@@ -515,6 +534,7 @@ impl Sandbox for NativeSandbox {
             cgroup: cgroup_path,
             process,
             seccomp,
+            terminal,
         });
         self.running
             .lock()
@@ -573,6 +593,37 @@ impl Sandbox for NativeSandbox {
     }
 }
 
+/// A terminal's pieces until the container exists: the terminal, and the
+/// caller's stdin and stdout it relays.
+type PendingTerminal = (Terminal, Option<OwnedFd>, OwnedFd);
+
+/// The container's stdio from a launch's: the caller's pipes as they are,
+/// or with `tty` a new terminal's slave on all three (the caller's stderr
+/// then goes unused: a terminal has one output).
+fn container_stdio(
+    stdin: Option<OwnedFd>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    tty: bool,
+) -> std::io::Result<(Stdio, Option<PendingTerminal>)> {
+    if !tty {
+        let stdio = Stdio {
+            stdin,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        };
+        return Ok((stdio, None));
+    }
+    drop(stderr);
+    let (terminal, slave) = Terminal::open()?;
+    let stdio = Stdio {
+        stdin: Some(slave.try_clone()?),
+        stdout: Some(slave.try_clone()?),
+        stderr: Some(slave),
+    };
+    Ok((stdio, Some((terminal, stdin, stdout))))
+}
+
 struct NativeContainer {
     name: String,
     container: vmrun_container::Container,
@@ -581,6 +632,8 @@ struct NativeContainer {
     process: serde_json::Value,
     /// `linux.seccomp` of the container's spec (null without one).
     seccomp: serde_json::Value,
+    /// With [`Launch::tty`]: the master and its relays.
+    terminal: Option<Terminal>,
 }
 
 impl Running for NativeContainer {
@@ -616,6 +669,9 @@ impl Running for NativeContainer {
                 container: self.name.clone(),
                 message: e.to_string(),
             })?;
+        if let Some(terminal) = &self.terminal {
+            terminal.close();
+        }
         remove_tree(&self.dir).map_err(|e| RuntimeError::Control {
             container: self.name.clone(),
             message: format!("{}: {e}", self.dir.display()),
@@ -629,6 +685,19 @@ impl Running for NativeContainer {
             "process": self.process,
             "seccomp": self.seccomp,
         })
+    }
+    fn resize(&self, size: WindowSize) -> Result<(), RuntimeError> {
+        let err = |message: String| RuntimeError::Control {
+            container: self.name.clone(),
+            message,
+        };
+        let terminal = self
+            .terminal
+            .as_ref()
+            .ok_or_else(|| err("it has no terminal to resize (started without tty)".into()))?;
+        terminal
+            .resize(size)
+            .map_err(|e| err(format!("resizing its terminal: {e}")))
     }
 }
 

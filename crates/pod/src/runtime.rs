@@ -75,6 +75,39 @@ pub struct Launch {
     pub block_image: Option<PathBuf>,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// The container's stdin (CRI `stdin`): the read end of a pipe the
+    /// caller keeps writing to; closing the caller's end is the container's
+    /// end of input. None gives it /dev/null.
+    pub stdin: Option<OwnedFd>,
+    /// A terminal for the container (CRI `tty`): the runtime makes a pty
+    /// whose slave is the container's stdin, stdout, stderr and controlling
+    /// terminal. What the container writes arrives on `stdout` (nothing on
+    /// `stderr`), `stdin` is typed into it (its end sends the terminal's EOF
+    /// character), and [`Running::resize`] sets its window size.
+    pub tty: bool,
+}
+
+impl Launch {
+    /// For a runtime that cannot give a container a stdin or a terminal
+    /// yet: refuses a launch asking for either, naming the runtime.
+    pub fn refuse_stdin_and_tty(&self, runtime: &str) -> Result<(), RuntimeError> {
+        let asked = match (self.tty, self.stdin.is_some()) {
+            (false, false) => return Ok(()),
+            (true, _) => "a terminal (tty)",
+            (false, true) => "a stdin to attach to",
+        };
+        Err(RuntimeError::Start {
+            container: self.container.name.clone(),
+            message: format!("the {runtime} runtime cannot give a container {asked} yet"),
+        })
+    }
+}
+
+/// The window size of a container's terminal, in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// Output of a command run inside a container (probes, hooks).
@@ -171,4 +204,12 @@ pub trait Running: Send + Sync {
     fn remove(&self) -> Result<(), RuntimeError>;
     /// What `vmrun exec` from another process needs to enter this container.
     fn exec_target(&self) -> serde_json::Value;
+    /// Sets the window size of the container's terminal ([`Launch::tty`]).
+    fn resize(&self, size: WindowSize) -> Result<(), RuntimeError> {
+        let _ = size;
+        Err(RuntimeError::Control {
+            container: self.name().to_string(),
+            message: "it has no terminal to resize (started without tty)".into(),
+        })
+    }
 }

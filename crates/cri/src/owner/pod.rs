@@ -344,6 +344,8 @@ impl Owner {
                 .clone(),
             stdout: pipes.stdout,
             stderr: pipes.stderr,
+            stdin: None,
+            tty: false,
         };
         let started = tokio::task::spawn_blocking(move || sandbox.start(launch)).await;
         let running = match started {

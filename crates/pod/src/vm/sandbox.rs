@@ -427,6 +427,8 @@ async fn wait_for_agent(
 
 impl Sandbox for VmSandbox {
     fn start(&self, launch: Launch) -> Result<Arc<dyn Running>, RuntimeError> {
+        // The agent has container stdin and terminals; relaying them is to come.
+        launch.refuse_stdin_and_tty("vm")?;
         let c = &launch.container;
         let start_err = |message: String| RuntimeError::Start {
             container: c.name.clone(),

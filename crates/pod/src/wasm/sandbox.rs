@@ -189,6 +189,7 @@ impl Sandbox for WasmSandbox {
         if is_native_container(pod, &c.name) {
             return self.native.start(launch);
         }
+        launch.refuse_stdin_and_tty("wasm")?;
         let start_err = |message: String| RuntimeError::Start {
             container: c.name.clone(),
             message,
