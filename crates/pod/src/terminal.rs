@@ -28,7 +28,9 @@ use crate::runtime::WindowSize;
 const TTY_EOF: u8 = 0x04;
 
 pub(crate) struct Terminal {
-    master: OwnedFd,
+    /// None once closed: the pty goes with the container, not with the
+    /// sandbox's list of what it started.
+    master: Mutex<Option<OwnedFd>>,
     /// The write end of a pipe both relays poll: dropping it stops them.
     stop: Mutex<Option<OwnedFd>>,
     stop_rx: OwnedFd,
@@ -45,7 +47,7 @@ impl Terminal {
         let (stop_rx, stop) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
         Ok((
             Self {
-                master,
+                master: Mutex::new(Some(master)),
                 stop: Mutex::new(Some(stop)),
                 stop_rx,
                 relays: Mutex::new(Vec::new()),
@@ -59,13 +61,13 @@ impl Terminal {
     pub(crate) fn relay(&self, stdin: Option<OwnedFd>, stdout: OwnedFd) -> io::Result<()> {
         set_nonblocking(stdout.as_fd())?;
         let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
-        let (master, stop) = (self.master.try_clone()?, self.stop_rx.try_clone()?);
+        let (master, stop) = (self.master()?, self.stop_rx.try_clone()?);
         relays.push(spawn("tty-output", move || {
             let _ = copy(master.as_fd(), stdout.as_fd(), stop.as_fd());
         })?);
         if let Some(stdin) = stdin {
             set_nonblocking(stdin.as_fd())?;
-            let (master, stop) = (self.master.try_clone()?, self.stop_rx.try_clone()?);
+            let (master, stop) = (self.master()?, self.stop_rx.try_clone()?);
             relays.push(spawn("tty-input", move || {
                 if copy(stdin.as_fd(), master.as_fd(), stop.as_fd()) == Ended::Eof {
                     let _ = write_all(master.as_fd(), &[TTY_EOF], stop.as_fd());
@@ -75,7 +77,19 @@ impl Terminal {
         Ok(())
     }
 
+    /// A descriptor of the master, while the terminal is open.
+    fn master(&self) -> io::Result<OwnedFd> {
+        match &*self.master.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(master) => master.try_clone(),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the terminal is closed",
+            )),
+        }
+    }
+
     pub(crate) fn resize(&self, size: WindowSize) -> io::Result<()> {
+        let master = self.master()?;
         let ws = libc::winsize {
             ws_row: size.rows,
             ws_col: size.cols,
@@ -84,19 +98,20 @@ impl Terminal {
         };
         // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which
         // points at a live local; `master` is an open pty master.
-        if unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+        if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
     }
 
-    /// Stops both relays and waits for them; idempotent.
+    /// Stops both relays, waits for them and closes the master; idempotent.
     pub(crate) fn close(&self) {
         drop(self.stop.lock().unwrap_or_else(|p| p.into_inner()).take());
         let relays = std::mem::take(&mut *self.relays.lock().unwrap_or_else(|p| p.into_inner()));
         for relay in relays {
             let _ = relay.join();
         }
+        drop(self.master.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 
@@ -274,11 +289,12 @@ mod tests {
                 }
             }
         });
-        // Both relays (one waiting for stdin, one to write) stop and are joined.
+        // Both relays (one waiting for stdin, one to write) stop and are
+        // joined, and the master is closed: the container's writes fail
+        // instead of blocking.
         terminal.close();
-        // With the master closed, the container's writes fail instead of blocking.
-        drop(terminal);
         writer.join().unwrap();
+        assert!(terminal.resize(WindowSize { rows: 1, cols: 1 }).is_err());
     }
 
     fn no_size() -> libc::winsize {
