@@ -284,17 +284,6 @@ pub fn container_request(
     if image.is_empty() {
         return Err(invalid("config.image.image", "is required"));
     }
-    if config.tty || config.stdin {
-        return Err(invalid(
-            if config.tty {
-                "config.tty"
-            } else {
-                "config.stdin"
-            },
-            "containers with a terminal or an attachable stdin are not supported by vmrun yet \
-             (exec with -it works; attach needs them)",
-        ));
-    }
     if !config.devices.is_empty() {
         return Err(invalid(
             "config.devices",

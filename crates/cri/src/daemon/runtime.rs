@@ -94,6 +94,45 @@ impl RuntimeServiceImpl {
         Ok(id)
     }
 
+    /// The full id of a running container that can take this attach
+    /// (stdin and tty as it was created with); the owner checks again when
+    /// the client connects.
+    async fn attachable_container(&self, r: &api::AttachRequest) -> Result<String, Status> {
+        let (id, pod) = self.registry.container(&r.container_id)?;
+        let reply = forward!(
+            pod,
+            container_status,
+            api::ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: true,
+            }
+        )?
+        .into_inner();
+        let running = reply
+            .status
+            .as_ref()
+            .is_some_and(|s| s.state == crate::owner::container_state::RUNNING);
+        if !running {
+            return Err(Status::failed_precondition(format!(
+                "container {id} is not running: there is nothing to attach to"
+            )));
+        }
+        let info = crate::owner::verbose_info(&reply.info);
+        let flag = |key: &str| info[key].as_bool().unwrap_or(false);
+        let refused = crate::owner::attach::refusal(
+            &id,
+            flag("stdin"),
+            flag("tty"),
+            flag("stdinClosed"),
+            r.stdin,
+            r.tty,
+        );
+        match refused {
+            Some(why) => Err(Status::failed_precondition(why)),
+            None => Ok(id),
+        }
+    }
+
     fn not_ready_sandbox(pod: &Pod) -> api::PodSandbox {
         api::PodSandbox {
             id: pod.id.clone(),
@@ -458,19 +497,13 @@ impl RuntimeService for RuntimeServiceImpl {
 
     async fn attach(&self, request: Request<api::AttachRequest>) -> Reply<api::AttachResponse> {
         let r = request.into_inner();
-        let container_id = self.running_container(&r.container_id).await?;
-        if r.stdin || r.tty {
-            return Err(Status::invalid_argument(format!(
-                "attach to {container_id}: the container has no stdin or terminal to attach to \
-                 (vmrun refuses containers asking for them); attach with stdout/stderr follows its output"
-            )));
-        }
+        let container_id = self.attachable_container(&r).await?;
         let url = self
             .streams
             .get_attach(vmrun_streaming::AttachRequest {
                 container_id,
-                tty: false,
-                stdin: false,
+                tty: r.tty,
+                stdin: r.stdin,
                 stdout: r.stdout,
                 stderr: r.stderr,
             })

@@ -1,7 +1,9 @@
-//! The streaming side of Exec and PortForward: what runs when a client
-//! connects to a URL of the streaming server. It asks the pod's owner where
-//! the container or the pod's network is, then enters it from here, as
-//! `vmrun exec` does from another process.
+//! The streaming side of Exec, Attach and PortForward: what runs when a
+//! client connects to a URL of the streaming server. For Exec and
+//! PortForward it asks the pod's owner where the container or the pod's
+//! network is, then enters it from here, as `vmrun exec` does from another
+//! process; an Attach is carried to the owner, which holds the container's
+//! stdin, terminal and output.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -17,6 +19,7 @@ use vmrun_streaming::{AsyncReadWrite, AttachRequest, Backend, ExecRequest, Strea
 
 use super::registry::Registry;
 use crate::api;
+use crate::owner::attach::proto as owner_proto;
 use crate::owner::verbose_info;
 
 /// How long output may still arrive after the exec'd process ended (a
@@ -254,98 +257,117 @@ async fn exec_native(
     Ok(status.code)
 }
 
-/// How often an attach looks for new output and for the container's end.
-const ATTACH_POLL: Duration = Duration::from_millis(100);
+/// A spawned task aborted when dropped: an attach's feeders end with it,
+/// also when the streaming server drops the attach unfinished.
+struct Feeder(tokio::task::JoinHandle<()>);
 
-/// Attach: the container's output as it is written (its CRI log, followed
-/// from now on), until the container exits or the client goes. Containers
-/// have no stdin to attach to (CreateContainer refuses `stdin`/`tty`).
-async fn follow_output(
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Attach: the client's streams connected to the container's main process
+/// through the pod's owner, which holds its stdin, terminal and output
+/// (`ContainerIo.Attach` on the owner's socket, proto/owner.proto): what the
+/// client types and its resizes go there, the output comes back as written.
+async fn attach_via_owner(
     registry: &Registry,
     req: AttachRequest,
     streams: Streams,
 ) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    if req.stdin || req.tty {
-        return Err(format!(
-            "attach to {}: the container has no stdin or terminal (vmrun refuses containers asking for them)",
-            req.container_id
-        ));
-    }
+    use owner_proto::attach_input::Input;
+    use owner_proto::attach_output::Output;
     let (id, pod) = registry
         .container(&req.container_id)
         .map_err(|s| s.message().to_string())?;
-    let status = |pod: Arc<super::registry::Pod>, id: String| async move {
-        let mut owner = pod.owner().map_err(|s| s.message().to_string())?;
-        owner
-            .container_status(api::ContainerStatusRequest {
-                container_id: id,
-                verbose: false,
-            })
-            .await
-            .map_err(|s| s.message().to_string())?
-            .into_inner()
-            .status
-            .ok_or_else(|| "no status".to_string())
+    let socket = pod.dir.join(crate::owner::SOCKET_FILE);
+    let channel = crate::unix::connect(&socket)
+        .await
+        .map_err(|e| format!("attach to {id}: connecting to the pod owner: {e}"))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let input = |input| owner_proto::AttachInput { input: Some(input) };
+    let open = owner_proto::AttachOpen {
+        container_id: id.clone(),
+        stdin: req.stdin,
+        stdout: req.stdout,
+        stderr: req.stderr,
+        tty: req.tty,
     };
-    let first = status(pod.clone(), id.clone()).await?;
-    if first.log_path.is_empty() {
-        return Err(format!(
-            "attach to {id}: the container has no log to follow"
-        ));
-    }
-    let mut file = tokio::fs::File::open(&first.log_path)
+    // Queued before the call: the owner reads it before it answers.
+    let _ = tx.send(input(Input::Open(open))).await;
+    let mut output = owner_proto::container_io_client::ContainerIoClient::new(channel)
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .map_err(|e| format!("{}: {e}", first.log_path))?;
-    file.seek(std::io::SeekFrom::End(0))
-        .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
     let Streams {
+        stdin,
         mut stdout,
         mut stderr,
-        ..
+        resize,
     } = streams;
-    let mut pending = Vec::new();
-    let mut chunk = vec![0u8; 16 * 1024];
-    let mut exited = false;
+    let mut feeders = Vec::new();
+    if let Some(mut from) = stdin.filter(|_| req.stdin) {
+        let tx = tx.clone();
+        feeders.push(Feeder(tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut chunk = vec![0u8; 16 * 1024];
+            loop {
+                let sent = match from.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => tx.send(input(Input::Stdin(chunk[..n].to_vec()))).await,
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+            // The input stream stays open: its end means the client is gone.
+            let _ = tx.send(input(Input::StdinEnd(true))).await;
+        })));
+    }
+    if let Some(mut sizes) = resize {
+        let tx = tx.clone();
+        feeders.push(Feeder(tokio::spawn(async move {
+            while let Some(size) = sizes.recv().await {
+                let size = owner_proto::TerminalSize {
+                    width: size.width.into(),
+                    height: size.height.into(),
+                };
+                if tx.send(input(Input::Resize(size))).await.is_err() {
+                    return;
+                }
+            }
+        })));
+    }
+    let mut result = Ok(());
     loop {
-        let n = file.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            if exited {
+        let out = match output.message().await {
+            Ok(Some(m)) => m.output,
+            Ok(None) => break,
+            Err(status) => {
+                result = Err(status.message().to_string());
                 break;
             }
-            tokio::time::sleep(ATTACH_POLL).await;
-            // One more read after the exit is seen: the owner logs before it reports it.
-            exited = status(pod.clone(), id.clone()).await?.state
-                != crate::owner::container_state::RUNNING;
-            continue;
-        }
-        pending.extend_from_slice(&chunk[..n]);
-        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-            let Some(record) = vmrun_pod::logs::parse_record(&text) else {
-                continue;
-            };
-            let out = match record.stream {
-                "stderr" => stderr.as_mut(),
-                _ => stdout.as_mut(),
-            };
-            if let Some(out) = out {
-                let mut bytes = record.content.as_bytes().to_vec();
-                if !record.partial {
-                    bytes.push(b'\n');
-                }
-                if out.write_all(&bytes).await.is_err() {
-                    return Ok(()); // the client went away
-                }
+        };
+        let (to, data) = match out {
+            Some(Output::Stdout(data)) => (stdout.as_mut(), data),
+            Some(Output::Stderr(data)) => (stderr.as_mut(), data),
+            None => continue,
+        };
+        if let Some(to) = to {
+            if to.write_all(&data).await.is_err() {
+                break; // the client went away
             }
         }
     }
     for out in [stdout.as_mut(), stderr.as_mut()].into_iter().flatten() {
         let _ = out.shutdown().await;
     }
-    Ok(())
+    // Dropping the feeders and the last sender ends the owner's session.
+    drop(feeders);
+    drop(tx);
+    result
 }
 
 impl Backend for StreamBackend {
@@ -371,7 +393,7 @@ impl Backend for StreamBackend {
         streams: Streams,
     ) -> BoxFuture<'static, Result<(), String>> {
         let registry = self.registry.clone();
-        async move { follow_output(&registry, req, streams).await }.boxed()
+        async move { attach_via_owner(&registry, req, streams).await }.boxed()
     }
 
     fn port_forward(

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use vmrun_pod::logs::LogTarget;
 use vmrun_pod::runtime::{ExitInfo, Running};
 
+use super::attach::ContainerIo;
 use crate::api;
 use crate::translate::ContainerRequest;
 
@@ -64,6 +65,8 @@ pub struct Container {
     pub block_image: Mutex<Option<std::path::PathBuf>>,
     pub created_at: i64,
     pub state: Mutex<RunState>,
+    /// Its stdin and live output, for Attach.
+    pub io: Arc<ContainerIo>,
     exited: watch::Sender<bool>,
 }
 
@@ -80,6 +83,7 @@ impl Container {
             .and_then(|l| l.resources.clone())
             .unwrap_or_default();
         Self {
+            io: Arc::new(ContainerIo::new(&config)),
             id,
             config,
             request,
@@ -169,6 +173,11 @@ impl Container {
         }
         drop(s);
         self.exited.send_replace(true);
+    }
+
+    /// Becomes true once the main process is reported exited (or never started).
+    pub fn exited(&self) -> watch::Receiver<bool> {
+        self.exited.subscribe()
     }
 
     /// Waits up to `timeout` for the main process to be reported exited.

@@ -8,6 +8,7 @@
 //! `sandbox-config.pb` (the kubelet's PodSandboxConfig as it came) and
 //! `owner.json` ([`OwnerSettings`]).
 
+pub mod attach;
 mod containers;
 mod exec;
 mod network;
@@ -118,7 +119,10 @@ pub async fn run(dir: PathBuf, mut ready: std::fs::File) -> anyhow::Result<()> {
     let done = owner.clone();
     tonic::transport::Server::builder()
         .add_service(api::runtime_service_server::RuntimeServiceServer::new(
-            OwnerService::new(owner),
+            OwnerService::new(owner.clone()),
+        ))
+        .add_service(attach::proto::container_io_server::ContainerIoServer::new(
+            attach::AttachService::new(owner),
         ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),

@@ -316,6 +316,14 @@ impl Owner {
                 return Err(Status::internal(message));
             }
         };
+        let target = target.with_tap(c.io.tap());
+        let stdin = match c.io.stdin_for_start().await {
+            Ok(stdin) => stdin,
+            Err(e) => {
+                c.start_failed(format!("stdin pipe: {e}"));
+                return Err(internal("stdin pipe", e));
+            }
+        };
         let pipes = match logs::output_pipes(target.clone()) {
             Ok(p) => p,
             Err(e) => {
@@ -326,13 +334,19 @@ impl Owner {
         let cfg = &c.image.config;
         let mut plan = c.request.plan.clone();
         plan.resources = translate::resources_of(&c.lock().resources)?;
+        let mut image_env = cfg.env.clone();
+        if c.io.tty && !image_env.iter().any(|e| e.starts_with("TERM=")) {
+            // containerd's default for a terminal; the image's and the
+            // container's own env still win.
+            image_env.insert(0, "TERM=xterm".into());
+        }
         let launch = Launch {
             container: plan,
             attempt: c.attempt(),
             image: ImageDefaults {
                 entrypoint: cfg.entrypoint.clone(),
                 cmd: cfg.cmd.clone(),
-                env: cfg.env.clone(),
+                env: image_env,
                 working_dir: cfg.working_dir.clone(),
                 user: c.request.user_name.clone().or_else(|| cfg.user.clone()),
             },
@@ -344,8 +358,8 @@ impl Owner {
                 .clone(),
             stdout: pipes.stdout,
             stderr: pipes.stderr,
-            stdin: None,
-            tty: false,
+            stdin,
+            tty: c.io.tty,
         };
         let started = tokio::task::spawn_blocking(move || sandbox.start(launch)).await;
         let running = match started {
@@ -374,6 +388,8 @@ impl Owner {
                 let _ = tokio::time::timeout(LOG_DRAIN, pump).await;
             }
             watched.finished(exit);
+            // Nothing reads it any more; a terminal's input relay ends with it.
+            watched.io.close_stdin().await;
         });
         Ok(())
     }

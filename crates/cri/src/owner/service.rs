@@ -300,6 +300,11 @@ impl RuntimeService for OwnerService {
                 "execTarget": running.as_ref().map(|run| run.exec_target()),
                 "runtime": self.owner.settings.runtime.as_str(),
                 "cgroup": self.owner.cgroup_of(&c),
+                // What Attach checks before handing out a URL.
+                "stdin": c.io.stdin,
+                "stdinOnce": c.io.stdin_once,
+                "stdinClosed": c.io.stdin_closed(),
+                "tty": c.io.tty,
             });
             info.insert("info".to_string(), detail.to_string());
         }
