@@ -1373,19 +1373,26 @@ mod streaming {
         script: &str,
         logs: &std::path::Path,
     ) -> (String, String) {
+        pod_with_container(server, name, &sh(script), logs, |_| {}).await
+    }
+
+    /// A running pod of one container running `command`, its config as
+    /// `adjust` leaves it.
+    async fn pod_with_container(
+        server: &CriServer,
+        name: &str,
+        command: &[&str],
+        logs: &std::path::Path,
+        adjust: impl FnOnce(&mut api::ContainerConfig),
+    ) -> (String, String) {
         let image = server
             .pull(&vmrun_tests::shared_busybox().await.unwrap())
             .await;
         let config = kubelet_sandbox_config(name, &format!("uid-{name}"), logs);
         let sandbox = run_sandbox(server, &config, "").await.unwrap();
-        let id = create(
-            server,
-            &sandbox,
-            kubelet_container_config("main", &image, &sh(script), &config),
-            &config,
-        )
-        .await
-        .unwrap();
+        let mut container = kubelet_container_config("main", &image, command, &config);
+        adjust(&mut container);
+        let id = create(server, &sandbox, container, &config).await.unwrap();
         start(server, &id).await;
         let mut rt = server.runtime().await;
         wait_container(&mut rt, &id, Duration::from_secs(30), |s| {
@@ -1512,6 +1519,10 @@ mod streaming {
         let script = "trap 'echo bye; exit 0' TERM; i=0; \
                       while :; do echo tick $i; i=$((i+1)); sleep 0.2; done & wait";
         let (sandbox, id) = pod_with(&server, "attach", script, logs.path()).await;
+        // Its config has no stdin: an attach asking for one is refused, saying so.
+        let e = attach_url(&server, &id, true, false).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("ContainerConfig.stdin"), "{e:?}");
         let url = server
             .runtime()
             .await
@@ -1556,25 +1567,240 @@ mod streaming {
             "attach ends with the container's last words: {:?}",
             String::from_utf8_lossy(&seen)
         );
-        let e = server
+        let e = attach_url(&server, &id, true, false).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains(&id), "{e:?}");
+        stop_and_remove(&server, &sandbox).await;
+    }
+
+    /// An Attach URL for stdout (and stdin/tty when asked), stderr without a tty.
+    async fn attach_url(
+        server: &CriServer,
+        id: &str,
+        stdin: bool,
+        tty: bool,
+    ) -> Result<String, tonic::Status> {
+        server
             .runtime()
             .await
             .attach(api::AttachRequest {
-                container_id: id.clone(),
-                stdin: true,
-                tty: false,
+                container_id: id.to_string(),
+                stdin,
+                tty,
                 stdout: true,
-                stderr: true,
+                stderr: !tty,
             })
             .await
-            .unwrap_err();
+            .map(|r| r.into_inner().url)
+    }
+
+    /// Sends `text` on the session's stdin (channel 0).
+    async fn type_in(ws: &mut Ws, text: &str) {
+        ws.send(Message::Binary(
+            [&[0u8][..], text.as_bytes()].concat().into(),
+        ))
+        .await
+        .unwrap();
+    }
+
+    /// v5: channel 255 closes the client's stdin.
+    async fn close_stdin(ws: &mut Ws) {
+        ws.send(Message::Binary(vec![255u8, 0].into()))
+            .await
+            .unwrap();
+    }
+
+    /// Reads the session's stdout (channel 1) into `seen` until it contains `want`.
+    async fn read_until(ws: &mut Ws, seen: &mut Vec<u8>, want: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !String::from_utf8_lossy(seen).contains(want) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match tokio::time::timeout(left, ws.next()).await {
+                Ok(Some(Ok(Message::Binary(d)))) if d.first() == Some(&1) => {
+                    seen.extend_from_slice(&d[1..])
+                }
+                Ok(Some(Ok(Message::Binary(d)))) if d.first() == Some(&3) => panic!(
+                    "the session ended ({}) before {want:?}; got {:?}",
+                    String::from_utf8_lossy(&d[1..]),
+                    String::from_utf8_lossy(seen)
+                ),
+                Ok(Some(Ok(_))) => {}
+                other => panic!(
+                    "no {want:?} ({other:?}); got {:?}",
+                    String::from_utf8_lossy(seen)
+                ),
+            }
+        }
+    }
+
+    /// The remotecommand status a session ended with (channel 3).
+    fn session_status(got: &std::collections::BTreeMap<u8, Vec<u8>>) -> serde_json::Value {
+        let status = got
+            .get(&3)
+            .unwrap_or_else(|| panic!("no status in {got:?}"));
+        serde_json::from_slice(status).unwrap()
+    }
+
+    /// How many pty masters process `pid` holds open.
+    fn pty_masters(pid: u64) -> usize {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("ptmx"))
+            })
+            .count()
+    }
+
+    #[tokio::test]
+    async fn attach_to_a_tty_container_types_resizes_and_outlives_a_daemon_restart() {
+        require_root(
+            "streaming::attach_to_a_tty_container_types_resizes_and_outlives_a_daemon_restart",
+        );
+        let mut server = CriServer::start().await;
+        let logs = tempfile::tempdir().unwrap();
+        // What `kubectl run -it` asks for.
+        let (sandbox, id) = pod_with_container(&server, "tty", &["/bin/sh"], logs.path(), |c| {
+            c.stdin = true;
+            c.stdin_once = true;
+            c.tty = true;
+        })
+        .await;
+
+        // A command typed in comes back echoed by the terminal, then its
+        // output. The end of a tty attach's stdin detaches it; the shell goes on.
+        let url = attach_url(&server, &id, true, true).await.unwrap();
+        let mut ws = connect(&url, "v5.channel.k8s.io").await;
+        type_in(&mut ws, "echo first-$((1+1))\n").await;
+        let mut seen = Vec::new();
+        read_until(&mut ws, &mut seen, "first-2").await;
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        assert!(text.contains("echo first-$((1+1))"), "no echo: {text:?}");
+        close_stdin(&mut ws).await;
+        let got = collect(&mut ws).await;
+        assert_eq!(session_status(&got)["status"], "Success", "{got:?}");
+        let mut rt = server.runtime().await;
+        let status = wait_container(&mut rt, &id, Duration::from_secs(5), |_| true).await;
+        assert_eq!(status.state, CONTAINER_RUNNING, "detaching ended the shell");
+
+        // The owner holds the terminal: a restarted daemon attaches again.
+        server.kill();
+        server.restart().await;
+        let url = attach_url(&server, &id, true, true).await.unwrap();
+        let mut ws = connect(&url, "v5.channel.k8s.io").await;
+        let size = br#"{"Width":100,"Height":40}"#;
+        ws.send(Message::Binary([&[4u8][..], size].concat().into()))
+            .await
+            .unwrap();
+        // The resize travels beside stdin, not in order with it: ask until
+        // the shell sees it (each answer is awaited, so nothing is guessed).
+        let mut seen = Vec::new();
+        for n in 1.. {
+            type_in(&mut ws, &format!("stty size; echo size-{n}-$((0))\n")).await;
+            read_until(&mut ws, &mut seen, &format!("size-{n}-0")).await;
+            if String::from_utf8_lossy(&seen).contains("40 100") {
+                break;
+            }
+            assert!(
+                n < 50,
+                "the size never arrived: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+        // The shell's end is the session's and the container's.
+        type_in(&mut ws, "exit 3\n").await;
+        let got = collect(&mut ws).await;
+        assert_eq!(session_status(&got)["status"], "Success", "{got:?}");
+        let mut rt = server.runtime().await;
+        let status = wait_container(&mut rt, &id, Duration::from_secs(30), |s| {
+            s.state == CONTAINER_EXITED
+        })
+        .await;
+        assert_eq!(status.exit_code, 3);
+
+        // A terminal has one output: the log is stdout only, line ends
+        // without the terminal's \r.
+        let records = log_records(&logs.path().join("main/0.log"));
+        assert!(records.iter().all(|r| r.0 == "stdout"), "{records:?}");
         assert!(
-            matches!(
-                e.code(),
-                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
-            ),
+            records.iter().any(|r| r.2 == "first-2") && records.iter().any(|r| r.2 == "40 100"),
+            "{records:?}"
+        );
+
+        // The pty goes with the container, not with the pod.
+        let info = rt
+            .pod_sandbox_status(api::PodSandboxStatusRequest {
+                pod_sandbox_id: sandbox.clone(),
+                verbose: true,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .info;
+        let info: serde_json::Value = serde_json::from_str(&info["info"]).unwrap();
+        let owner = info["ownerPid"].as_u64().expect("the owner's pid");
+        assert!(
+            pty_masters(owner) >= 1,
+            "the exited container's terminal is kept"
+        );
+        rt.remove_container(api::RemoveContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(pty_masters(owner), 0, "RemoveContainer left its pty open");
+        stop_and_remove(&server, &sandbox).await;
+    }
+
+    #[tokio::test]
+    async fn attach_with_stdin_once_feeds_a_container_until_eof() {
+        require_root("streaming::attach_with_stdin_once_feeds_a_container_until_eof");
+        let server = CriServer::start().await;
+        let logs = tempfile::tempdir().unwrap();
+        let (sandbox, id) = pod_with_container(&server, "cat", &["/bin/cat"], logs.path(), |c| {
+            c.stdin = true;
+            c.stdin_once = true;
+        })
+        .await;
+        // A tty attach to a container made without one is refused, naming both.
+        let e = attach_url(&server, &id, true, true).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message().contains(&id) && e.message().contains("ContainerConfig.tty"),
             "{e:?}"
         );
+
+        let url = attach_url(&server, &id, true, false).await.unwrap();
+        let mut ws = connect(&url, "v5.channel.k8s.io").await;
+        type_in(&mut ws, "line one\nline two\n").await;
+        // stdin_once: the end of this attach's stdin is the container's EOF.
+        close_stdin(&mut ws).await;
+        let got = collect(&mut ws).await;
+        assert_eq!(
+            got.get(&1).map(Vec::as_slice),
+            Some(&b"line one\nline two\n"[..]),
+            "{got:?}"
+        );
+        assert_eq!(got.get(&2), None, "{got:?}");
+        assert_eq!(session_status(&got)["status"], "Success", "{got:?}");
+        let mut rt = server.runtime().await;
+        let status = wait_container(&mut rt, &id, Duration::from_secs(30), |s| {
+            s.state == CONTAINER_EXITED
+        })
+        .await;
+        assert_eq!(status.exit_code, 0);
+        assert_eq!(
+            log_records(&logs.path().join("main/0.log")),
+            vec![
+                ("stdout".into(), "F".into(), "line one".into()),
+                ("stdout".into(), "F".into(), "line two".into()),
+            ]
+        );
+
+        // Exited: nothing to attach to, and the error says which container.
+        let e = attach_url(&server, &id, false, false).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains(&id), "{e:?}");
         stop_and_remove(&server, &sandbox).await;
     }
 
