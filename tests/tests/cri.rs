@@ -15,6 +15,78 @@ fn sh(script: &str) -> Vec<&str> {
     vec!["/bin/sh", "-c", script]
 }
 
+/// What a container reads as its own cgroup's CPU quota and memory limit
+/// (cgroup v2 files where the container has them, else v1's).
+const OWN_LIMITS: &str = "if [ -f /sys/fs/cgroup/cpu.max ]; then \
+    cut -d' ' -f1 /sys/fs/cgroup/cpu.max; cat /sys/fs/cgroup/memory.max; \
+    else cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/memory/memory.limit_in_bytes; fi";
+
+/// UpdateContainerResources reaches the running container's own cgroup (a
+/// vm container's is in the guest): the container reads the new CPU quota
+/// and memory limit.
+async fn resources_update_reaches_the_container(server: &CriServer, id: &str) {
+    server
+        .runtime()
+        .await
+        .update_container_resources(api::UpdateContainerResourcesRequest {
+            container_id: id.to_string(),
+            linux: Some(api::LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: 30_000,
+                memory_limit_in_bytes: 200 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("UpdateContainerResources {id}: {e}"));
+    let out = exec_sync(server, id, &sh(OWN_LIMITS)).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("30000\n{}\n", 200u64 << 20),
+        "the container's own limits after the update (stderr: {})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// ContainerStats and PodSandboxStats of a running container: CPU time and
+/// memory counted (for a vm pod: the container's from the guest agent, the
+/// pod's from its VMM process on the host).
+async fn stats_count_cpu_and_memory(server: &CriServer, sandbox: &str, id: &str) {
+    let mut rt = server.runtime().await;
+    let stats = rt
+        .container_stats(api::ContainerStatsRequest {
+            container_id: id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert!(stats.memory.unwrap().working_set_bytes.unwrap().value > 0);
+    assert!(stats.cpu.unwrap().usage_core_nano_seconds.unwrap().value > 0);
+    let pod = rt
+        .pod_sandbox_stats(api::PodSandboxStatsRequest {
+            pod_sandbox_id: sandbox.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap()
+        .linux
+        .unwrap();
+    assert!(pod.memory.unwrap().working_set_bytes.unwrap().value > 0);
+    assert!(pod.cpu.unwrap().usage_core_nano_seconds.unwrap().value > 0);
+    assert!(pod.process.unwrap().process_count.unwrap().value >= 1);
+    assert!(
+        pod.containers
+            .iter()
+            .any(|c| c.attributes.as_ref().unwrap().id == id),
+        "the pod's stats list its running container"
+    );
+}
+
 async fn run_sandbox(
     server: &CriServer,
     config: &api::PodSandboxConfig,
@@ -328,6 +400,7 @@ async fn a_pod_with_two_containers_runs_its_whole_lifecycle() {
 
     // Stats from the container's cgroup and writable layer.
     exec_sync(&server, &web, &sh("head -c 1000000 /dev/zero > /big")).await;
+    stats_count_cpu_and_memory(&server, &sandbox, &web).await;
     let stats = rt
         .container_stats(api::ContainerStatsRequest {
             container_id: web.clone(),
@@ -337,8 +410,6 @@ async fn a_pod_with_two_containers_runs_its_whole_lifecycle() {
         .into_inner()
         .stats
         .unwrap();
-    assert!(stats.memory.unwrap().working_set_bytes.unwrap().value > 0);
-    assert!(stats.cpu.unwrap().usage_core_nano_seconds.unwrap().value > 0);
     assert!(stats.writable_layer.unwrap().used_bytes.unwrap().value >= 1_000_000);
     let all_stats = rt
         .list_container_stats(api::ListContainerStatsRequest { filter: None })
@@ -350,26 +421,7 @@ async fn a_pod_with_two_containers_runs_its_whole_lifecycle() {
         1,
         "only running containers have stats"
     );
-    let pod_stats = rt
-        .pod_sandbox_stats(api::PodSandboxStatsRequest {
-            pod_sandbox_id: sandbox.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .stats
-        .unwrap();
-    assert!(
-        pod_stats
-            .linux
-            .unwrap()
-            .memory
-            .unwrap()
-            .working_set_bytes
-            .unwrap()
-            .value
-            > 0
-    );
+    resources_update_reaches_the_container(&server, &web).await;
 
     // Lists, filtered as the kubelet filters them.
     let listed = rt
@@ -2114,6 +2166,8 @@ async fn the_vm_handler_runs_a_pod_in_a_microvm() {
         (out.stdout.as_slice(), out.stderr.as_slice(), out.exit_code),
         (&b"out\n"[..], &b"err\n"[..], 4)
     );
+    stats_count_cpu_and_memory(&server, &sandbox, &web).await;
+    resources_update_reaches_the_container(&server, &web).await;
 
     rt.stop_container(api::StopContainerRequest {
         container_id: web.clone(),

@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::Signal;
+use oci_spec::runtime::LinuxResources;
 use serde_json::json;
 use vmrun_container::{cgroups, LinuxSyscall, Rootfs, Stdio};
 
 use crate::cpu_placement;
 use crate::plan::{PodPlan, VolumeSource};
 use crate::runtime::{
-    ExecOutput, ExitInfo, Launch, PodStream, Running, Runtime, RuntimeError, Sandbox, WindowSize,
+    CgroupStats, ExecOutput, ExitInfo, Launch, PodStream, Running, Runtime, RuntimeError, Sandbox,
+    WindowSize,
 };
 use crate::spec::{container_spec, SpecContext};
 use crate::terminal::Terminal;
@@ -591,6 +593,12 @@ impl Sandbox for NativeSandbox {
             .filter(|_| !self.pod.host_network)
             .map(|p| p.pid())
     }
+
+    fn usage(&self) -> Result<Option<CgroupStats>, RuntimeError> {
+        Ok(cgroups::open_existing(&self.cgroup)
+            .ok()
+            .map(|cgroup| cgroup.stats()))
+    }
 }
 
 /// A terminal's pieces until the container exists: the terminal, and the
@@ -685,6 +693,21 @@ impl Running for NativeContainer {
             "process": self.process,
             "seccomp": self.seccomp,
         })
+    }
+    fn usage(&self) -> Result<Option<CgroupStats>, RuntimeError> {
+        Ok(cgroups::open_existing(&self.cgroup)
+            .ok()
+            .map(|cgroup| cgroup.stats()))
+    }
+    fn update_resources(&self, resources: &LinuxResources) -> Result<(), RuntimeError> {
+        let err = |message: String| RuntimeError::Control {
+            container: self.name.clone(),
+            message,
+        };
+        cgroups::open_existing(&self.cgroup)
+            .map_err(|e| err(format!("its cgroup: {e}")))?
+            .apply(resources)
+            .map_err(|e| err(format!("updating its cgroup: {e}")))
     }
     fn resize(&self, size: WindowSize) -> Result<(), RuntimeError> {
         let err = |message: String| RuntimeError::Control {

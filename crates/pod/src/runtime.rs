@@ -11,6 +11,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use oci_spec::runtime::LinuxResources;
+pub use vmrun_container::cgroups::CgroupStats;
+
 use crate::plan::{ContainerPlan, PodPlan};
 use crate::spec::ImageDefaults;
 
@@ -192,6 +195,10 @@ pub trait Sandbox: Send + Sync {
     fn lost(&self) -> Option<String> {
         None
     }
+    /// What the whole pod uses now, as the host counts it: the pod's cgroup
+    /// (native, wasm), or its VMM process (vm: the guest's memory as the
+    /// host has backed it, every vCPU's time). None when not known.
+    fn usage(&self) -> Result<Option<CgroupStats>, RuntimeError>;
 }
 
 pub trait Running: Send + Sync {
@@ -204,6 +211,13 @@ pub trait Running: Send + Sync {
     fn remove(&self) -> Result<(), RuntimeError>;
     /// What `vmrun exec` from another process needs to enter this container.
     fn exec_target(&self) -> serde_json::Value;
+    /// CPU, memory and process counts of the container's own cgroup now
+    /// (inside the guest for a vm container); None where the container has
+    /// no cgroup of its own (a pod's wasm containers share their engine's).
+    fn usage(&self) -> Result<Option<CgroupStats>, RuntimeError>;
+    /// Applies new limits to the running container's cgroup (CRI
+    /// UpdateContainerResources).
+    fn update_resources(&self, resources: &LinuxResources) -> Result<(), RuntimeError>;
     /// Sets the window size of the container's terminal ([`Launch::tty`]).
     fn resize(&self, size: WindowSize) -> Result<(), RuntimeError> {
         let _ = size;

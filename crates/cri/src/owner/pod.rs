@@ -11,7 +11,7 @@ use tonic::Status;
 use vmrun_pod::logs::{self, LogTarget};
 use vmrun_pod::native::CGROUP_PARENT;
 use vmrun_pod::plan::PodPlan;
-use vmrun_pod::runtime::{Launch, Runtime, Sandbox};
+use vmrun_pod::runtime::{CgroupStats, Launch, Runtime, RuntimeError, Sandbox};
 use vmrun_pod::spec::ImageDefaults;
 
 use super::containers::{Container, Phase};
@@ -494,7 +494,7 @@ impl Owner {
         Ok(())
     }
 
-    pub fn update_resources(
+    pub async fn update_resources(
         &self,
         id: &str,
         resources: api::LinuxContainerResources,
@@ -502,41 +502,21 @@ impl Owner {
         let c = self.container(id)?;
         // Validated the way CreateContainer validates them.
         translate::resources_of(&resources)?;
-        let mut s = c.lock();
-        if s.phase == Phase::Running {
-            let cgroup = vmrun_container::cgroups::open_existing(&self.cgroup_of(&c))
-                .map_err(|e| internal("the container's cgroup", e))?;
-            let mut cpu = serde_json::Map::new();
-            if resources.cpu_shares > 0 {
-                cpu.insert("shares".into(), resources.cpu_shares.into());
-            }
-            if resources.cpu_quota != 0 {
-                cpu.insert("quota".into(), resources.cpu_quota.into());
-            }
-            if resources.cpu_period > 0 {
-                cpu.insert("period".into(), resources.cpu_period.into());
-            }
-            if !resources.cpuset_cpus.is_empty() {
-                cpu.insert("cpus".into(), resources.cpuset_cpus.clone().into());
-            }
-            if !resources.cpuset_mems.is_empty() {
-                cpu.insert("mems".into(), resources.cpuset_mems.clone().into());
-            }
-            let mut linux = serde_json::json!({ "cpu": cpu });
-            if resources.memory_limit_in_bytes > 0 {
-                linux["memory"] = serde_json::json!({ "limit": resources.memory_limit_in_bytes });
-            }
-            let linux: oci_spec::runtime::LinuxResources = serde_json::from_value(linux)
-                .map_err(|e| Status::invalid_argument(format!("resources: {e}")))?;
-            cgroup
-                .apply(&linux)
-                .map_err(|e| internal("updating the cgroup", e))?;
-        } else if s.phase == Phase::Exited {
+        let phase = c.phase();
+        if phase == Phase::Exited {
             return Err(Status::failed_precondition(format!(
                 "container {id} has exited"
             )));
         }
-        s.resources = resources;
+        if let Some(running) = c.running() {
+            let linux = update_of(&resources)?;
+            tokio::task::spawn_blocking(move || running.update_resources(&linux))
+                .await
+                .map_err(|e| internal("updating the container's resources", e))?
+                .map_err(runtime_status)?;
+        }
+        // Kept for a container not started yet, and for its stats' limit.
+        c.lock().resources = resources;
         Ok(())
     }
 
@@ -591,13 +571,16 @@ impl Owner {
         Ok(())
     }
 
-    pub fn container_stats(&self, c: &Container) -> api::ContainerStats {
+    pub async fn container_stats(&self, c: &Container) -> api::ContainerStats {
+        let usage = match c.running() {
+            Some(running) => blocking_usage(&c.id, move || running.usage()).await,
+            None => None,
+        };
         let (cpu, memory) = {
             let mut s = c.lock();
             let limit = (s.resources.memory_limit_in_bytes > 0)
                 .then_some(s.resources.memory_limit_in_bytes as u64);
-            let (cpu, memory, _) =
-                super::stats::cgroup_usage(&self.cgroup_of(c), limit, &mut s.cpu_sample);
+            let (cpu, memory, _) = super::stats::usage(usage, limit, &mut s.cpu_sample);
             (cpu, memory)
         };
         let upper = self.upper_dir(c);
@@ -619,12 +602,25 @@ impl Owner {
         }
     }
 
-    pub fn sandbox_stats(&self) -> api::PodSandboxStats {
-        let (cpu, memory, pids) = super::stats::cgroup_usage(
-            &format!("{CGROUP_PARENT}/{}", self.id),
+    pub async fn sandbox_stats(&self) -> api::PodSandboxStats {
+        let sandbox = self
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let usage = match sandbox {
+            Some(sandbox) => blocking_usage(&self.id, move || sandbox.usage()).await,
+            None => None,
+        };
+        let (cpu, memory, pids) = super::stats::usage(
+            usage,
             None,
             &mut self.sandbox_cpu.lock().unwrap_or_else(|p| p.into_inner()),
         );
+        let mut containers = Vec::new();
+        for c in self.list().iter().filter(|c| c.phase() == Phase::Running) {
+            containers.push(self.container_stats(c).await);
+        }
         api::PodSandboxStats {
             attributes: Some(api::PodSandboxAttributes {
                 id: self.id.clone(),
@@ -640,12 +636,7 @@ impl Owner {
                     timestamp: crate::now_ns(),
                     process_count: Some(api::UInt64Value { value: pids }),
                 }),
-                containers: self
-                    .list()
-                    .iter()
-                    .filter(|c| c.phase() == Phase::Running)
-                    .map(|c| self.container_stats(c))
-                    .collect(),
+                containers,
                 io: None,
             }),
             windows: None,
@@ -664,4 +655,52 @@ impl Owner {
         });
         HashMap::from([("info".to_string(), info.to_string())])
     }
+}
+
+/// A runtime's usage counters, read off the async threads (a pod VM's come
+/// from its guest agent); a failure is logged and reported as unknown, as
+/// for a container that exited between the listing and the read.
+async fn blocking_usage(
+    what: &str,
+    read: impl FnOnce() -> Result<Option<CgroupStats>, RuntimeError> + Send + 'static,
+) -> Option<CgroupStats> {
+    match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(usage)) => usage,
+        Ok(Err(e)) => {
+            tracing::debug!(%what, "usage: {e}");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(%what, "usage: {e}");
+            None
+        }
+    }
+}
+
+/// CRI's resources as the OCI `LinuxResources` a runtime applies: only what
+/// the request sets (CRI's zero values mean "leave as is").
+fn update_of(
+    resources: &api::LinuxContainerResources,
+) -> Result<oci_spec::runtime::LinuxResources, Status> {
+    let mut cpu = serde_json::Map::new();
+    if resources.cpu_shares > 0 {
+        cpu.insert("shares".into(), resources.cpu_shares.into());
+    }
+    if resources.cpu_quota != 0 {
+        cpu.insert("quota".into(), resources.cpu_quota.into());
+    }
+    if resources.cpu_period > 0 {
+        cpu.insert("period".into(), resources.cpu_period.into());
+    }
+    if !resources.cpuset_cpus.is_empty() {
+        cpu.insert("cpus".into(), resources.cpuset_cpus.clone().into());
+    }
+    if !resources.cpuset_mems.is_empty() {
+        cpu.insert("mems".into(), resources.cpuset_mems.clone().into());
+    }
+    let mut linux = serde_json::json!({ "cpu": cpu });
+    if resources.memory_limit_in_bytes > 0 {
+        linux["memory"] = serde_json::json!({ "limit": resources.memory_limit_in_bytes });
+    }
+    serde_json::from_value(linux).map_err(|e| Status::invalid_argument(format!("resources: {e}")))
 }

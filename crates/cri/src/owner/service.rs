@@ -322,7 +322,7 @@ impl RuntimeService for OwnerService {
         let linux = r.linux.ok_or_else(|| {
             Status::invalid_argument("linux: is required (vmrun runs Linux containers only)")
         })?;
-        self.owner.update_resources(&r.container_id, linux)?;
+        self.owner.update_resources(&r.container_id, linux).await?;
         Ok(Response::new(api::UpdateContainerResourcesResponse {}))
     }
 
@@ -356,7 +356,7 @@ impl RuntimeService for OwnerService {
     ) -> Result<Response<api::ContainerStatsResponse>, Status> {
         let c = self.owner.container(&request.get_ref().container_id)?;
         Ok(Response::new(api::ContainerStatsResponse {
-            stats: Some(self.owner.container_stats(&c)),
+            stats: Some(self.owner.container_stats(&c).await),
         }))
     }
 
@@ -371,14 +371,16 @@ impl RuntimeService for OwnerService {
             pod_sandbox_id: f.pod_sandbox_id,
             label_selector: f.label_selector,
         };
-        let stats = self
+        let mut stats = Vec::new();
+        for c in self
             .owner
             .containers()
             .iter()
             .filter(|c| c.phase() == Phase::Running)
             .filter(|c| container_matches(&self.owner, c, &filter))
-            .map(|c| self.owner.container_stats(c))
-            .collect();
+        {
+            stats.push(self.owner.container_stats(c).await);
+        }
         Ok(Response::new(api::ListContainerStatsResponse { stats }))
     }
 
@@ -388,7 +390,7 @@ impl RuntimeService for OwnerService {
     ) -> Result<Response<api::PodSandboxStatsResponse>, Status> {
         self.check_sandbox(&request.get_ref().pod_sandbox_id)?;
         Ok(Response::new(api::PodSandboxStatsResponse {
-            stats: Some(self.owner.sandbox_stats()),
+            stats: Some(self.owner.sandbox_stats().await),
         }))
     }
 
@@ -402,7 +404,7 @@ impl RuntimeService for OwnerService {
             && labels_match(&sandbox.labels, &f.label_selector);
         let mut stats = Vec::new();
         if keep {
-            stats.push(self.owner.sandbox_stats());
+            stats.push(self.owner.sandbox_stats().await);
         }
         Ok(Response::new(api::ListPodSandboxStatsResponse { stats }))
     }

@@ -1,8 +1,9 @@
-//! Container and pod stats from their cgroups and writable layers.
+//! Container and pod stats in CRI's terms, from the runtime's usage counters
+//! and the writable layers.
 
 use std::path::Path;
 
-use vmrun_container::cgroups;
+use vmrun_pod::runtime::CgroupStats;
 
 use crate::api;
 
@@ -10,18 +11,18 @@ fn value(v: u64) -> Option<api::UInt64Value> {
     Some(api::UInt64Value { value: v })
 }
 
-/// CPU and memory of the cgroup at `path`; `last` is the previous CPU
-/// sample (time, usage), replaced by this one, for the usage rate.
-pub fn cgroup_usage(
-    path: &str,
+/// CPU and memory in CRI's terms from a cgroup's counters (`None`: not
+/// known); `last` is the previous CPU sample (time, usage), replaced by
+/// this one, for the usage rate.
+pub fn usage(
+    stats: Option<CgroupStats>,
     memory_limit: Option<u64>,
     last: &mut Option<(i64, u64)>,
 ) -> (Option<api::CpuUsage>, Option<api::MemoryUsage>, u64) {
     let now = crate::now_ns();
-    let Ok(cgroup) = cgroups::open_existing(path) else {
+    let Some(stats) = stats else {
         return (None, None, 0);
     };
-    let stats = cgroup.stats();
     let nano_cores = match *last {
         Some((t, used)) if now > t && stats.cpu_usage_ns >= used => {
             let cores = (stats.cpu_usage_ns - used) as u128 * 1_000_000_000 / (now - t) as u128;

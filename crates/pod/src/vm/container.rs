@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use oci_spec::runtime::LinuxResources;
 use tokio::runtime::Handle;
 use tonic::transport::Channel;
 use vmrun_proto::v1;
@@ -16,7 +17,7 @@ use vmrun_proto::AgentClient;
 
 use super::sandbox::{call, status_msg, VmSandbox};
 use super::vmm_process::VmmProcess;
-use crate::runtime::{ExecOutput, ExitInfo, Running, RuntimeError, SeparateOutput};
+use crate::runtime::{CgroupStats, ExecOutput, ExitInfo, Running, RuntimeError, SeparateOutput};
 
 /// Output kept from an exec (probes, hooks), like the native runtime.
 const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
@@ -181,6 +182,37 @@ impl Running for VmContainer {
         );
         self.finish_pump();
         removed.map(|_| ()).map_err(|e| self.control_err(e))
+    }
+
+    fn usage(&self) -> Result<Option<CgroupStats>, RuntimeError> {
+        let mut agent = self.agent.clone();
+        let request = v1::StatsRequest {
+            container_id: self.id.clone(),
+        };
+        let stats = call(&self.rt, &self.vmm, "stats", agent.stats(request))
+            .map_err(|e| self.control_err(e))?;
+        Ok(Some(CgroupStats {
+            memory_usage_bytes: stats.memory_usage_bytes,
+            cpu_usage_ns: stats.cpu_usage_ns,
+            pids: stats.pids,
+        }))
+    }
+
+    fn update_resources(&self, resources: &LinuxResources) -> Result<(), RuntimeError> {
+        let mut agent = self.agent.clone();
+        let request = v1::UpdateResourcesRequest {
+            container_id: self.id.clone(),
+            linux_resources_json: serde_json::to_vec(resources)
+                .map_err(|e| self.control_err(format!("resources: {e}")))?,
+        };
+        call(
+            &self.rt,
+            &self.vmm,
+            "updating resources",
+            agent.update_resources(request),
+        )
+        .map(|_| ())
+        .map_err(|e| self.control_err(e))
     }
 
     fn exec_target(&self) -> serde_json::Value {

@@ -19,7 +19,7 @@ use super::sizing::vm_size;
 use super::vmm_process::{VmFiles, VmmProcess};
 use super::VmRuntime;
 use crate::plan::{PodPlan, VolumeSource};
-use crate::runtime::{ExecOutput, Launch, PodStream, Running, RuntimeError, Sandbox};
+use crate::runtime::{CgroupStats, ExecOutput, Launch, PodStream, Running, RuntimeError, Sandbox};
 use crate::spec::{container_spec, SpecContext};
 
 /// How long one control call to the agent may take (not `WaitProcess`).
@@ -568,6 +568,33 @@ impl Sandbox for VmSandbox {
         )
         .map_err(err)?;
         Ok(())
+    }
+
+    fn usage(&self) -> Result<Option<CgroupStats>, RuntimeError> {
+        if self.vmm.try_exit().is_some() {
+            return Ok(None);
+        }
+        let (cpu_usage_ns, memory_usage_bytes) = self
+            .vmm
+            .host_usage()
+            .map_err(|e| RuntimeError::Sandbox(format!("the VMM's usage: {e}")))?;
+        let running: Vec<_> = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        // Processes are the guest's: those of the containers still there
+        // (a removed one answers NotFound and counts none).
+        let pids = running
+            .iter()
+            .filter_map(|c| c.usage().ok().flatten())
+            .map(|u| u.pids)
+            .sum();
+        Ok(Some(CgroupStats {
+            memory_usage_bytes,
+            cpu_usage_ns,
+            pids,
+        }))
     }
 
     fn lost(&self) -> Option<String> {

@@ -257,6 +257,15 @@ impl VmmProcess {
         self.child.lock().unwrap_or_else(|p| p.into_inner()).id()
     }
 
+    /// The VMM's CPU time (every thread's, user and system, in ns) and its
+    /// resident memory in bytes: what the pod VM costs the host.
+    pub fn host_usage(&self) -> std::io::Result<(u64, u64)> {
+        let pid = self.pid();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        parse_host_usage(&stat, &status, clock_ticks_per_second())
+    }
+
     /// The exit status, if the VMM has exited.
     pub fn try_exit(&self) -> Option<ExitStatus> {
         let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
@@ -310,4 +319,67 @@ fn tail(path: &Path, lines: usize) -> String {
         .filter(|l| !l.is_empty())
         .collect();
     last[last.len().saturating_sub(lines)..].join(" | ")
+}
+
+fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as u64
+    } else {
+        100
+    }
+}
+
+/// CPU ns and resident bytes from a process's `/proc/PID/stat` and
+/// `/proc/PID/status`.
+fn parse_host_usage(
+    stat: &str,
+    status: &str,
+    ticks_per_second: u64,
+) -> std::io::Result<(u64, u64)> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    // The command name (field 2) may hold spaces and parentheses: the
+    // fields that follow start after its last ')'.
+    let rest = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or_else(|| bad("no command name in /proc/PID/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
+    let ticks = |i: usize| -> std::io::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .ok_or_else(|| bad("no utime/stime in /proc/PID/stat"))
+    };
+    let cpu_ns = (ticks(11)? + ticks(12)?).saturating_mul(1_000_000_000 / ticks_per_second.max(1));
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or_else(|| bad("no VmRSS in /proc/PID/status"))?;
+    Ok((cpu_ns, rss_kib * 1024))
+}
+
+#[cfg(test)]
+mod host_usage_tests {
+    use super::parse_host_usage;
+
+    #[test]
+    fn cpu_and_rss_come_from_stat_and_status() {
+        let stat = "4242 (vmrun vmm (x)) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 50 0 0 20 0 5 0 100 1000 300";
+        let status = "Name:\tvmrun-vmm\nVmPeak:\t  9000 kB\nVmRSS:\t    2048 kB\nThreads:\t5\n";
+        let (cpu, rss) = parse_host_usage(stat, status, 100).unwrap();
+        assert_eq!(cpu, 3_000_000_000, "250 + 50 ticks at 100 Hz");
+        assert_eq!(rss, 2048 * 1024);
+    }
+
+    #[test]
+    fn a_truncated_stat_is_an_error_not_a_panic() {
+        assert!(parse_host_usage("4242 (vmm) S 1 2", "VmRSS: 1 kB", 100).is_err());
+        assert!(parse_host_usage("no name here", "VmRSS: 1 kB", 100).is_err());
+        let stat = "1 (a) S 1 1 1 0 -1 0 0 0 0 0 1 1 0 0";
+        assert!(parse_host_usage(stat, "Name: a", 100).is_err());
+    }
 }

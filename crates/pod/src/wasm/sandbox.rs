@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::Signal;
+use oci_spec::runtime::LinuxResources;
 use serde_json::json;
 
 use super::engine_process::{log_tail, EngineError, EngineLaunch, EngineProcess};
@@ -19,7 +20,9 @@ use super::{is_native_container, WasmRuntime};
 use crate::command::resolve_argv;
 use crate::native::{remove_tree, NativeSandbox};
 use crate::plan::ContainerPlan;
-use crate::runtime::{ExecOutput, ExitInfo, Launch, PodStream, Running, RuntimeError, Sandbox};
+use crate::runtime::{
+    CgroupStats, ExecOutput, ExitInfo, Launch, PodStream, Running, RuntimeError, Sandbox,
+};
 use crate::spec::merged_env;
 
 /// How long the engine may take to compile and instantiate a module.
@@ -314,6 +317,11 @@ impl Sandbox for WasmSandbox {
             .and_then(|e| e.gone())
             .map(|why| format!("the pod's wasm engine {why}"))
     }
+
+    fn usage(&self) -> Result<Option<CgroupStats>, RuntimeError> {
+        // The pod's cgroup holds the engine and any native containers.
+        self.native.usage()
+    }
 }
 
 struct WasmContainer {
@@ -369,5 +377,16 @@ impl Running for WasmContainer {
     }
     fn exec_target(&self) -> serde_json::Value {
         json!({ "runtime": "wasm", "pid": self.pid() })
+    }
+    fn usage(&self) -> Result<Option<CgroupStats>, RuntimeError> {
+        // Every wasm container of the pod runs in its one engine process,
+        // whose cgroup is the pod's account (Sandbox::usage).
+        Ok(None)
+    }
+    fn update_resources(&self, _resources: &LinuxResources) -> Result<(), RuntimeError> {
+        Err(self.control_err(
+            "a wasm container's limits are fixed when its store is made: \
+             recreate it to change them",
+        ))
     }
 }
