@@ -1916,12 +1916,13 @@ mod streaming {
         stop_and_remove(&server, &sandbox).await;
     }
 
-    /// Exec with stdin and a terminal, and port-forward, into a vm pod:
-    /// through the guest agent (its pty, its TCP forwarder in the guest).
+    /// Exec with stdin and a terminal, Attach to containers made with stdin
+    /// (one with a terminal), and port-forward, into a vm pod: through the
+    /// guest agent (its pty, its TCP forwarder in the guest).
     /// Nested inside L1 where /dev/kvm is not hardware KVM.
     #[tokio::test]
-    async fn a_vm_pod_is_reached_by_exec_with_a_tty_and_port_forward() {
-        const TEST: &str = "a_vm_pod_is_reached_by_exec_with_a_tty_and_port_forward";
+    async fn a_vm_pod_is_reached_by_exec_attach_and_port_forward() {
+        const TEST: &str = "a_vm_pod_is_reached_by_exec_attach_and_port_forward";
         vmrun_tests::pod::vmrun_bin();
         vmrun_tests::pod::guest_assets();
         vmrun_tests::hardware_kvm_or_nested!(TEST);
@@ -1986,6 +1987,71 @@ mod streaming {
         assert!(out.contains("30 90"), "{out:?}");
         let status: serde_json::Value = serde_json::from_slice(&got[&3]).unwrap();
         assert_eq!(status["details"]["causes"][0]["message"], "7", "{status}");
+
+        // Attach to a container made with a terminal (`kubectl run -it`):
+        // typed in through the agent, echoed by the guest's pty, resized.
+        let mut shell = kubelet_container_config("shell", &image, &["/bin/sh"], &config);
+        (shell.stdin, shell.stdin_once, shell.tty) = (true, true, true);
+        let shell = create(&server, &sandbox, shell, &config).await.unwrap();
+        start(&server, &shell).await;
+        let url = attach_url(&server, &shell, true, true).await.unwrap();
+        let mut ws = connect(&url, "v5.channel.k8s.io").await;
+        let size = br#"{"Width":100,"Height":40}"#;
+        ws.send(Message::Binary([&[4u8][..], size].concat().into()))
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        for n in 1.. {
+            type_in(&mut ws, &format!("stty size; echo size-{n}-$((0))\n")).await;
+            read_until(&mut ws, &mut seen, &format!("size-{n}-0")).await;
+            if String::from_utf8_lossy(&seen).contains("40 100") {
+                break;
+            }
+            assert!(
+                n < 50,
+                "the size never arrived: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+        assert!(
+            String::from_utf8_lossy(&seen).contains("stty size; echo size-1"),
+            "the terminal echoes what is typed: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        type_in(&mut ws, "exit 3\n").await;
+        let got = collect(&mut ws).await;
+        assert_eq!(session_status(&got)["status"], "Success", "{got:?}");
+        let mut rt = server.runtime().await;
+        let status = wait_container(&mut rt, &shell, Duration::from_secs(30), |s| {
+            s.state == CONTAINER_EXITED
+        })
+        .await;
+        assert_eq!(status.exit_code, 3);
+        let records = log_records(&logs.path().join("shell/0.log"));
+        assert!(records.iter().all(|r| r.0 == "stdout"), "{records:?}");
+        assert!(records.iter().any(|r| r.2 == "40 100"), "{records:?}");
+
+        // A stdin_once container without a terminal: the attach's end of
+        // input is the container's EOF.
+        let mut cat = kubelet_container_config("cat", &image, &["/bin/cat"], &config);
+        (cat.stdin, cat.stdin_once) = (true, true);
+        let cat = create(&server, &sandbox, cat, &config).await.unwrap();
+        start(&server, &cat).await;
+        let url = attach_url(&server, &cat, true, false).await.unwrap();
+        let mut ws = connect(&url, "v5.channel.k8s.io").await;
+        type_in(&mut ws, "line one\nline two\n").await;
+        close_stdin(&mut ws).await;
+        let got = collect(&mut ws).await;
+        assert_eq!(
+            got.get(&1).map(Vec::as_slice),
+            Some(&b"line one\nline two\n"[..]),
+            "{got:?}"
+        );
+        let status = wait_container(&mut rt, &cat, Duration::from_secs(30), |s| {
+            s.state == CONTAINER_EXITED
+        })
+        .await;
+        assert_eq!(status.exit_code, 0);
 
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {

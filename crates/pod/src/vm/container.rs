@@ -16,13 +16,23 @@ use vmrun_proto::v1;
 use vmrun_proto::AgentClient;
 
 use super::sandbox::{call, status_msg, VmSandbox};
+use super::stdin::{StdinFeeder, StdinTarget};
 use super::vmm_process::VmmProcess;
-use crate::runtime::{CgroupStats, ExecOutput, ExitInfo, Running, RuntimeError, SeparateOutput};
+use crate::runtime::{
+    CgroupStats, ExecOutput, ExitInfo, Running, RuntimeError, SeparateOutput, WindowSize,
+};
 
 /// Output kept from an exec (probes, hooks), like the native runtime.
 const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
 /// How long a failed wait gives the VMM to finish exiting.
 const VMM_EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// The caller's ends of a container's stdio ([`crate::runtime::Launch`]'s).
+pub(super) struct ContainerStdio {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
 
 pub(super) struct VmContainer {
     name: String,
@@ -35,6 +45,9 @@ pub(super) struct VmContainer {
     vmm: Arc<VmmProcess>,
     /// Copies the container's output into its log pipes until both close.
     pump: Mutex<Option<JoinHandle<()>>>,
+    /// With [`Launch::stdin`](crate::runtime::Launch): the caller's pipe fed
+    /// into the container.
+    stdin: Option<StdinFeeder>,
 }
 
 impl VmContainer {
@@ -44,9 +57,24 @@ impl VmContainer {
         pid: i32,
         process: serde_json::Value,
         sandbox: &VmSandbox,
-        stdout: OwnedFd,
-        stderr: OwnedFd,
-    ) -> Self {
+        stdio: ContainerStdio,
+    ) -> std::io::Result<Self> {
+        let ContainerStdio {
+            stdin,
+            stdout,
+            stderr,
+        } = stdio;
+        let stdin = stdin
+            .map(|fd| {
+                let target = StdinTarget {
+                    rt: sandbox.rt.clone(),
+                    agent: sandbox.agent.clone(),
+                    vmm: sandbox.vmm.clone(),
+                    container_id: id.clone(),
+                };
+                StdinFeeder::spawn(target, fd)
+            })
+            .transpose()?;
         let pump = spawn_pump(
             sandbox.rt.clone(),
             sandbox.agent.clone(),
@@ -54,7 +82,7 @@ impl VmContainer {
             File::from(stdout),
             File::from(stderr),
         );
-        VmContainer {
+        Ok(VmContainer {
             name,
             id,
             pid,
@@ -64,7 +92,8 @@ impl VmContainer {
             rt: sandbox.rt.clone(),
             vmm: sandbox.vmm.clone(),
             pump: Mutex::new(Some(pump)),
-        }
+            stdin,
+        })
     }
 
     fn control_err(&self, message: String) -> RuntimeError {
@@ -166,6 +195,9 @@ impl Running for VmContainer {
     }
 
     fn remove(&self) -> Result<(), RuntimeError> {
+        if let Some(stdin) = &self.stdin {
+            stdin.stop();
+        }
         if self.vmm.try_exit().is_some() {
             self.finish_pump();
             return Ok(()); // the guest, and the container with it, is gone
@@ -210,6 +242,24 @@ impl Running for VmContainer {
             &self.vmm,
             "updating resources",
             agent.update_resources(request),
+        )
+        .map(|_| ())
+        .map_err(|e| self.control_err(e))
+    }
+
+    fn resize(&self, size: WindowSize) -> Result<(), RuntimeError> {
+        let mut agent = self.agent.clone();
+        let request = v1::ResizeTtyRequest {
+            container_id: self.id.clone(),
+            exec_id: String::new(),
+            rows: size.rows.into(),
+            cols: size.cols.into(),
+        };
+        call(
+            &self.rt,
+            &self.vmm,
+            "resizing its terminal",
+            agent.resize_tty(request),
         )
         .map(|_| ())
         .map_err(|e| self.control_err(e))

@@ -12,6 +12,7 @@ mod host_mounts;
 pub mod network;
 mod sandbox;
 pub mod sizing;
+mod stdin;
 pub mod vmm_process;
 
 use std::collections::BTreeMap;

@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 use vmrun_proto::v1;
 use vmrun_proto::AgentClient;
 
-use super::container::{self, VmContainer};
+use super::container::{self, ContainerStdio, VmContainer};
 use super::disks::{guest_disk, DiskPlan, MAX_DISKS};
 use super::host_mounts;
 use super::sizing::vm_size;
@@ -427,8 +427,6 @@ async fn wait_for_agent(
 
 impl Sandbox for VmSandbox {
     fn start(&self, launch: Launch) -> Result<Arc<dyn Running>, RuntimeError> {
-        // The agent has container stdin and terminals; relaying them is to come.
-        launch.refuse_stdin_and_tty("vm")?;
         let c = &launch.container;
         let start_err = |message: String| RuntimeError::Start {
             container: c.name.clone(),
@@ -457,8 +455,17 @@ impl Sandbox for VmSandbox {
         let mut ctx = self.spec_context(&launch.layers);
         ctx.cgroup_path = format!("/vmrun/{id}");
         ctx.cpuset = self.cpuset_for(c);
-        let spec = container_spec(&ctx, c, &launch.image).map_err(|e| start_err(e.to_string()))?;
+        let mut spec =
+            container_spec(&ctx, c, &launch.image).map_err(|e| start_err(e.to_string()))?;
+        // What execs into the container start from: no terminal unless asked.
         let process = serde_json::to_value(spec.process()).unwrap_or_default();
+        if launch.tty {
+            // The agent gives a terminal process a pty of its own (slave as
+            // stdio and controlling terminal), its output on stdout only.
+            let mut process = spec.process().clone().unwrap_or_default();
+            process.set_terminal(Some(true));
+            spec.set_process(Some(process));
+        }
         let spec_json = serde_json::to_vec(&spec).map_err(|e| start_err(e.to_string()))?;
         let device = self
             .image_device(&c.image, launch.block_image.as_deref())
@@ -473,7 +480,7 @@ impl Sandbox for VmSandbox {
                     .map(|i| format!("{BLOCK_LAYERS_DIR}/{i}"))
                     .collect(),
             })),
-            stdin: false,
+            stdin: launch.stdin.is_some(),
         };
         let mut agent = self.agent.clone();
         let created = self
@@ -482,15 +489,29 @@ impl Sandbox for VmSandbox {
                 agent.create_container(request),
             )
             .map_err(start_err)?;
-        let running = Arc::new(VmContainer::new(
+        let made = VmContainer::new(
             c.name.clone(),
             id.clone(),
             created.pid,
             process,
             self,
-            launch.stdout,
-            launch.stderr,
-        ));
+            ContainerStdio {
+                stdin: launch.stdin,
+                stdout: launch.stdout,
+                stderr: launch.stderr,
+            },
+        );
+        let running = match made {
+            Ok(made) => Arc::new(made),
+            Err(e) => {
+                let mut agent = self.agent.clone();
+                let request = v1::RemoveContainerRequest {
+                    container_id: id.clone(),
+                };
+                let _ = self.call("removing the container", agent.remove_container(request));
+                return Err(start_err(format!("relaying its stdin: {e}")));
+            }
+        };
         let mut agent = self.agent.clone();
         let started = self.call(
             "starting the container in the guest",
