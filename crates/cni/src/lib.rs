@@ -36,6 +36,7 @@ mod config;
 mod exec;
 pub mod netns;
 mod plugin_error;
+pub mod pod_network;
 mod result;
 mod runtime_config;
 pub mod tap;
@@ -53,5 +54,6 @@ pub use config::{
 pub use exec::ExecError;
 pub use netns::{NetNs, NetNsError};
 pub use plugin_error::PluginError;
+pub use pod_network::{detach_orphan, NetworkError, NetworkSettings, PodNetwork, NETNS_FILE};
 pub use result::{Cidr, CidrError, CniResult, Dns, Interface, IpConfig, ResultError, Route};
 pub use runtime_config::{Bandwidth, DnsConfig, PortMapping, RuntimeConfig};

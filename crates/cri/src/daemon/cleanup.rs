@@ -31,7 +31,9 @@ fn orphan_files(
 ) -> Result<(), String> {
     let mut errors = Vec::new();
     if let Some(net) = &settings.network {
-        if let Err(e) = crate::owner::detach_orphan(net, id, dir, config) {
+        if let Err(e) = crate::owner::detach_orphan(net, dir, |netns| {
+            crate::owner::network::attachment(id, netns, config)
+        }) {
             errors.push(e.to_string());
         }
     }

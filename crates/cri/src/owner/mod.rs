@@ -11,7 +11,7 @@
 pub mod attach;
 mod containers;
 mod exec;
-mod network;
+pub mod network;
 mod pod;
 mod service;
 mod stats;

@@ -107,7 +107,9 @@ impl Owner {
                     config.clone(),
                 );
                 let attached = tokio::task::spawn_blocking(move || {
-                    PodNetwork::attach(&net, &id, &dir, pid, &cfg)
+                    PodNetwork::attach(&net, &dir, pid, |netns| {
+                        super::network::attachment(&id, netns, &cfg)
+                    })
                 })
                 .await
                 .context("network setup panicked")?;
