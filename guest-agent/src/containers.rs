@@ -20,7 +20,7 @@ use vmrun_container::{cgroups, Container, ContainerConfig, Created, ExecProcess,
 use vmrun_proto::v1::{create_container_request::Rootfs as RootfsSource, ImageDisk};
 
 use crate::oom::OomMonitor;
-use crate::process::{make_stdio, ExitCell, ExitInfo, ProcessIo, StdioError};
+use crate::process::{make_stdio, ExitCell, ExitInfo, ProcessIo, PtyHome, StdioError};
 use crate::sandbox::PAUSE_CGROUP;
 
 /// The status reported for a container that was removed before it ran, or
@@ -392,7 +392,7 @@ impl Containers {
             .process()
             .as_ref()
             .is_some_and(|p| p.terminal() == Some(true));
-        let (stdio, io) = make_stdio(stdin, terminal)?;
+        let (stdio, io) = make_stdio(stdin, terminal.then_some(PtyHome::Agent))?;
         let config = ContainerConfig {
             id: id.to_string(),
             spec,
@@ -522,8 +522,9 @@ impl Containers {
                 what: format!("exec {exec_id:?} in container {id:?}: OCI process"),
                 reason: e.to_string(),
             })?;
-        let (stdio, io) = make_stdio(stdin, process.terminal() == Some(true))?;
         let target = container.pid();
+        let home = PtyHome::Container { pid: target };
+        let (stdio, io) = make_stdio(stdin, (process.terminal() == Some(true)).then_some(home))?;
         let cgroup = container.cgroup().path().to_string();
         let seccomp = entry.seccomp.clone();
         let process = blocking("exec", move || {

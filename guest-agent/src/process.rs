@@ -90,10 +90,10 @@ fn pipe_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
 /// runtime (the async ends register with its reactor).
 pub(crate) fn make_stdio(
     with_stdin: bool,
-    terminal: bool,
+    terminal: Option<PtyHome>,
 ) -> Result<(Stdio, ProcessIo), StdioError> {
-    if terminal {
-        return make_tty(with_stdin);
+    if let Some(home) = terminal {
+        return make_tty(with_stdin, home);
     }
     let (out_r, out_w) = pipe_pair().map_err(StdioError::Pipe)?;
     let (err_r, err_w) = pipe_pair().map_err(StdioError::Pipe)?;
@@ -129,10 +129,27 @@ pub(crate) fn make_stdio(
     Ok((stdio, io))
 }
 
+/// Whose devpts a process's terminal comes from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PtyHome {
+    /// The agent's: a container's init, whose devpts does not exist yet.
+    Agent,
+    /// That of the container whose process this is (an exec), so the
+    /// terminal has a name there; the agent's if the container has none.
+    Container { pid: i32 },
+}
+
 /// The process gets the slave as stdin, stdout and stderr; the agent keeps
 /// the master for output, stdin (when asked for) and resizing.
-fn make_tty(with_stdin: bool) -> Result<(Stdio, ProcessIo), StdioError> {
-    let (master, slave) = tty::open_pty().map_err(StdioError::Pty)?;
+fn make_tty(with_stdin: bool, home: PtyHome) -> Result<(Stdio, ProcessIo), StdioError> {
+    let pair = match home {
+        PtyHome::Container { pid } => vmrun_container::open_pty_in_container(pid).or_else(|e| {
+            tracing::debug!(pid, "the container's devpts: {e}; using the agent's");
+            vmrun_container::open_pty()
+        }),
+        PtyHome::Agent => vmrun_container::open_pty(),
+    };
+    let (master, slave) = pair.map_err(StdioError::Pty)?;
     let stdio = Stdio {
         stdin: Some(slave.try_clone().map_err(StdioError::Pty)?),
         stdout: Some(slave.try_clone().map_err(StdioError::Pty)?),

@@ -5,7 +5,7 @@
 //! controlling terminal (the container library's `terminal.rs`).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -60,28 +60,6 @@ impl Containers {
             .resize(r, c)
             .map_err(|source| ResizeTtyError::Ioctl { what, source })
     }
-}
-
-/// Opens a pty pair, (master, slave): both close-on-exec (the container
-/// library hands the slave to the process explicitly) and neither one the
-/// agent's controlling terminal.
-pub(crate) fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
-    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
-    // grantpt is not needed: devpts creates the slave owned by us already.
-    nix::pty::unlockpt(&master)?;
-    // TIOCGPTPEER (Linux 4.13) opens the slave through the master instead
-    // of by its /dev/pts path, which may name another devpts instance.
-    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
-    // SAFETY: TIOCGPTPEER takes the open flags as an int argument and
-    // returns a new descriptor; no memory is passed.
-    let slave = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) };
-    if slave < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the ioctl succeeded, so `slave` is a new descriptor that
-    // nothing else owns.
-    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
-    Ok((master.into(), slave))
 }
 
 /// The agent's end of a terminal, shared by the output reader, the stdin
@@ -194,7 +172,7 @@ mod tests {
 
     #[tokio::test]
     async fn relays_both_ways_resizes_and_ends_with_the_slave() {
-        let (master, slave) = open_pty().unwrap();
+        let (master, slave) = vmrun_container::open_pty().unwrap();
         let master = Master::new(master).unwrap();
         master.resize(33, 111).unwrap();
         assert_eq!(winsize(&slave), (33, 111));

@@ -93,10 +93,16 @@ async fn terminal_processes_get_a_resizable_controlling_tty() {
 
     // An exec'd process with a terminal, resized while it runs; stdin goes
     // through the terminal (echoed), and closing it is ^D.
-    let sleeper = common::spec(&["sleep", "1000"], ns, hosts);
+    // The container has a devpts of its own, as a pod's containers do: the
+    // exec's terminal comes from it, so it has a name in the container.
+    let mut sleeper = common::spec(&["sleep", "1000"], ns, hosts);
+    sleeper["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/dev/pts", "type": "devpts", "source": "devpts",
+        "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]
+    }));
     common::run_container(&mut client, "sleeper", &sleeper, &image).await;
-    let script = "[ -t 0 ] && echo tty; echo ready; read line; echo got $line; stty size; cat; \
-                  echo cat-done";
+    let script = "[ -t 0 ] && echo tty; tty; echo ready; read line; echo got $line; stty size; \
+                  cat; echo cat-done";
     let mut process = common::process(&["sh", "-c", script]);
     process["terminal"] = json!(true);
     client
@@ -111,7 +117,7 @@ async fn terminal_processes_get_a_resizable_controlling_tty() {
     let mut stream = output(&mut client, "sleeper", "shell").await;
     let mut seen = String::new();
     read_until(&mut stream, &mut seen, Some("ready\r\n")).await;
-    assert_eq!(seen, "tty\r\nready\r\n");
+    assert_eq!(seen, "tty\r\n/dev/pts/0\r\nready\r\n");
     client
         .resize_tty(resize("sleeper", "shell", 33, 111))
         .await
@@ -129,7 +135,7 @@ async fn terminal_processes_get_a_resizable_controlling_tty() {
     // "abc" twice: the terminal's echo and cat's copy.
     assert_eq!(
         seen,
-        "tty\r\nready\r\nhello\r\ngot hello\r\n33 111\r\nabc\r\nabc\r\ncat-done\r\n"
+        "tty\r\n/dev/pts/0\r\nready\r\nhello\r\ngot hello\r\n33 111\r\nabc\r\nabc\r\ncat-done\r\n"
     );
     let exit = common::wait_process(&mut client, "sleeper", "shell").await;
     assert_eq!((exit.exit_code, exit.signal), (0, 0));

@@ -76,7 +76,7 @@ pub use exec::{exec, ExecError, ExecProcess};
 pub use reaper::{ExitStatus, SignalError, WaitError};
 pub use sandbox::{create_sandbox, Sandbox, SandboxConfig, SandboxError};
 pub use syscall::{LinuxSyscall, Syscall};
-pub use terminal::open_pty;
+pub use terminal::{open_pty, open_pty_in_container};
 
 /// The capabilities a container gets by default: containerd's and Docker's set.
 pub const DEFAULT_CAPABILITIES: &[&str] = &[

@@ -18,6 +18,60 @@ pub fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
     let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
     // grantpt is not needed: devpts creates the slave owned by us already.
     nix::pty::unlockpt(&master)?;
+    slave_of(master.into())
+}
+
+/// The devpts multiplexer's device number (5, 2).
+const PTMX_MAJOR: u64 = 5;
+const PTMX_MINOR: u64 = 2;
+
+/// Opens a pseudo-terminal on the devpts instance of the container whose
+/// process is `pid` (its `/dev/pts/ptmx`), so that the slave has a name in
+/// the container (`tty` prints `/dev/pts/N`) and is counted against its
+/// devpts, not the caller's. The container's files are not trusted: the
+/// node is opened without following a final symlink and must be the ptmx
+/// character device, or this fails with `InvalidData`. `NotFound` when the
+/// container has no devpts of its own.
+pub fn open_pty_in_container(pid: i32) -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::stat::{fstat, major, minor, SFlag};
+    let path = format!("/proc/{pid}/root/dev/pts/ptmx");
+    let node = nix::fcntl::open(
+        path.as_str(),
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let st = fstat(&node)?;
+    let is_char = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFCHR;
+    let rdev = st.st_rdev;
+    if !is_char || major(rdev) != PTMX_MAJOR || minor(rdev) != PTMX_MINOR {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{path} is not the pty multiplexer"),
+        ));
+    }
+    // Reopened through the checked descriptor: the path may have changed.
+    let master = nix::fcntl::open(
+        format!("/proc/self/fd/{}", node.as_raw_fd()).as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    unlock(&master)?;
+    slave_of(master)
+}
+
+/// TIOCSPTLCK(0): the slave may be opened.
+fn unlock(master: &OwnedFd) -> io::Result<()> {
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int through the pointer, which points
+    // at a live local for the duration of the call.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The slave of an unlocked master, opened through the master.
+fn slave_of(master: OwnedFd) -> io::Result<(OwnedFd, OwnedFd)> {
     // TIOCGPTPEER (Linux 4.13) opens the slave through the master instead
     // of by its /dev/pts path, which may name another devpts instance.
     let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
@@ -30,7 +84,7 @@ pub fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: the ioctl succeeded, so `slave` is a new descriptor that
     // nothing else owns.
     let slave = unsafe { OwnedFd::from_raw_fd(slave) };
-    Ok((master.into(), slave))
+    Ok((master, slave))
 }
 
 /// Checks, in the parent, that a process asking for a terminal got one on
