@@ -17,6 +17,9 @@
 //! binary = "<dir of vmrun>/vmrun-procview"
 //! [cri]                       # `vmrun serve`, see vmrun_cri::config
 //! socket = "/run/vmrun/vmrun.sock"
+//! [network]                   # `vmrun run`'s pods; unset: loopback only
+//! cni_conf_dir = "/etc/cni/net.d"             # pods join the first network here
+//! cni_bin_dirs = ["/usr/lib/cni", "/opt/cni/bin"]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -36,6 +39,7 @@ pub struct Config {
     pub registries: RegistryConfig,
     pub vm: VmConfig,
     pub proc_view: ProcViewConfig,
+    pub network: NetworkConfig,
     /// `vmrun serve` (see `vmrun_cri::config`).
     pub cri: vmrun_cri::config::CriConfig,
     /// The file this was read from, handed on to a detached supervisor.
@@ -52,8 +56,30 @@ impl Default for Config {
             registries: RegistryConfig::default(),
             vm: VmConfig::default(),
             proc_view: ProcViewConfig::default(),
+            network: NetworkConfig::default(),
             cri: vmrun_cri::config::CriConfig::default(),
             source: None,
+        }
+    }
+}
+
+/// The CNI network `vmrun run` puts pods on (`vmrun serve` has its own in
+/// `[cri]`); without `cni_conf_dir` pods have loopback only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    pub cni_conf_dir: Option<PathBuf>,
+    pub cni_bin_dirs: Vec<PathBuf>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            cni_conf_dir: None,
+            cni_bin_dirs: vec![
+                PathBuf::from(vmrun_cni::DEBIAN_BIN_DIR),
+                PathBuf::from(vmrun_cni::DEFAULT_BIN_DIR),
+            ],
         }
     }
 }
@@ -106,6 +132,16 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| beside_vmrun("vmrun-procview")),
             mountpoint: c.mountpoint.clone(),
+        })
+    }
+
+    /// The CNI network `vmrun run`'s pods join, if one is configured.
+    pub fn network_settings(&self) -> Option<vmrun_cni::NetworkSettings> {
+        let conf_dir = self.network.cni_conf_dir.clone()?;
+        Some(vmrun_cni::NetworkSettings {
+            conf_dir,
+            bin_dirs: self.network.cni_bin_dirs.clone(),
+            cache_dir: self.state.join("cni-cache"),
         })
     }
 

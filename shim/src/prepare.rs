@@ -92,6 +92,17 @@ pub async fn prepare(
             },
         );
     }
+    // A configured network must load before the pod makes anything;
+    // hostNetwork pods stay on the host's.
+    let network = match config.network_settings() {
+        Some(settings) if !plan.host_network => {
+            vmrun_cni::load_default(&settings.conf_dir).with_context(|| {
+                format!("[network] cni_conf_dir {}", settings.conf_dir.display())
+            })?;
+            Some(settings)
+        }
+        _ => None,
+    };
     let runtime = match runtime_name {
         "native" => PodRuntime::Native(NativeRuntime {
             state_root: config.state.clone(),
@@ -106,7 +117,7 @@ pub async fn prepare(
             max_vcpus: config.vm.max_vcpus,
             boot_timeout: VmRuntime::boot_timeout_from_env(),
             spare_disks: 0,
-            pod_network: false,
+            pod_network: network.is_some(),
         }),
         "wasm" => PodRuntime::Wasm(
             WasmRuntime::beside_current_exe(config.state.clone(), &config.root, config.pids_limit)
@@ -118,6 +129,7 @@ pub async fn prepare(
         plan,
         images,
         runtime,
+        network,
     })
 }
 

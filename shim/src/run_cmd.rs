@@ -105,6 +105,7 @@ pub async fn run(config: &Config, args: RunArgs) -> anyhow::Result<i32> {
     let received = stop_on_signals(stop.clone())?;
     let opts = RunOptions {
         backoff_base: args.restart_backoff,
+        network: prepared.network.clone(),
         ..RunOptions::default()
     };
     let outcome = run_pod(

@@ -114,6 +114,7 @@ async fn supervise(args: Args) -> anyhow::Result<i32> {
     let opts = RunOptions {
         backoff_base: args.restart_backoff,
         terminal: false,
+        network: pod.network.clone(),
         ..RunOptions::default()
     };
     let running = tokio::spawn(run_pod(

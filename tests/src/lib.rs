@@ -5,6 +5,7 @@
 //! the process exits (it sits in a `static`, which Rust never drops); its watchdog (see
 //! [`registry`]) notices the process going away and stops it and deletes its storage then.
 
+pub mod cni;
 pub mod cri;
 pub mod images;
 pub mod nested;

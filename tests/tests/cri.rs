@@ -1195,34 +1195,13 @@ async fn pull_image_uses_the_credentials_it_is_given() {
     assert!(gone.image.is_none());
 }
 
-/// A bridge network of this test's own (bridge, subnet and IPAM data), as a
-/// node's `/etc/cni/net.d` would hold it; None when the plugins are missing.
-fn test_network(bridge: &str, subnet: &str, ipam_dir: &std::path::Path) -> Option<String> {
-    if !std::path::Path::new("/usr/lib/cni/bridge").exists() {
-        return None;
-    }
-    Some(format!(
-        r#"{{
-  "cniVersion": "1.0.0",
-  "name": "{bridge}",
-  "plugins": [
-    {{"type": "bridge", "bridge": "{bridge}", "isGateway": true, "ipMasq": false,
-      "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{subnet}"}}]],
-               "dataDir": {ipam:?}}}}},
-    {{"type": "portmap", "capabilities": {{"portMappings": true}}}},
-    {{"type": "loopback"}}
-  ]
-}}"#,
-        ipam = ipam_dir.display().to_string()
-    ))
-}
-
 #[tokio::test]
 async fn pods_on_a_cni_network_reach_each_other_and_a_host_port() {
     const TEST: &str = "pods_on_a_cni_network_reach_each_other_and_a_host_port";
     require_root(TEST);
     let ipam = tempfile::tempdir().unwrap();
-    let Some(conflist) = test_network("vmrcri0", "10.250.41.0/24", ipam.path()) else {
+    let Some(conflist) = vmrun_tests::cni::test_network("vmrcri0", "10.250.41.0/24", ipam.path())
+    else {
         eprintln!("SKIPPED {TEST}: containernetworking-plugins not installed (/usr/lib/cni)");
         return;
     };
@@ -1982,9 +1961,10 @@ mod streaming {
         let got = collect(&mut ws).await;
         let out = String::from_utf8_lossy(got.get(&1).map(Vec::as_slice).unwrap_or_default());
         assert!(out.contains("got:hi"), "{out:?}");
-        // A terminal of the size sent (its name is in the guest agent's
-        // devpts, not the container's: `tty` cannot name it yet).
+        // A terminal of the size sent, from the container's own devpts
+        // (so `tty` names it there).
         assert!(out.contains("30 90"), "{out:?}");
+        assert!(out.contains("/dev/pts/"), "{out:?}");
         let status: serde_json::Value = serde_json::from_slice(&got[&3]).unwrap();
         assert_eq!(status["details"]["causes"][0]["message"], "7", "{status}");
 
@@ -2267,18 +2247,13 @@ async fn a_vm_pod_and_a_native_pod_talk_over_cni() {
     vmrun_tests::pod::guest_assets();
     vmrun_tests::hardware_kvm_or_nested!(TEST);
     require_root(TEST);
-    if !std::path::Path::new("/usr/lib/cni/bridge").exists() {
+    if !vmrun_tests::cni::plugins_installed() {
         eprintln!("SKIPPED {TEST}: containernetworking-plugins not installed (/usr/lib/cni)");
         return;
     }
     let ipam = tempfile::tempdir().unwrap();
-    let conflist = format!(
-        r#"{{"cniVersion": "1.0.0", "name": "vmrvm0", "plugins": [
-  {{"type": "bridge", "bridge": "vmrvm0", "isGateway": true, "ipMasq": false,
-    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "10.250.42.0/24"}}]], "dataDir": {:?}}}}},
-  {{"type": "loopback"}}]}}"#,
-        ipam.path().display().to_string()
-    );
+    // No portmap: L1 has no iptables modules.
+    let conflist = vmrun_tests::cni::bridge_network("vmrvm0", "10.250.42.0/24", ipam.path(), false);
     let server = CriServer::start_for_vm(Some(&conflist)).await;
     let image = server
         .pull(&vmrun_tests::shared_busybox().await.unwrap())

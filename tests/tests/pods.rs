@@ -1135,6 +1135,91 @@ pub fn vmm_killed_fails_the_pod(rt: &str) {
     assert_clean(&vm, &uid, "sleep 13579");
 }
 
+/// With `[network] cni_conf_dir` set, `vmrun run` puts the pod on that CNI
+/// network as a CRI pod is (ADD at start, DEL at the end): the record and
+/// the container's eth0 show the pod IP, the host reaches a server in the
+/// pod by it, and after `vmrun stop` the address lease and the netns pin
+/// are gone. A pod VM's guest gets the address (no portmap in the network:
+/// L1 has no iptables).
+pub fn pod_joins_the_configured_cni_network(rt: &str) {
+    const TEST: &str = "pod_joins_the_configured_cni_network";
+    require_root(TEST);
+    if !vmrun_tests::cni::plugins_installed() {
+        eprintln!("SKIPPED {TEST}: containernetworking-plugins not installed (/usr/lib/cni)");
+        return;
+    }
+    let vm = Vmrun::for_runtime(rt);
+    // A bridge and subnet per runtime: the two may run at once.
+    let (bridge, subnet, prefix) = if rt == "vm" {
+        ("vmrrunv0", "10.250.44.0/24", "10.250.44.")
+    } else {
+        ("vmrrunn0", "10.250.43.0/24", "10.250.43.")
+    };
+    let ipam = tempfile::tempdir().unwrap();
+    let conf_dir = vm.state.path().join("cni");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    std::fs::write(
+        conf_dir.join("10-run.conflist"),
+        vmrun_tests::cni::bridge_network(bridge, subnet, ipam.path(), rt != "vm"),
+    )
+    .unwrap();
+    let mut config = std::fs::read_to_string(&vm.config).unwrap();
+    config += &format!("[network]\ncni_conf_dir = {conf_dir:?}\n");
+    std::fs::write(&vm.config, config).unwrap();
+
+    let image = busybox();
+    let yaml = pod(
+        "netpod",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 1
+  containers:
+  - name: web
+    image: {image}
+    command: ["sh", "-c", "trap 'exit 0' TERM; while :; do echo hello-from-run | nc -l -p 8080; done & wait # 24680"]
+"#
+        ),
+    );
+    let record = start_detached(&vm, rt, "netpod", &yaml);
+    let uid = uid_of(&record);
+    let ip = record["pod_ips"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(ip.starts_with(prefix), "pod IP in the record: {record}");
+    let out = exec(&vm, "netpod", "web", &["ip", "-4", "addr", "show", "eth0"]);
+    assert!(
+        text(&out.stdout).contains(&format!("inet {ip}/24")),
+        "eth0 in the pod: {}",
+        describe(&out)
+    );
+    let addr: std::net::SocketAddr = format!("{ip}:8080").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(
+            |mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut line = String::new();
+                std::io::Read::read_to_string(&mut s, &mut line)?;
+                Ok(line)
+            },
+        );
+        if matches!(&got, Ok(line) if line == "hello-from-run\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{addr} from the host: {got:?}");
+        // The server may not listen yet.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lease = ipam.path().join(bridge).join(&ip);
+    assert!(lease.exists(), "host-local's lease {}", lease.display());
+    stop_and_rm(&vm, "netpod");
+    assert!(!lease.exists(), "CNI DEL released {}", lease.display());
+    assert_clean(&vm, &uid, "24680");
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", bridge])
+        .status();
+}
+
 macro_rules! runtime_cases {
     ($($rt:ident),*) => {$(
         mod $rt {
@@ -1161,6 +1246,7 @@ macro_rules! runtime_cases {
             case!(empty_dir_size_limit_is_enforced);
             case!(container_sees_its_own_cgroup_and_limits);
             case!(seccomp_profiles_filter_syscalls);
+            case!(pod_joins_the_configured_cni_network);
         }
     )*};
 }
@@ -1233,6 +1319,7 @@ mod vm {
             vmm_killed_fails_the_pod,
             empty_dir_size_limit_is_enforced,
             seccomp_profiles_filter_syscalls,
+            pod_joins_the_configured_cni_network,
         ],
     }
 }

@@ -34,6 +34,9 @@ pub struct RunOptions {
     pub terminal: bool,
     /// Print lifecycle events (started, exited, restarting) to stderr.
     pub events: bool,
+    /// The node's CNI network the pod joins (not with hostNetwork); None:
+    /// loopback only.
+    pub network: Option<vmrun_cni::NetworkSettings>,
 }
 
 impl Default for RunOptions {
@@ -43,6 +46,7 @@ impl Default for RunOptions {
             backoff_max: Duration::from_secs(300),
             terminal: true,
             events: true,
+            network: None,
         }
     }
 }
@@ -117,6 +121,22 @@ pub async fn run_pod(
         Ok(Err(e)) => return failed(&state, 1, e.to_string()),
         Err(e) => return failed(&state, 1, format!("creating the sandbox panicked: {e}")),
     };
+    let network = match &opts.network {
+        Some(settings) => {
+            match crate::pod_network::join(settings, &plan, state.dir(), &sandbox).await {
+                Ok(network) => network,
+                Err(e) => {
+                    let _ = tokio::task::spawn_blocking(move || sandbox.destroy()).await;
+                    return failed(&state, 1, e);
+                }
+            }
+        }
+        None => None,
+    };
+    if let Some(network) = &network {
+        let ips = network.ips.iter().map(|ip| ip.to_string()).collect();
+        let _ = state.update(|r| r.pod_ips = ips);
+    }
     let _ = state.update(|r| r.phase = PodPhase::Running);
     let ctx = Arc::new(Ctx {
         plan: plan.clone(),
@@ -193,11 +213,20 @@ pub async fn run_pod(
     }
 
     let _ = state.update(|r| r.phase = PodPhase::Stopping);
+    // Detached while the sandbox still holds the namespace, as CRI does.
+    let detach_error = match network {
+        Some(network) => crate::pod_network::leave(network).await.err(),
+        None => None,
+    };
     let destroy = tokio::task::spawn_blocking(move || sandbox.destroy()).await;
     let destroy_error = match destroy {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e.to_string()),
         Err(e) => Some(format!("removing the sandbox panicked: {e}")),
+    };
+    let destroy_error = match (detach_error, destroy_error) {
+        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+        (a, b) => a.or(b),
     };
     let stopped = stop.is_cancelled();
     let (phase, exit_code, mut message) = match failure {

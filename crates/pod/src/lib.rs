@@ -9,6 +9,7 @@ pub mod logs;
 pub mod manifest;
 pub mod native;
 pub mod plan;
+mod pod_network;
 pub mod prepared;
 pub mod probe;
 pub mod quantity;

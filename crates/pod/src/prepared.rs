@@ -29,6 +29,9 @@ pub struct PreparedPod {
     /// Every image the pod's containers name, by reference.
     pub images: HashMap<String, ResolvedImage>,
     pub runtime: PodRuntime,
+    /// The node's CNI network the pod joins; None: loopback only.
+    #[serde(default)]
+    pub network: Option<vmrun_cni::NetworkSettings>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -44,6 +47,7 @@ pub struct RunnablePod {
     pub plan: Arc<PodPlan>,
     pub images: Arc<HashMap<String, ResolvedImage>>,
     pub runtime: Arc<dyn Runtime>,
+    pub network: Option<vmrun_cni::NetworkSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +83,7 @@ impl PreparedPod {
             plan: Arc::new(self.plan),
             images: Arc::new(self.images),
             runtime,
+            network: self.network,
         }
     }
 
@@ -165,7 +170,12 @@ mod tests {
                 max_vcpus: Some(1),
                 boot_timeout: Duration::from_secs(60),
                 spare_disks: 0,
-                pod_network: false,
+                pod_network: true,
+            }),
+            network: Some(vmrun_cni::NetworkSettings {
+                conf_dir: "/etc/cni/net.d".into(),
+                bin_dirs: vec!["/usr/lib/cni".into()],
+                cache_dir: "/run/vmrun/cni-cache".into(),
             }),
         }
     }

@@ -54,6 +54,9 @@ pub struct PodRecord {
     pub created: String,
     pub exit_code: Option<i32>,
     pub message: Option<String>,
+    /// The pod's addresses on the CNI network (none: loopback only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_ips: Vec<String>,
     pub containers: BTreeMap<String, ContainerRecord>,
 }
 
@@ -93,6 +96,7 @@ impl PodRecord {
             created: chrono::Utc::now().to_rfc3339(),
             exit_code: None,
             message: None,
+            pod_ips: Vec::new(),
             containers,
         }
     }

@@ -1,0 +1,61 @@
+//! `vmrun run`'s pod network: with a CNI network configured, the pod joins
+//! it the way a CRI pod does (`vmrun_cni::pod_network`: the namespace of the
+//! sandbox's network holder pinned in the pod's directory, ADD, and DEL at
+//! the end); without one, or with hostNetwork, it keeps loopback only.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use vmrun_cni::pod_network::POD_INTERFACE;
+use vmrun_cni::{Attachment, NetworkSettings, PodNetwork};
+
+use crate::plan::PodPlan;
+use crate::runtime::Sandbox;
+
+/// What CNI is told of the pod: its container id is the pod's uid, and its
+/// Kubernetes names as CNI_ARGS (as kubelet's pods carry them).
+fn attachment(plan: &PodPlan, netns: &Path) -> Attachment {
+    Attachment::new(&plan.uid, netns, POD_INTERFACE).with_kubernetes_args(
+        &plan.namespace,
+        &plan.name,
+        &plan.uid,
+    )
+}
+
+/// Attaches the sandbox's network namespace; a pod VM then joins its guest
+/// to the interface CNI made. None when the pod has no namespace of its own
+/// to attach (hostNetwork). On failure nothing stays attached.
+pub(crate) async fn join(
+    settings: &NetworkSettings,
+    plan: &Arc<PodPlan>,
+    dir: &Path,
+    sandbox: &Arc<dyn Sandbox>,
+) -> Result<Option<PodNetwork>, String> {
+    let Some(holder) = sandbox.network_holder_pid().filter(|_| !plan.host_network) else {
+        return Ok(None);
+    };
+    let (settings, plan, dir, sandbox) = (
+        settings.clone(),
+        plan.clone(),
+        dir.to_path_buf(),
+        sandbox.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let network = PodNetwork::attach(&settings, &dir, holder, |netns| attachment(&plan, netns))
+            .map_err(|e| e.to_string())?;
+        if let Err(e) = sandbox.network_attached(network.netns_path()) {
+            let _ = network.detach();
+            return Err(format!("pod network: {e}"));
+        }
+        Ok(Some(network))
+    })
+    .await
+    .map_err(|e| format!("pod network setup panicked: {e}"))?
+}
+
+/// CNI DEL and the namespace pin removed.
+pub(crate) async fn leave(network: PodNetwork) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || network.detach().map_err(|e| e.to_string()))
+        .await
+        .map_err(|e| format!("pod network teardown panicked: {e}"))?
+}
