@@ -14,8 +14,7 @@ pub fn plugins_installed() -> bool {
     Path::new("/usr/lib/cni/bridge").exists()
 }
 
-/// [`test_network`]'s configuration; without `portmap` for where iptables is
-/// missing (the nested L1 guest).
+/// [`test_network`]'s configuration, with or without the portmap plugin.
 pub fn bridge_network(bridge: &str, subnet: &str, ipam_dir: &Path, portmap: bool) -> String {
     let portmap = if portmap {
         r#"{"type": "portmap", "capabilities": {"portMappings": true}},"#

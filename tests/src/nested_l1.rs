@@ -47,6 +47,20 @@ const WANTED_MODULES: &[&str] = &[
     "sch_ingress",
     "cls_u32",
     "act_mirred",
+    // iptables (nf_tables backend) for CNI's portmap plugin: hostPorts.
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "nf_nat",
+    "nf_conntrack",
+    "xt_nat",
+    "xt_MASQUERADE",
+    "xt_comment",
+    "xt_mark",
+    "xt_multiport",
+    "xt_addrtype",
+    "xt_conntrack",
+    "xt_tcpudp",
 ];
 
 /// Parameters L1 loads modules with (none so far; `kvm_amd vgif=0` was tried against the

@@ -2236,9 +2236,9 @@ async fn the_vm_handler_runs_a_pod_in_a_microvm() {
 
 /// A vm pod and a native pod on one CNI bridge network reach each other
 /// over TCP by pod IP: the pod VM's tap is joined to its CNI interface and
-/// the guest's eth0 has that interface's address and MAC. No portmap here:
-/// L1 (nested) has no iptables modules. Nested inside L1 where /dev/kvm is
-/// not hardware KVM.
+/// the guest's eth0 has that interface's address and MAC; the host reaches
+/// the vm pod through its hostPort (portmap). Nested inside L1 where
+/// /dev/kvm is not hardware KVM.
 #[tokio::test]
 async fn a_vm_pod_and_a_native_pod_talk_over_cni() {
     const TEST: &str = "a_vm_pod_and_a_native_pod_talk_over_cni";
@@ -2252,8 +2252,7 @@ async fn a_vm_pod_and_a_native_pod_talk_over_cni() {
         return;
     }
     let ipam = tempfile::tempdir().unwrap();
-    // No portmap: L1 has no iptables modules.
-    let conflist = vmrun_tests::cni::bridge_network("vmrvm0", "10.250.42.0/24", ipam.path(), false);
+    let conflist = vmrun_tests::cni::bridge_network("vmrvm0", "10.250.42.0/24", ipam.path(), true);
     let server = CriServer::start_for_vm(Some(&conflist)).await;
     let image = server
         .pull(&vmrun_tests::shared_busybox().await.unwrap())
@@ -2267,6 +2266,12 @@ async fn a_vm_pod_and_a_native_pod_talk_over_cni() {
         memory_limit_in_bytes: 128 << 20,
         ..Default::default()
     });
+    vm_config.port_mappings = vec![api::PortMapping {
+        protocol: 0,
+        container_port: 8080,
+        host_port: 30881,
+        host_ip: String::new(),
+    }];
     let native_config = kubelet_sandbox_config("natnet", "uid-natnet", logs.path());
     let vm_pod = run_sandbox(&server, &vm_config, "vm").await.unwrap();
     let native_pod = run_sandbox(&server, &native_config, "runc").await.unwrap();
@@ -2334,6 +2339,28 @@ async fn a_vm_pod_and_a_native_pod_talk_over_cni() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+    // From the host, through the vm pod's hostPort (portmap's DNAT on the
+    // bridge's gateway address, then the CNI interface, tc, the tap).
+    let gateway = "10.250.42.1:30881";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got =
+            std::net::TcpStream::connect_timeout(&gateway.parse().unwrap(), Duration::from_secs(2))
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let mut line = String::new();
+                    std::io::Read::read_to_string(&mut s, &mut line)?;
+                    Ok(line)
+                });
+        if matches!(&got, Ok(line) if line == "hello-from-vm\n") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hostPort {gateway} of the vm pod: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     stop_and_remove(&server, &vm_pod).await;

@@ -1139,8 +1139,7 @@ pub fn vmm_killed_fails_the_pod(rt: &str) {
 /// network as a CRI pod is (ADD at start, DEL at the end): the record and
 /// the container's eth0 show the pod IP, the host reaches a server in the
 /// pod by it, and after `vmrun stop` the address lease and the netns pin
-/// are gone. A pod VM's guest gets the address (no portmap in the network:
-/// L1 has no iptables).
+/// are gone. A pod VM's guest gets the address.
 pub fn pod_joins_the_configured_cni_network(rt: &str) {
     const TEST: &str = "pod_joins_the_configured_cni_network";
     require_root(TEST);
@@ -1160,7 +1159,7 @@ pub fn pod_joins_the_configured_cni_network(rt: &str) {
     std::fs::create_dir_all(&conf_dir).unwrap();
     std::fs::write(
         conf_dir.join("10-run.conflist"),
-        vmrun_tests::cni::bridge_network(bridge, subnet, ipam.path(), rt != "vm"),
+        vmrun_tests::cni::bridge_network(bridge, subnet, ipam.path(), true),
     )
     .unwrap();
     let mut config = std::fs::read_to_string(&vm.config).unwrap();
