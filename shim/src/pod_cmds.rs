@@ -264,6 +264,37 @@ pub fn stop(config: &Config, args: StopArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Undoes what a pod whose supervisor died (SIGKILL, a crash) left: its
+/// network, processes (a pod VM's VMM), cgroups and mounts. The directory
+/// stays when something could not be undone, so `vmrun rm` can be retried.
+fn remove_orphan(config: &Config, dir: &Path, record: &PodRecord) -> anyhow::Result<()> {
+    let mut errors = Vec::new();
+    if !record.pod_ips.is_empty() {
+        if let Some(network) = config.network_settings() {
+            let detached = vmrun_cni::detach_orphan(&network, dir, |netns| {
+                vmrun_pod::pod_network::attachment(
+                    &record.uid,
+                    &record.namespace,
+                    &record.name,
+                    netns,
+                )
+            });
+            if let Err(e) = detached {
+                errors.push(e.to_string());
+            }
+        }
+    }
+    let cgroup = format!("{}/{}", vmrun_pod::native::CGROUP_PARENT, record.uid);
+    if let Err(e) = vmrun_pod::leftovers::remove(dir, &cgroup) {
+        errors.push(e);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", errors.join("; "))
+    }
+}
+
 pub fn rm(config: &Config, args: RmArgs) -> anyhow::Result<()> {
     for pod in &args.pods {
         let (dir, record) = load(config, pod)?;
@@ -272,6 +303,12 @@ pub fn rm(config: &Config, args: RmArgs) -> anyhow::Result<()> {
                 bail!("pod {pod:?} is running; stop it first or use `vmrun rm -f`");
             }
             stop_one(config, pod)?;
+        } else if matches!(
+            record.phase,
+            state::PodPhase::Running | state::PodPhase::Pending | state::PodPhase::Stopping
+        ) {
+            remove_orphan(config, &dir, &record)
+                .with_context(|| format!("pod {pod:?}: its supervisor died; cleaning up"))?;
         }
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         println!("{pod}");

@@ -1135,6 +1135,54 @@ pub fn vmm_killed_fails_the_pod(rt: &str) {
     assert_clean(&vm, &uid, "sleep 13579");
 }
 
+/// A SIGKILLed `vmrun-supervisor` leaves its pod running with nobody to
+/// tear it down: `vmrun ps` says so, and `vmrun rm` undoes what is left
+/// (the containers' processes and cgroups, a pod VM's VMM, the mounts).
+pub fn supervisor_killed_pod_is_cleaned_up_by_rm(rt: &str) {
+    require_root("supervisor_killed_pod_is_cleaned_up_by_rm");
+    let vm = Vmrun::for_runtime(rt);
+    let image = busybox();
+    let yaml = pod(
+        "orphan",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {image}
+    command: ["sleep", "24681"]
+"#
+        ),
+    );
+    let record = start_detached(&vm, rt, "orphan", &yaml);
+    let uid = uid_of(&record);
+    let supervisor = record["supervisor_pid"].as_i64().expect("supervisor pid") as i32;
+    let pidfd = vmrun_pod::native::pidfd_open(supervisor).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(vmrun_pod::native::poll_exit(&pidfd, Some(Duration::from_secs(10))).unwrap());
+    let ps = vm.run(&["ps"]);
+    assert!(
+        text(&ps.stdout)
+            .lines()
+            .any(|l| l.contains("orphan") && l.contains("supervisor gone")),
+        "{}",
+        describe(&ps)
+    );
+    if rt == "native" {
+        assert!(
+            !vm.leftovers(&uid, "sleep 24681").is_empty(),
+            "the pod outlives its supervisor until rm"
+        );
+    }
+    let out = vm.run(&["rm", "orphan"]);
+    assert!(out.status.success(), "rm: {}", describe(&out));
+    assert!(!vm.pod_dir("orphan").exists());
+    assert_clean(&vm, &uid, "sleep 24681");
+}
+
 /// With `[network] cni_conf_dir` set, `vmrun run` puts the pod on that CNI
 /// network as a CRI pod is (ADD at start, DEL at the end): the record and
 /// the container's eth0 show the pod IP, the host reaches a server in the
@@ -1246,6 +1294,7 @@ macro_rules! runtime_cases {
             case!(container_sees_its_own_cgroup_and_limits);
             case!(seccomp_profiles_filter_syscalls);
             case!(pod_joins_the_configured_cni_network);
+            case!(supervisor_killed_pod_is_cleaned_up_by_rm);
         }
     )*};
 }
@@ -1307,6 +1356,7 @@ mod vm {
             oom_kill_is_reported,
             cpu_and_memory_limits_reach_the_cgroup,
             container_sees_its_own_cgroup_and_limits,
+            supervisor_killed_pod_is_cleaned_up_by_rm,
         ],
         nested_2: [
             config_secret_and_downward_files,

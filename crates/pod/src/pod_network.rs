@@ -14,18 +14,14 @@ use crate::runtime::Sandbox;
 
 /// What CNI is told of the pod: its container id is the pod's uid, and its
 /// Kubernetes names as CNI_ARGS (as kubelet's pods carry them).
-fn attachment(plan: &PodPlan, netns: &Path) -> Attachment {
-    Attachment::new(&plan.uid, netns, POD_INTERFACE).with_kubernetes_args(
-        &plan.namespace,
-        &plan.name,
-        &plan.uid,
-    )
+pub fn attachment(uid: &str, namespace: &str, name: &str, netns: &Path) -> Attachment {
+    Attachment::new(uid, netns, POD_INTERFACE).with_kubernetes_args(namespace, name, uid)
 }
 
 /// Attaches the sandbox's network namespace; a pod VM then joins its guest
 /// to the interface CNI made. None when the pod has no namespace of its own
 /// to attach (hostNetwork). On failure nothing stays attached.
-pub(crate) async fn join(
+pub async fn join(
     settings: &NetworkSettings,
     plan: &Arc<PodPlan>,
     dir: &Path,
@@ -41,8 +37,10 @@ pub(crate) async fn join(
         sandbox.clone(),
     );
     tokio::task::spawn_blocking(move || {
-        let network = PodNetwork::attach(&settings, &dir, holder, |netns| attachment(&plan, netns))
-            .map_err(|e| e.to_string())?;
+        let network = PodNetwork::attach(&settings, &dir, holder, |netns| {
+            attachment(&plan.uid, &plan.namespace, &plan.name, netns)
+        })
+        .map_err(|e| e.to_string())?;
         if let Err(e) = sandbox.network_attached(network.netns_path()) {
             let _ = network.detach();
             return Err(format!("pod network: {e}"));
@@ -54,7 +52,7 @@ pub(crate) async fn join(
 }
 
 /// CNI DEL and the namespace pin removed.
-pub(crate) async fn leave(network: PodNetwork) -> Result<(), String> {
+pub async fn leave(network: PodNetwork) -> Result<(), String> {
     tokio::task::spawn_blocking(move || network.detach().map_err(|e| e.to_string()))
         .await
         .map_err(|e| format!("pod network teardown panicked: {e}"))?

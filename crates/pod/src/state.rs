@@ -175,7 +175,18 @@ pub fn list(state_root: &Path) -> Result<Vec<PodRecord>, StateError> {
     Ok(pods)
 }
 
-/// Whether the supervisor recorded in a pod record is still alive.
+/// Whether process `pid` has exited and waits to be reaped (state Z or X in
+/// `/proc/PID/stat`, after the command name, which may hold any byte).
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X")
+    })
+}
+
+/// Whether the supervisor recorded in a pod record is still alive (a
+/// zombie, killed but not yet reaped by its parent, is not).
 pub fn supervisor_alive(record: &PodRecord) -> bool {
     record.supervisor_pid != 0
         && nix::sys::signal::kill(
@@ -183,6 +194,7 @@ pub fn supervisor_alive(record: &PodRecord) -> bool {
             None,
         )
         .is_ok()
+        && !is_zombie(record.supervisor_pid)
         && matches!(
             record.phase,
             PodPhase::Pending | PodPhase::Running | PodPhase::Stopping
