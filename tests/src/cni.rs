@@ -1,6 +1,7 @@
 //! CNI networks of the tests' own.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// A bridge network of this test's own (bridge, subnet and IPAM data), as a
 /// node's `/etc/cni/net.d` would hold it, with the portmap plugin (for
@@ -35,4 +36,28 @@ pub fn bridge_network(bridge: &str, subnet: &str, ipam_dir: &Path, portmap: bool
 }}"#,
         ipam = ipam_dir.display().to_string()
     )
+}
+
+/// Connects to `addr` until a connection answers exactly `want` (a server
+/// that writes one line and closes) or `timeout` passes, which panics
+/// naming the last answer. A server may take a while to listen.
+pub fn wait_for_line(addr: &str, want: &str, timeout: Duration) {
+    let sock: std::net::SocketAddr = addr.parse().expect("address");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2)).and_then(
+            |mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut line = String::new();
+                std::io::Read::read_to_string(&mut s, &mut line)?;
+                Ok(line)
+            },
+        );
+        if matches!(&got, Ok(line) if line == want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{addr}: {got:?}, not {want:?}");
+        // Each try waits for the server's answer; this only spaces refusals.
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -1294,25 +1294,12 @@ async fn pods_on_a_cni_network_reach_each_other_and_a_host_port() {
     // From the host, through the hostPort the portmap plugin set up on the
     // bridge's gateway address (an address of this test's own network).
     let gateway = "10.250.41.1:30880";
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let got =
-            std::net::TcpStream::connect_timeout(&gateway.parse().unwrap(), Duration::from_secs(2))
-                .and_then(|mut s| {
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    let mut line = String::new();
-                    std::io::Read::read_to_string(&mut s, &mut line)?;
-                    Ok(line)
-                });
-        if matches!(&got, Ok(line) if line == "hello-from-srv\n") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "hostPort {gateway}: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let wait = Duration::from_secs(20);
+    tokio::task::spawn_blocking(move || {
+        vmrun_tests::cni::wait_for_line(gateway, "hello-from-srv\n", wait)
+    })
+    .await
+    .unwrap();
 
     stop_and_remove(&server, &srv).await;
     stop_and_remove(&server, &cli).await;
@@ -1642,6 +1629,26 @@ mod streaming {
     }
 
     /// Reads the session's stdout (channel 1) into `seen` until it contains `want`.
+    /// Types `stty size` into a terminal until it prints `size` (a resize
+    /// travels beside stdin, not in order with it; each answer is awaited,
+    /// so nothing is guessed); what the terminal showed.
+    async fn wait_for_size(ws: &mut Ws, size: &str) -> Vec<u8> {
+        let mut seen = Vec::new();
+        for n in 1.. {
+            type_in(ws, &format!("stty size; echo size-{n}-$((0))\n")).await;
+            read_until(ws, &mut seen, &format!("size-{n}-0")).await;
+            if String::from_utf8_lossy(&seen).contains(size) {
+                break;
+            }
+            assert!(
+                n < 50,
+                "the size never arrived: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+        seen
+    }
+
     async fn read_until(ws: &mut Ws, seen: &mut Vec<u8>, want: &str) {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !String::from_utf8_lossy(seen).contains(want) {
@@ -1725,19 +1732,7 @@ mod streaming {
             .unwrap();
         // The resize travels beside stdin, not in order with it: ask until
         // the shell sees it (each answer is awaited, so nothing is guessed).
-        let mut seen = Vec::new();
-        for n in 1.. {
-            type_in(&mut ws, &format!("stty size; echo size-{n}-$((0))\n")).await;
-            read_until(&mut ws, &mut seen, &format!("size-{n}-0")).await;
-            if String::from_utf8_lossy(&seen).contains("40 100") {
-                break;
-            }
-            assert!(
-                n < 50,
-                "the size never arrived: {:?}",
-                String::from_utf8_lossy(&seen)
-            );
-        }
+        wait_for_size(&mut ws, "40 100").await;
         // The shell's end is the session's and the container's.
         type_in(&mut ws, "exit 3\n").await;
         let got = collect(&mut ws).await;
@@ -1980,19 +1975,7 @@ mod streaming {
         ws.send(Message::Binary([&[4u8][..], size].concat().into()))
             .await
             .unwrap();
-        let mut seen = Vec::new();
-        for n in 1.. {
-            type_in(&mut ws, &format!("stty size; echo size-{n}-$((0))\n")).await;
-            read_until(&mut ws, &mut seen, &format!("size-{n}-0")).await;
-            if String::from_utf8_lossy(&seen).contains("40 100") {
-                break;
-            }
-            assert!(
-                n < 50,
-                "the size never arrived: {:?}",
-                String::from_utf8_lossy(&seen)
-            );
-        }
+        let seen = wait_for_size(&mut ws, "40 100").await;
         assert!(
             String::from_utf8_lossy(&seen).contains("stty size; echo size-1"),
             "the terminal echoes what is typed: {:?}",
@@ -2343,25 +2326,12 @@ async fn a_vm_pod_and_a_native_pod_talk_over_cni() {
     // From the host, through the vm pod's hostPort (portmap's DNAT on the
     // bridge's gateway address, then the CNI interface, tc, the tap).
     let gateway = "10.250.42.1:30881";
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let got =
-            std::net::TcpStream::connect_timeout(&gateway.parse().unwrap(), Duration::from_secs(2))
-                .and_then(|mut s| {
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    let mut line = String::new();
-                    std::io::Read::read_to_string(&mut s, &mut line)?;
-                    Ok(line)
-                });
-        if matches!(&got, Ok(line) if line == "hello-from-vm\n") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "hostPort {gateway} of the vm pod: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let wait = Duration::from_secs(60);
+    tokio::task::spawn_blocking(move || {
+        vmrun_tests::cni::wait_for_line(gateway, "hello-from-vm\n", wait)
+    })
+    .await
+    .unwrap();
 
     stop_and_remove(&server, &vm_pod).await;
     stop_and_remove(&server, &native_pod).await;

@@ -1239,24 +1239,12 @@ pub fn pod_joins_the_configured_cni_network(rt: &str) {
         "eth0 in the pod: {}",
         describe(&out)
     );
-    let addr: std::net::SocketAddr = format!("{ip}:8080").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let got = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(
-            |mut s| {
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                let mut line = String::new();
-                std::io::Read::read_to_string(&mut s, &mut line)?;
-                Ok(line)
-            },
-        );
-        if matches!(&got, Ok(line) if line == "hello-from-run\n") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{addr} from the host: {got:?}");
-        // The server may not listen yet.
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    vmrun_tests::cni::wait_for_line(
+        &format!("{ip}:8080"),
+        "hello-from-run
+",
+        Duration::from_secs(30),
+    );
     let lease = ipam.path().join(bridge).join(&ip);
     assert!(lease.exists(), "host-local's lease {}", lease.display());
     stop_and_rm(&vm, "netpod");
