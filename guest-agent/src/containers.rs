@@ -165,7 +165,7 @@ fn exit_info(s: vmrun_container::ExitStatus, oom_killed: bool) -> ExitInfo {
 }
 
 /// Ids become directory and cgroup names.
-fn check_id(kind: &str, id: &str) -> Result<(), ContainerError> {
+pub(crate) fn check_id(kind: &str, id: &str) -> Result<(), ContainerError> {
     let ok = !id.is_empty()
         && id.len() <= 128
         && id != PAUSE_CGROUP
@@ -186,7 +186,7 @@ fn check_id(kind: &str, id: &str) -> Result<(), ContainerError> {
 }
 
 /// A relative path without `..`.
-fn check_relative(what: &str, p: &str) -> Result<(), ContainerError> {
+pub(crate) fn check_relative(what: &str, p: &str) -> Result<(), ContainerError> {
     if Path::new(p)
         .components()
         .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
@@ -728,7 +728,7 @@ impl Containers {
 /// The host asks for the guest's /proc view by bind-mounting its files; a
 /// guest that could not start it (a kernel without FUSE) drops those mounts
 /// instead of failing the container, which then reads the kernel's own.
-fn drop_proc_view_if_absent(spec: &mut Spec) {
+pub(crate) fn drop_proc_view_if_absent(spec: &mut Spec) {
     let view = Path::new(vmrun_procview::DEFAULT_MOUNTPOINT);
     let Some(mounts) = spec.mounts().clone() else {
         return;

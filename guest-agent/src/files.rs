@@ -32,7 +32,7 @@ impl From<CopyFileError> for Status {
 /// Resolves `rel` under `base`, refusing anything that could leave it:
 /// absolute paths, `..`, and existing symlinks on the way (a container can
 /// create those in a volume it shares with the pod directory).
-fn resolve(base: &Path, rel: &str) -> Result<PathBuf, CopyFileError> {
+pub(crate) fn resolve(base: &Path, rel: &str) -> Result<PathBuf, CopyFileError> {
     let invalid = |reason| CopyFileError::InvalidPath {
         path: rel.to_string(),
         reason,

@@ -14,6 +14,8 @@
 //! library's helpers) are reaped only by the container library, so no exit
 //! status can be stolen by a `waitpid(-1)`.
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod init;
 pub mod log;
 pub mod service;

@@ -82,7 +82,7 @@ pub(crate) fn parse_cidr(what: &str, cidr: &str) -> Result<(IpAddr, u8), Network
 }
 
 /// Checks the whole request before anything changes.
-fn validate(req: &ConfigureNetworkRequest) -> Result<(), NetworkError> {
+pub(crate) fn validate(req: &ConfigureNetworkRequest) -> Result<(), NetworkError> {
     for i in &req.interfaces {
         if i.name.is_empty() || i.name.len() > 15 || i.name.contains('/') {
             return Err(invalid("interface name", &i.name, "1 to 15 bytes, no '/'"));

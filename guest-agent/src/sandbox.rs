@@ -108,7 +108,7 @@ pub(crate) struct PodSandbox {
 
 /// `net.ipv4.ip_forward` -> `/proc/sys/net/ipv4/ip_forward`; `None` for
 /// anything that could name another file.
-fn sysctl_path(key: &str) -> Option<PathBuf> {
+pub(crate) fn sysctl_path(key: &str) -> Option<PathBuf> {
     let ok = !key.is_empty()
         && key.split('.').all(|part| {
             !part.is_empty()

@@ -10,6 +10,8 @@ pub mod arch;
 pub mod boot;
 pub mod config;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hypervisor;
 pub mod kick;
 pub mod memory;

@@ -205,6 +205,137 @@ pub fn log_path(pod_dir: &Path, container: &str, attempt: u32) -> PathBuf {
         .join(format!("{attempt}.log"))
 }
 
+/// The fuzzing harness of the log writer, shared by `fuzz/fuzz_targets/cri_log.rs`
+/// and the test that replays its inputs. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    use super::{parse_record, pump, LogTarget, Stream, MAX_LINE};
+
+    /// Decodes the input into the bytes a container writes and the writes
+    /// it makes them in: after a first byte choosing the stream, ops of
+    /// literal bytes (up to 255), a run of one byte (up to 65535, for huge
+    /// lines from small inputs), `\r\n`, or `\n`. Returns the writes.
+    pub fn writes(data: &[u8]) -> (Stream, Vec<Vec<u8>>) {
+        let stream = match data.first() {
+            Some(b) if b & 1 == 1 => Stream::Stderr,
+            _ => Stream::Stdout,
+        };
+        let mut writes = Vec::new();
+        let mut rest = data.get(1..).unwrap_or_default();
+        let mut take = |n: usize| {
+            let (head, tail) = rest.split_at(n.min(rest.len()));
+            rest = tail;
+            head
+        };
+        while let Some(&op) = take(1).first() {
+            let write = match op % 4 {
+                0 => {
+                    let len = take(1).first().copied().unwrap_or(0);
+                    take(usize::from(len)).to_vec()
+                }
+                1 => {
+                    let byte = take(1).first().copied().unwrap_or(b'x');
+                    let count = take(2);
+                    let count = u16::from_le_bytes([
+                        count.first().copied().unwrap_or(0),
+                        count.get(1).copied().unwrap_or(0),
+                    ]);
+                    vec![byte; usize::from(count)]
+                }
+                2 => b"\r\n".to_vec(),
+                _ => b"\n".to_vec(),
+            };
+            writes.push(write);
+        }
+        (stream, writes)
+    }
+
+    /// Writes what the input decodes to through a pipe into [`pump`], which
+    /// logs it to `dir/0.log`, then checks the file: every line is a CRI
+    /// record `TIMESTAMP STREAM P|F CONTENT` of the right stream, `P`
+    /// records are exactly [`MAX_LINE`] long, and the contents give back
+    /// every byte written, in order (`F` adding the newline; the last line
+    /// gets one even when the container did not end it). Returns the
+    /// number of records.
+    pub fn log_writer(data: &[u8], dir: &Path) -> usize {
+        let (stream, writes) = writes(data);
+        let path = dir.join("0.log");
+        let _ = std::fs::remove_file(&path);
+        let target = LogTarget::create(&path, None).expect("log file");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let written: Vec<u8> = writes.concat();
+        runtime.block_on(async {
+            let (tx, rx) = tokio::net::unix::pipe::pipe().expect("pipe");
+            let writer = tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut tx = tx;
+                for write in writes {
+                    tx.write_all(&write).await.expect("write to the pipe");
+                }
+            });
+            pump(rx, stream, target).await;
+            writer.await.expect("writer task");
+        });
+        let log = std::fs::read(&path).expect("read the log");
+        let mut content = Vec::new();
+        let mut records = 0;
+        let lines = log.strip_suffix(b"\n").map(|l| l.split(|b| *b == b'\n'));
+        assert!(
+            lines.is_some() || log.is_empty(),
+            "the log does not end in a newline"
+        );
+        for line in lines.into_iter().flatten() {
+            records += 1;
+            // Container output need not be UTF-8; the record's frame is.
+            let frame_end = line
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b' ')
+                .nth(2)
+                .map(|(i, _)| i + 1)
+                .unwrap_or(line.len());
+            let frame = std::str::from_utf8(&line[..frame_end]).expect("a UTF-8 record frame");
+            let record = parse_record(frame).expect("a CRI record");
+            assert!(
+                chrono::DateTime::parse_from_rfc3339(record.time).is_ok()
+                    && record.time.ends_with('Z'),
+                "timestamp {:?}",
+                record.time
+            );
+            assert_eq!(record.stream, stream.as_str());
+            let tag = frame.split(' ').nth(2);
+            assert!(matches!(tag, Some("P") | Some("F")), "tag {tag:?}");
+            let text = &line[frame_end..];
+            if record.partial {
+                assert_eq!(
+                    text.len(),
+                    MAX_LINE,
+                    "a partial record of {} bytes",
+                    text.len()
+                );
+            }
+            content.extend_from_slice(text);
+            if !record.partial {
+                content.push(b'\n');
+            }
+        }
+        let mut expected = written;
+        if !expected.is_empty() && !expected.ends_with(b"\n") {
+            expected.push(b'\n');
+        }
+        assert!(
+            content == expected,
+            "the log's contents differ from what was written"
+        );
+        records
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,5 +393,31 @@ mod tests {
             .map(|l| parse_record(l).unwrap().content.to_string())
             .collect();
         assert_eq!(contents, ["one", "/ # "]);
+    }
+
+    /// Replays the cri_log fuzz target's kept crash inputs
+    /// (`fuzz/regressions/cri_log`) and its seeds (`fuzz/seeds/cri_log`)
+    /// through the same harness, which checks every record it wrote.
+    #[test]
+    fn fuzz_inputs_give_well_formed_records() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+        let mut seeds = 0;
+        let mut records = 0;
+        for kind in ["regressions", "seeds"] {
+            let Ok(entries) = std::fs::read_dir(root.join(kind).join("cri_log")) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                let dir = tempfile::tempdir().unwrap();
+                let n = fuzzing::log_writer(&std::fs::read(&path).unwrap(), dir.path());
+                if kind == "seeds" {
+                    seeds += 1;
+                    records += n;
+                }
+            }
+        }
+        assert!(seeds > 0, "no seeds for cri_log");
+        assert!(records > seeds, "the seeds gave {records} records");
     }
 }
