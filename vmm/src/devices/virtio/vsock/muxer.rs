@@ -225,7 +225,16 @@ impl Muxer {
         if let Some(header) = self.rsts.pop_front() {
             return Some((header, Vec::new()));
         }
-        while let Some(key) = self.ready.pop_front() {
+        // One pass over the connections queued now. A connection can have
+        // something for the guest and still nothing for this buffer: host
+        // data, and a buffer with room for the header only (`max_data` 0).
+        // `refresh` queues it again, so looping until the queue is empty
+        // would spin on it forever, and with it the device thread. Found by
+        // fuzzing (fuzz/regressions/virtio_vsock/header-only-rx-buffer-spins).
+        for _ in 0..self.ready.len() {
+            let Some(key) = self.ready.pop_front() else {
+                break;
+            };
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
