@@ -146,6 +146,8 @@ pub async fn pump(reader: tokio::net::unix::pipe::Receiver, stream: Stream, targ
     let mut reader = reader;
     let mut pending: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 8192];
+    // Whether the last record was a `P`: the line it began is not done.
+    let mut partial_line = false;
     loop {
         let n = match reader.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
@@ -156,13 +158,20 @@ pub async fn pump(reader: tokio::net::unix::pipe::Receiver, stream: Stream, targ
         while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
             target.record(stream, line_content(&line), false);
+            partial_line = false;
         }
         while pending.len() >= MAX_LINE {
             let part: Vec<u8> = pending.drain(..MAX_LINE).collect();
             target.record(stream, &part, true);
+            partial_line = true;
         }
     }
-    if !pending.is_empty() {
+    // The last line ends with an `F` record even when the container did not
+    // end it, also when all of it went out in `P` records already (a last
+    // line of a multiple of MAX_LINE bytes): otherwise the log would end
+    // in a line that never finishes. Found by fuzzing
+    // (fuzz/regressions/cri_log/eof-after-whole-partial-records).
+    if !pending.is_empty() || partial_line {
         target.record(stream, &pending, false);
     }
 }
