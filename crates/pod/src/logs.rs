@@ -265,9 +265,9 @@ pub mod fuzzing {
     /// logs it to `dir/0.log`, then checks the file: every line is a CRI
     /// record `TIMESTAMP STREAM P|F CONTENT` of the right stream, `P`
     /// records are exactly [`MAX_LINE`] long, and the contents give back
-    /// every byte written, in order (`F` adding the newline, a terminal's `\r\n` maybe without its `\r`; the last line
-    /// gets one even when the container did not end it). Returns the
-    /// number of records.
+    /// every byte written, in order (`F` adding the newline, a terminal's
+    /// `\r\n` maybe without its `\r`; the last line gets one even when
+    /// the container did not end it). Returns the number of records.
     pub fn log_writer(data: &[u8], dir: &Path) -> usize {
         let (stream, writes) = writes(data);
         let path = dir.join("0.log");
