@@ -83,6 +83,14 @@ pub const COVERED: &[(&str, &[&str])] = &[
             "component_http_server_is_reached_by_probe_and_native_container",
         ],
     ),
+    (
+        "pod_joins_the_configured_cni_network",
+        &["a_wasm_pod_joins_the_configured_cni_network"],
+    ),
+    (
+        "supervisor_killed_pod_is_cleaned_up_by_rm",
+        &["a_wasm_pod_whose_supervisor_was_killed_is_cleaned_up_by_rm"],
+    ),
 ];
 
 /// The runtime-parameterised cases of `pods.rs` that cannot apply to wasm
@@ -1004,4 +1012,128 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// The HTTP component's pod, serving "served by a component" on 8080.
+fn http_pod() -> String {
+    let server = image("http", programs::http_server_p2());
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: server
+    image: {server}
+    args: ["8080", "served by a component"]
+"#
+    )
+}
+
+/// `GET /` from `addr` until the page comes (the server may not listen yet).
+fn get_page(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = addr.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2)).and_then(
+            |mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                let mut page = String::new();
+                s.read_to_string(&mut page)?;
+                Ok(page)
+            },
+        );
+        match got {
+            Ok(page) if page.contains("served by a component") => return page,
+            other => assert!(Instant::now() < deadline, "GET {addr}: {other:?}"),
+        }
+        // Each try waits for the server's answer; this only spaces refusals.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A wasm pod on the CNI network `[network] cni_conf_dir` names, as
+/// pods.rs's `pod_joins_the_configured_cni_network` for native and vm: the
+/// component serves the host by the pod IP, and stopping the pod releases
+/// the address.
+#[test]
+fn a_wasm_pod_joins_the_configured_cni_network() {
+    const TEST: &str = "a_wasm_pod_joins_the_configured_cni_network";
+    require_root(TEST);
+    if !vmrun_tests::cni::plugins_installed() {
+        eprintln!("SKIPPED {TEST}: containernetworking-plugins not installed (/usr/lib/cni)");
+        return;
+    }
+    let vm = Vmrun::new();
+    let ipam = tempfile::tempdir().unwrap();
+    let conf_dir = vm.state.path().join("cni");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let bridge = "vmrrunw0";
+    std::fs::write(
+        conf_dir.join("10-run.conflist"),
+        vmrun_tests::cni::bridge_network(bridge, "10.250.45.0/24", ipam.path(), true),
+    )
+    .unwrap();
+    let mut config = std::fs::read_to_string(&vm.config).unwrap();
+    config += &format!("[network]\ncni_conf_dir = {conf_dir:?}\n");
+    std::fs::write(&vm.config, config).unwrap();
+    let path = vm.manifest("web", &http_pod());
+    let out = vm.run(&["run", "-d", "--runtime", "wasm", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let record = vm.record("web").expect("record");
+    let ip = record["pod_ips"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        ip.starts_with("10.250.45."),
+        "pod IP in the record: {record}"
+    );
+    get_page(&format!("{ip}:8080"));
+    let lease = ipam.path().join(bridge).join(&ip);
+    assert!(lease.exists(), "host-local's lease {}", lease.display());
+    assert!(vm.run(&["stop", "web"]).status.success());
+    assert!(!lease.exists(), "CNI DEL released {}", lease.display());
+    assert_clean(&vm, &uid_of(&record), "web");
+    assert!(vm.run(&["rm", "web"]).status.success());
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", bridge])
+        .status();
+}
+
+/// As pods.rs's `supervisor_killed_pod_is_cleaned_up_by_rm`: the pod's
+/// wasm engine outlives its SIGKILLed supervisor until `vmrun rm`.
+#[test]
+fn a_wasm_pod_whose_supervisor_was_killed_is_cleaned_up_by_rm() {
+    require_root("a_wasm_pod_whose_supervisor_was_killed_is_cleaned_up_by_rm");
+    let vm = Vmrun::new();
+    let path = vm.manifest("web", &http_pod());
+    let out = vm.run(&["run", "-d", "--runtime", "wasm", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let record = vm.wait_record("web", Duration::from_secs(60), |r| {
+        r["containers"]["server"]["phase"] == "running"
+    });
+    let supervisor = record["supervisor_pid"].as_i64().expect("supervisor pid") as i32;
+    let pidfd = vmrun_pod::native::pidfd_open(supervisor).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(vmrun_pod::native::poll_exit(&pidfd, Some(Duration::from_secs(10))).unwrap());
+    let ps = vm.run(&["ps"]);
+    assert!(
+        text(&ps.stdout)
+            .lines()
+            .any(|l| l.contains("web") && l.contains("supervisor gone")),
+        "{}",
+        describe(&ps)
+    );
+    let out = vm.run(&["rm", "web"]);
+    assert!(out.status.success(), "rm: {}", describe(&out));
+    assert_clean(&vm, &uid_of(&record), "web");
 }
