@@ -61,3 +61,19 @@ pub fn wait_for_line(addr: &str, want: &str, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// host-local (data in `ipam_dir`) holds no lease of network `network` in
+/// the subnet whose addresses start with `prefix`: DEL released them all.
+pub fn assert_no_leases(ipam_dir: &Path, network: &str, prefix: &str) {
+    let leases: Vec<_> = std::fs::read_dir(ipam_dir.join(network))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !leases.iter().any(|l| l.starts_with(prefix)),
+        "host-local leases left: {leases:?}"
+    );
+}

@@ -122,6 +122,41 @@ pub struct Vmrun {
 }
 
 impl Vmrun {
+    /// Puts this installation's `vmrun run` pods on the CNI network
+    /// `conflist` (`[network] cni_conf_dir` in its configuration).
+    pub fn use_cni_network(&self, conflist: &str) {
+        let conf_dir = self.state.path().join("cni");
+        std::fs::create_dir_all(&conf_dir).expect("cni dir");
+        std::fs::write(conf_dir.join("10-run.conflist"), conflist).expect("conflist");
+        let mut config = std::fs::read_to_string(&self.config).expect("config");
+        config += &format!("[network]\ncni_conf_dir = {conf_dir:?}\n");
+        std::fs::write(&self.config, config).expect("config");
+    }
+
+    /// SIGKILLs the supervisor of the detached pod `pod` (whose `record` is
+    /// given), waits until it is gone, and checks `vmrun ps` says so.
+    pub fn kill_supervisor(&self, pod: &str, record: &serde_json::Value) {
+        let supervisor = record["supervisor_pid"].as_i64().expect("supervisor pid") as i32;
+        let pidfd = vmrun_pod::native::pidfd_open(supervisor).expect("supervisor pidfd");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(supervisor),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("SIGKILL the supervisor");
+        assert!(
+            vmrun_pod::native::poll_exit(&pidfd, Some(Duration::from_secs(10))).unwrap(),
+            "the supervisor {supervisor} outlived SIGKILL"
+        );
+        let ps = self.run(&["ps"]);
+        assert!(
+            text(&ps.stdout)
+                .lines()
+                .any(|l| l.contains(pod) && l.contains("supervisor gone")),
+            "{}",
+            describe(&ps)
+        );
+    }
+
     pub fn new() -> Self {
         Self::for_runtime("native")
     }

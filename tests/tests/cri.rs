@@ -1304,17 +1304,7 @@ async fn pods_on_a_cni_network_reach_each_other_and_a_host_port() {
     stop_and_remove(&server, &srv).await;
     stop_and_remove(&server, &cli).await;
     // DEL released the addresses and took the veths away.
-    let leases: Vec<_> = std::fs::read_dir(ipam.path().join("vmrcri0"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(
-        !leases.iter().any(|l| l.starts_with("10.250.41.")),
-        "host-local leases left: {leases:?}"
-    );
+    vmrun_tests::cni::assert_no_leases(ipam.path(), "vmrcri0", "10.250.41.");
     let _ = std::process::Command::new("ip")
         .args(["link", "del", "vmrcri0"])
         .status();
@@ -2335,15 +2325,5 @@ async fn a_vm_pod_and_a_native_pod_talk_over_cni() {
 
     stop_and_remove(&server, &vm_pod).await;
     stop_and_remove(&server, &native_pod).await;
-    let leases: Vec<_> = std::fs::read_dir(ipam.path().join("vmrvm0"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(
-        !leases.iter().any(|l| l.starts_with("10.250.42.")),
-        "host-local leases left: {leases:?}"
-    );
+    vmrun_tests::cni::assert_no_leases(ipam.path(), "vmrvm0", "10.250.42.");
 }

@@ -1155,22 +1155,7 @@ pub fn supervisor_killed_pod_is_cleaned_up_by_rm(rt: &str) {
     );
     let record = start_detached(&vm, rt, "orphan", &yaml);
     let uid = uid_of(&record);
-    let supervisor = record["supervisor_pid"].as_i64().expect("supervisor pid") as i32;
-    let pidfd = vmrun_pod::native::pidfd_open(supervisor).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(supervisor),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    assert!(vmrun_pod::native::poll_exit(&pidfd, Some(Duration::from_secs(10))).unwrap());
-    let ps = vm.run(&["ps"]);
-    assert!(
-        text(&ps.stdout)
-            .lines()
-            .any(|l| l.contains("orphan") && l.contains("supervisor gone")),
-        "{}",
-        describe(&ps)
-    );
+    vm.kill_supervisor("orphan", &record);
     if rt == "native" {
         assert!(
             !vm.leftovers(&uid, "sleep 24681").is_empty(),
@@ -1203,16 +1188,12 @@ pub fn pod_joins_the_configured_cni_network(rt: &str) {
         ("vmrrunn0", "10.250.43.0/24", "10.250.43.")
     };
     let ipam = tempfile::tempdir().unwrap();
-    let conf_dir = vm.state.path().join("cni");
-    std::fs::create_dir_all(&conf_dir).unwrap();
-    std::fs::write(
-        conf_dir.join("10-run.conflist"),
-        vmrun_tests::cni::bridge_network(bridge, subnet, ipam.path(), true),
-    )
-    .unwrap();
-    let mut config = std::fs::read_to_string(&vm.config).unwrap();
-    config += &format!("[network]\ncni_conf_dir = {conf_dir:?}\n");
-    std::fs::write(&vm.config, config).unwrap();
+    vm.use_cni_network(&vmrun_tests::cni::bridge_network(
+        bridge,
+        subnet,
+        ipam.path(),
+        true,
+    ));
 
     let image = busybox();
     let yaml = pod(

@@ -1070,17 +1070,13 @@ fn a_wasm_pod_joins_the_configured_cni_network() {
     }
     let vm = Vmrun::new();
     let ipam = tempfile::tempdir().unwrap();
-    let conf_dir = vm.state.path().join("cni");
-    std::fs::create_dir_all(&conf_dir).unwrap();
     let bridge = "vmrrunw0";
-    std::fs::write(
-        conf_dir.join("10-run.conflist"),
-        vmrun_tests::cni::bridge_network(bridge, "10.250.45.0/24", ipam.path(), true),
-    )
-    .unwrap();
-    let mut config = std::fs::read_to_string(&vm.config).unwrap();
-    config += &format!("[network]\ncni_conf_dir = {conf_dir:?}\n");
-    std::fs::write(&vm.config, config).unwrap();
+    vm.use_cni_network(&vmrun_tests::cni::bridge_network(
+        bridge,
+        "10.250.45.0/24",
+        ipam.path(),
+        true,
+    ));
     let path = vm.manifest("web", &http_pod());
     let out = vm.run(&["run", "-d", "--runtime", "wasm", path.to_str().unwrap()]);
     assert!(out.status.success(), "{}", describe(&out));
@@ -1117,22 +1113,7 @@ fn a_wasm_pod_whose_supervisor_was_killed_is_cleaned_up_by_rm() {
     let record = vm.wait_record("web", Duration::from_secs(60), |r| {
         r["containers"]["server"]["phase"] == "running"
     });
-    let supervisor = record["supervisor_pid"].as_i64().expect("supervisor pid") as i32;
-    let pidfd = vmrun_pod::native::pidfd_open(supervisor).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(supervisor),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    assert!(vmrun_pod::native::poll_exit(&pidfd, Some(Duration::from_secs(10))).unwrap());
-    let ps = vm.run(&["ps"]);
-    assert!(
-        text(&ps.stdout)
-            .lines()
-            .any(|l| l.contains("web") && l.contains("supervisor gone")),
-        "{}",
-        describe(&ps)
-    );
+    vm.kill_supervisor("web", &record);
     let out = vm.run(&["rm", "web"]);
     assert!(out.status.success(), "rm: {}", describe(&out));
     assert_clean(&vm, &uid_of(&record), "web");
