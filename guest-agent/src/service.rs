@@ -202,6 +202,18 @@ impl Agent for AgentService {
         Ok(Response::new(ShutdownResponse {}))
     }
 
+    async fn test_exit(
+        &self,
+        request: Request<TestExitRequest>,
+    ) -> Result<Response<TestExitResponse>, Status> {
+        let code = request.into_inner().code;
+        tracing::warn!(
+            code,
+            "exiting at the host's request (the test hook): the guest goes down"
+        );
+        std::process::exit(code)
+    }
+
     async fn create_sandbox(
         &self,
         request: Request<CreateSandboxRequest>,

@@ -11,6 +11,9 @@
 //! vmm = "<dir of vmrun>/vmrun-vmm"
 //! kernel = "<root>/guest/vmlinux"            # installed by scripts/build-guest
 //! initramfs = "<root>/guest/initramfs.cpio"
+//! jail = true                 # each VMM in a jail of its own (as root only)
+//! jail_uid = 65534            # as whom a jailed VMM runs
+//! jail_gid = 65534
 //! [proc_view]                 # native containers' /proc/meminfo etc.; defaults shown
 //! enabled = true              # pods opt out with annotation vmrun.io/proc-view: "false"
 //! mountpoint = "/run/vmrun/procview"          # one per host, shared by all state roots
@@ -93,6 +96,10 @@ pub struct VmConfig {
     pub vmm: Option<PathBuf>,
     pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
+    /// Each pod's VMM jailed in its VM directory (default on).
+    pub jail: Option<bool>,
+    pub jail_uid: Option<u32>,
+    pub jail_gid: Option<u32>,
 }
 
 /// The host's /proc view daemon (see the `vmrun-procview` crate).
@@ -146,6 +153,16 @@ impl Config {
     }
 
     /// The vm runtime's files, defaults filled in.
+    /// How the vm runtime jails its VMMs: the defaults but for what is set.
+    pub fn vm_jail(&self) -> vmrun_pod::vm::VmmJail {
+        let default = vmrun_pod::vm::VmmJail::default();
+        vmrun_pod::vm::VmmJail {
+            enabled: self.vm.jail.unwrap_or(default.enabled),
+            uid: self.vm.jail_uid.unwrap_or(default.uid),
+            gid: self.vm.jail_gid.unwrap_or(default.gid),
+        }
+    }
+
     pub fn vm_assets(&self) -> vmrun_pod::vm::VmAssets {
         let guest = self.root.join("guest");
         let vmm = self

@@ -118,6 +118,7 @@ pub async fn prepare(
             boot_timeout: VmRuntime::boot_timeout_from_env(),
             spare_disks: 0,
             pod_network: network.is_some(),
+            jail: config.vm_jail(),
         }),
         "wasm" => PodRuntime::Wasm(
             WasmRuntime::beside_current_exe(config.state.clone(), &config.root, config.pids_limit)

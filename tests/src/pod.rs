@@ -248,10 +248,30 @@ impl Vmrun {
     /// The VMM processes of pod `pod` (the vm runtime names its files under
     /// the pod's directory on the VMM's command line).
     pub fn vmm_pids(&self, pod: &str) -> Vec<i32> {
-        let dir = self.pod_dir(pod).to_string_lossy().into_owned();
+        let dir = self.pod_dir(pod);
+        // A pod's VMM works in (and is jailed in) its VM directory, which it
+        // holds open as fd 3 from the host's side.
         processes()
-            .filter(|(_, cmdline)| cmdline.contains("vmrun-vmm") && cmdline.contains(&dir))
+            .filter(|(pid, cmdline)| {
+                cmdline.contains("vmrun-vmm")
+                    && std::fs::read_link(format!("/proc/{pid}/fd/3"))
+                        .is_ok_and(|held| held.starts_with(&dir))
+            })
             .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// (name, /proc status) of each thread of process `pid`.
+    pub fn thread_statuses(pid: i32) -> Vec<(String, String)> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Vec::new();
+        };
+        tasks
+            .flatten()
+            .filter_map(|task| {
+                let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+                Some((status_field(&status, "Name").to_owned(), status))
+            })
             .collect()
     }
 
@@ -290,6 +310,15 @@ impl Vmrun {
 }
 
 /// Every process as (pid, command line with NULs as spaces).
+/// One field of a /proc status file, trimmed ("" if absent).
+pub fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+        .unwrap_or("")
+}
+
 fn processes() -> impl Iterator<Item = (i32, String)> {
     process_table().into_iter().map(|(pid, _, cmd)| (pid, cmd))
 }

@@ -1135,6 +1135,186 @@ pub fn vmm_killed_fails_the_pod(rt: &str) {
     assert_clean(&vm, &uid, "sleep 13579");
 }
 
+/// A pod's VMM runs jailed (its own mount namespace rooted in the VM
+/// directory, uid 65534, no capabilities) with a seccomp filter on every
+/// thread; a system call outside its filter (the control socket's test
+/// hook) ends the VMM, and the pod is reported failed with the reason.
+pub fn vmm_is_jailed_and_a_forbidden_syscall_fails_the_pod(rt: &str) {
+    require_root("vmm_is_jailed_and_a_forbidden_syscall_fails_the_pod");
+    let vm = Vmrun::for_runtime(rt);
+    let image = busybox();
+    let yaml = pod(
+        "jailed",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {image}
+    command: ["sleep", "97531"]
+"#
+        ),
+    );
+    let record = start_detached(&vm, rt, "jailed", &yaml);
+    let uid = uid_of(&record);
+    let vmms = vm.vmm_pids("jailed");
+    assert_eq!(vmms.len(), 1, "one VMM per pod: {vmms:?}");
+    let pid = vmms[0];
+    let threads = Vmrun::thread_statuses(pid);
+    // KVM's own NX huge page worker is listed with the VMM's threads.
+    let ours: Vec<_> = threads
+        .iter()
+        .filter(|(name, _)| !name.starts_with("kvm-nx-lpage"))
+        .collect();
+    let names: Vec<&str> = ours.iter().map(|(name, _)| name.as_str()).collect();
+    for wanted in ["vmrun-vmm", "vcpu0", "api", "spawner", "vsock"] {
+        assert!(names.contains(&wanted), "no {wanted} thread in {names:?}");
+    }
+    for (name, status) in ours {
+        let field = |f| vmrun_tests::pod::status_field(status, f);
+        assert_eq!(field("Seccomp"), "2", "thread {name}");
+        assert_eq!(field("NoNewPrivs"), "1", "thread {name}");
+        assert_eq!(field("CapEff"), "0000000000000000", "thread {name}");
+        assert_eq!(field("CapBnd"), "0000000000000000", "thread {name}");
+        assert!(
+            field("Uid").split_whitespace().all(|id| id == "65534"),
+            "thread {name}: Uid {}",
+            field("Uid")
+        );
+    }
+    assert_ne!(
+        std::fs::read_link("/proc/self/ns/mnt").unwrap(),
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
+        "the VMM shares the host's mount namespace"
+    );
+    let root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for name in &root {
+        assert!(
+            vm.pod_dir("jailed").join("vm").join(name).exists(),
+            "{name} in the VMM's root is not in the pod's VM directory: {root:?}"
+        );
+    }
+    assert!(root.iter().any(|n| n == "vsock.sock"), "{root:?}");
+
+    let api = format!("/proc/{pid}/fd/3/api.sock");
+    let stream = std::os::unix::net::UnixStream::connect(&api).unwrap();
+    std::io::Write::write_all(&mut &stream, b"{\"action\":\"test_forbidden_syscall\"}\n").unwrap();
+    let failed = vm.wait_record("jailed", Duration::from_secs(60), |r| {
+        r["phase"] == "failed"
+    });
+    let message = failed["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("pod VM died")
+            && message.contains("exit status: 159")
+            && message.contains("the api thread made system call"),
+        "{failed:#}"
+    );
+    let out = vm.run(&["rm", "jailed"]);
+    assert!(out.status.success(), "rm: {}", describe(&out));
+    assert!(!vm.pod_dir("jailed").exists());
+    assert_clean(&vm, &uid, "sleep 97531");
+}
+
+/// A VMM SIGKILLed while its pod starts (as soon as it exists, before
+/// the guest agent answers): the pod fails naming the VMM's end, and `rm`
+/// leaves nothing.
+pub fn vmm_killed_while_starting_fails_the_pod(rt: &str) {
+    require_root("vmm_killed_while_starting_fails_the_pod");
+    let vm = Vmrun::for_runtime(rt);
+    let image = busybox();
+    let yaml = pod(
+        "stillborn",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {image}
+    command: ["sleep", "75319"]
+"#
+        ),
+    );
+    let path = vm.manifest("stillborn", &yaml);
+    let out = vm.run(&["run", "-d", "--runtime", rt, path.to_str().unwrap()]);
+    assert!(out.status.success(), "run -d: {}", describe(&out));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let vmm = loop {
+        if let Some(&pid) = vm.vmm_pids("stillborn").first() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no VMM started within 60 s");
+        std::thread::yield_now();
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vmm),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let failed = vm.wait_record("stillborn", Duration::from_secs(120), |r| {
+        r["phase"] == "failed"
+    });
+    let message = failed["message"].as_str().unwrap_or_default();
+    assert!(message.contains("signal: 9"), "{failed:#}");
+    let uid = uid_of(&failed);
+    let out = vm.run(&["rm", "stillborn"]);
+    assert!(out.status.success(), "rm: {}", describe(&out));
+    assert!(!vm.pod_dir("stillborn").exists());
+    assert_clean(&vm, &uid, "sleep 75319");
+}
+
+/// The guest agent dying (its test hook: PID 1 exits, the guest kernel
+/// panics) fails a running pod with the reason, and `rm` leaves nothing.
+pub fn agent_exit_fails_the_pod(rt: &str) {
+    require_root("agent_exit_fails_the_pod");
+    let vm = Vmrun::for_runtime(rt);
+    let image = busybox();
+    let yaml = pod(
+        "agentless",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  restartPolicy: Always
+  containers:
+  - name: app
+    image: {image}
+    command: ["sleep", "86420"]
+"#
+        ),
+    );
+    let record = start_detached(&vm, rt, "agentless", &yaml);
+    let uid = uid_of(&record);
+    let vmms = vm.vmm_pids("agentless");
+    assert_eq!(vmms.len(), 1, "one VMM per pod: {vmms:?}");
+    let vsock = std::path::PathBuf::from(format!("/proc/{}/fd/3/vsock.sock", vmms[0]));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut agent = vmrun_proto::connect_hybrid_vsock(&vsock, vmrun_proto::AGENT_VSOCK_PORT)
+            .await
+            .expect("reach the guest agent");
+        // The agent exits before it could answer.
+        let answer = agent
+            .test_exit(vmrun_proto::v1::TestExitRequest { code: 3 })
+            .await;
+        assert!(answer.is_err(), "the agent answered: {answer:?}");
+    });
+    let failed = vm.wait_record("agentless", Duration::from_secs(60), |r| {
+        r["phase"] == "failed"
+    });
+    let message = failed["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("pod VM died") && message.contains("Attempted to kill init"),
+        "{failed:#}"
+    );
+    assert_eq!(
+        failed["containers"]["app"]["reason"], "SandboxLost",
+        "{failed:#}"
+    );
+    let out = vm.run(&["rm", "agentless"]);
+    assert!(out.status.success(), "rm: {}", describe(&out));
+    assert!(!vm.pod_dir("agentless").exists());
+    assert_clean(&vm, &uid, "sleep 86420");
+}
+
 /// A SIGKILLed `vmrun-supervisor` leaves its pod running with nobody to
 /// tear it down: `vmrun ps` says so, and `vmrun rm` undoes what is left
 /// (the containers' processes and cgroups, a pod VM's VMM, the mounts).
@@ -1326,6 +1506,7 @@ mod vm {
             cpu_and_memory_limits_reach_the_cgroup,
             container_sees_its_own_cgroup_and_limits,
             supervisor_killed_pod_is_cleaned_up_by_rm,
+            vmm_is_jailed_and_a_forbidden_syscall_fails_the_pod,
         ],
         nested_2: [
             config_secret_and_downward_files,
@@ -1335,6 +1516,8 @@ mod vm {
             host_path_file_is_read_and_written,
             guest_kernel_hides_the_host,
             vmm_killed_fails_the_pod,
+            agent_exit_fails_the_pod,
+            vmm_killed_while_starting_fails_the_pod,
             empty_dir_size_limit_is_enforced,
             seccomp_profiles_filter_syscalls,
             pod_joins_the_configured_cni_network,

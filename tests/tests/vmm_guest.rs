@@ -118,8 +118,12 @@ impl Guest {
                 }
                 Err(_) => {
                     let _ = self.child.kill();
+                    let mut stderr = String::new();
+                    if let Some(mut e) = self.child.stderr.take() {
+                        let _ = e.read_to_string(&mut stderr);
+                    }
                     panic!(
-                        "no console line {prefix:?}; console:\n{}",
+                        "no console line {prefix:?}; console:\n{}\nVMM stderr:\n{stderr}",
                         self.console.join("\n")
                     );
                 }

@@ -13,9 +13,12 @@ pub mod devices;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hypervisor;
+pub mod jail;
 pub mod kick;
 pub mod memory;
 pub mod pause;
+pub mod seccomp;
+pub mod spawner;
 pub mod stop;
 pub mod vcpu_loop;
 pub mod virtio_slots;

@@ -1,6 +1,7 @@
 //! The loop each vCPU thread runs: enter the guest, dispatch its exits to
 //! the buses, and turn fatal exits into a [`GuestStop`].
 
+use crate::seccomp::{ThreadFilters, ThreadKind};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -20,6 +21,8 @@ pub struct VcpuContext {
     pub running: Arc<AtomicUsize>,
     /// Where the thread parks while the VM is paused.
     pub pause: Arc<PauseGate>,
+    /// The thread enters the vCPU filter before anything else.
+    pub filters: ThreadFilters,
 }
 
 /// What one exit means for the loop.
@@ -34,6 +37,7 @@ enum Next {
 /// Runs `vcpu` until the VM stops. Call on the vCPU's own thread, which
 /// must have been spawned with the kick signal blocked.
 pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, context: VcpuContext) {
+    context.filters.enter(ThreadKind::Vcpu);
     let id = vcpu.id();
     if let Err(e) = vcpu.enable_kick(kick_signal()) {
         context.stop.request(GuestStop::VcpuFailed {

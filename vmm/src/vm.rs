@@ -37,6 +37,8 @@ use crate::hypervisor::{CpuidEntry, Hypervisor, HypervisorError, Vcpu, Vm};
 use crate::kick;
 use crate::memory::{self, MemoryError};
 use crate::pause::PauseGate;
+use crate::seccomp::{ThreadFilters, ThreadKind};
+use crate::spawner::{Spawner, SpawnerJobs};
 use crate::stop::{GuestStop, StopSignal};
 use crate::vcpu_loop::{run_vcpu, VcpuContext};
 use crate::virtio_slots::{self, AttachError};
@@ -89,6 +91,10 @@ pub enum RunError {
     ConsoleInput(io::Error),
     #[error(transparent)]
     Api(#[from] ApiError),
+    #[error("cannot start the device workers' spawner thread: {0}")]
+    Spawner(io::Error),
+    #[error("the device workers' spawner thread panicked")]
+    SpawnerPanicked,
 }
 
 /// A VM ready to run: memory loaded, devices placed, vCPUs configured.
@@ -108,6 +114,9 @@ pub struct MicroVm {
     kernel: LoadedKernel,
     balloon: Option<Arc<BalloonStats>>,
     disks: DiskSlots,
+    /// Device workers' thread, started by `run`.
+    spawner_jobs: SpawnerJobs,
+    filters: ThreadFilters,
 }
 
 /// The spare disk slots `attach_disk` fills, after the boot disks.
@@ -118,15 +127,30 @@ struct DiskSlots {
 }
 
 impl DiskSlots {
-    /// Opens `path` into the first empty slot; the guest's disk index.
-    fn attach(&self, path: &std::path::Path, read_only: bool) -> Result<usize, String> {
+    /// Puts `file` (or `path`, opened here) into the first empty slot; the
+    /// guest's disk index.
+    fn attach(
+        &self,
+        path: &std::path::Path,
+        read_only: bool,
+        file: Option<crate::api::PassedFile>,
+    ) -> Result<usize, String> {
         let Some(k) = self.spares.iter().position(|s| s.is_empty()) else {
             return Err(format!(
                 "no empty disk slot left ({} spare slots, all filled)",
                 self.spares.len()
             ));
         };
-        let media = Media::open(path, read_only).map_err(|e| e.to_string())?;
+        let media = match file {
+            Some(file) => file
+                .0
+                .try_clone()
+                .map_err(|e| format!("cannot duplicate the disk's fd: {e}"))
+                .and_then(|file| {
+                    Media::from_file(file, path, read_only).map_err(|e| e.to_string())
+                })?,
+            None => Media::open(path, read_only).map_err(|e| e.to_string())?,
+        };
         self.spares[k].fill(media).map_err(|e| e.to_string())?;
         Ok(self.boot_disks + k)
     }
@@ -190,6 +214,10 @@ impl MicroVm {
             balloon = Some(device.stats());
             devices.push(Box::new(device));
         }
+        let (spawner, spawner_jobs) = Spawner::pending();
+        for device in &mut devices {
+            device.set_spawner(&spawner);
+        }
         let slots = virtio_slots::attach(vm.as_ref(), &memory, &mut mmio_bus, devices)?;
         let cmdline = std::iter::once(config.cmdline.trim().to_owned())
             .chain(slots.iter().map(|slot| slot.cmdline_parameter()))
@@ -237,7 +265,17 @@ impl MicroVm {
             kernel,
             balloon,
             disks: disk_slots,
+            spawner_jobs,
+            filters: ThreadFilters::none(),
         })
+    }
+
+    /// Confines each thread of the running VM to its kind's seccomp
+    /// filter (none by default). The thread that calls [`MicroVm::run`]
+    /// enters the VMM thread's filter, for good: only a process's main
+    /// thread, which exits after, should.
+    pub fn set_thread_filters(&mut self, filters: ThreadFilters) {
+        self.filters = filters;
     }
 
     /// The port I/O bus, to add devices before [`MicroVm::run`].
@@ -291,14 +329,20 @@ impl MicroVm {
             kernel: _,
             balloon,
             disks,
+            spawner_jobs,
+            filters,
         } = self;
         let io_bus = Arc::new(io_bus);
         let mmio_bus = Arc::new(mmio_bus);
         let running = Arc::new(AtomicUsize::new(vcpus.len()));
         let vcpu_count = vcpus.len() as u8;
         // Started first, so failing to start it needs no vCPU stopped.
+        // The device workers' spawner first: the vCPUs activate devices.
+        let spawner = spawner_jobs
+            .serve(filters.clone())
+            .map_err(RunError::Spawner)?;
         let input = console_input
-            .map(|fd| ConsoleInput::spawn(fd, serial))
+            .map(|fd| ConsoleInput::spawn(fd, serial, filters.clone()))
             .transpose()
             .map_err(RunError::ConsoleInput)?;
         // Stops, and control API actions, all reach this thread here.
@@ -307,7 +351,10 @@ impl MicroVm {
         stop.on_request(move || {
             let _ = notify.send(OwnerEvent::Stopped);
         });
-        let server = match api.map(|socket| socket.serve(events_tx)).transpose() {
+        let server = match api
+            .map(|socket| socket.serve(events_tx, filters.clone()))
+            .transpose()
+        {
             Ok(server) => server,
             Err(e) => {
                 if let Some(input) = input {
@@ -329,6 +376,7 @@ impl MicroVm {
                 stop: stop.clone(),
                 running: running.clone(),
                 pause: pause.clone(),
+                filters: filters.clone(),
             };
             let spawned = kick::spawn_with_kick_blocked(|| {
                 thread::Builder::new()
@@ -360,7 +408,10 @@ impl MicroVm {
             memory_mib: memory_mib(&memory),
             balloon: balloon.as_deref(),
             disks: &disks,
+            opens_paths: !filters.is_active(),
         };
+        // Everyone else started: from here the owner only acts and joins.
+        filters.enter(ThreadKind::Vmm);
         owner.serve(events);
         let reason = stop.reason().unwrap_or(GuestStop::HostStop);
         // The event receiver is gone, so a request still queued gets its
@@ -382,7 +433,11 @@ impl MicroVm {
                 error.get_or_insert(RunError::Panicked { vcpu: id });
             }
         }
+        // The devices hold the spawner's senders: it ends with them.
         drop((io_bus, mmio_bus));
+        if spawner.join().is_err() {
+            error.get_or_insert(RunError::SpawnerPanicked);
+        }
         drop(vm);
         drop(memory);
         match error {
@@ -408,6 +463,9 @@ struct Owner<'a> {
     memory_mib: u64,
     balloon: Option<&'a BalloonStats>,
     disks: &'a DiskSlots,
+    /// False under seccomp, whose VMM filter has no open: disks must come
+    /// as file descriptors.
+    opens_paths: bool,
 }
 
 /// A `shutdown` waiting for the guest to power off.
@@ -508,11 +566,20 @@ impl Owner<'_> {
                 self.stop.request(GuestStop::HostStop);
                 ActionReply::done()
             }
-            VmmAction::AttachDisk { path, read_only } => {
-                match self.disks.attach(&path, read_only) {
-                    Ok(disk) => ActionReply::Attached { ok: true, disk },
-                    Err(e) => ActionReply::error(format!("attach_disk {}: {e}", path.display())),
-                }
+            VmmAction::AttachDisk { path, file, .. } if file.is_none() && !self.opens_paths => ActionReply::error(format!(
+                "attach_disk {}: this VMM is confined and opens no paths: send the disk's file descriptor with the request (SCM_RIGHTS)",
+                path.display()
+            )),
+            VmmAction::AttachDisk {
+                path,
+                read_only,
+                file,
+            } => match self.disks.attach(&path, read_only, file) {
+                Ok(disk) => ActionReply::Attached { ok: true, disk },
+                Err(e) => ActionReply::error(format!("attach_disk {}: {e}", path.display())),
+            },
+            VmmAction::TestForbiddenSyscall => {
+                ActionReply::error("test_forbidden_syscall is made on the API thread")
             }
             // Needs the event loop's deadline: handled in `serve`.
             VmmAction::Shutdown { .. } => ActionReply::error("shutdown is not handled here"),
@@ -591,6 +658,7 @@ mod tests {
             memory_mib: 64,
             balloon: None,
             disks: &DiskSlots::default(),
+            opens_paths: true,
         };
         let (events_tx, events) = mpsc::channel();
         let notify = events_tx.clone();
@@ -636,6 +704,7 @@ mod tests {
             memory_mib: 64,
             balloon: None,
             disks: &disks,
+            opens_paths: true,
         };
         let image = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(image.path(), [0u8; 4096]).unwrap();
@@ -643,6 +712,7 @@ mod tests {
             owner.act(VmmAction::AttachDisk {
                 path: path.to_owned(),
                 read_only: true,
+                file: None,
             })
         };
         assert_eq!(

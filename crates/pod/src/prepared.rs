@@ -171,6 +171,7 @@ mod tests {
                 boot_timeout: Duration::from_secs(60),
                 spare_disks: 0,
                 pod_network: true,
+                jail: Default::default(),
             }),
             network: Some(vmrun_cni::NetworkSettings {
                 conf_dir: "/etc/cni/net.d".into(),

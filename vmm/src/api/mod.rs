@@ -9,7 +9,10 @@
 //! guest to power off by itself, then stop it), `{"action":"stop"}` and
 //! `{"action":"attach_disk","path":"/img","read_only":true}` (fills the
 //! first empty spare disk slot; the reply names the guest's disk index:
-//! 0 is vda).
+//! 0 is vda; an fd sent with the line (SCM_RIGHTS) is the disk, else the
+//! VMM opens the path, which a jailed VMM cannot). A test hook,
+//! `{"action":"test_forbidden_syscall"}`, makes the API thread call what
+//! its seccomp filter forbids.
 
 pub mod server;
 
@@ -27,10 +30,35 @@ pub enum VmmAction {
     Status,
     Pause,
     Resume,
-    Shutdown { graceful_timeout_ms: u64 },
+    Shutdown {
+        graceful_timeout_ms: u64,
+    },
     Stop,
-    AttachDisk { path: PathBuf, read_only: bool },
+    /// `file`: the disk opened by the host and passed with the request
+    /// (SCM_RIGHTS), which a jailed VMM needs; without one the VMM opens
+    /// `path` itself.
+    AttachDisk {
+        path: PathBuf,
+        read_only: bool,
+        file: Option<PassedFile>,
+    },
+    /// A test hook: the API thread makes a system call its seccomp filter
+    /// forbids, which ends the VMM (the tests check the filter is there).
+    /// Nothing it does needs more than the control socket already allows.
+    TestForbiddenSyscall,
 }
+
+/// A file descriptor that came with a request.
+#[derive(Clone, Debug)]
+pub struct PassedFile(pub std::sync::Arc<std::fs::File>);
+
+impl PartialEq for PassedFile {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for PassedFile {}
 
 /// A request line as sent. Parsed into this flat shape first because
 /// serde's internally tagged enums accept unknown fields on unit variants
@@ -156,6 +184,7 @@ pub fn parse_request(line: &str) -> Result<VmmAction, ParseError> {
             Some(path) if path.is_absolute() => Ok(VmmAction::AttachDisk {
                 path,
                 read_only: raw.read_only.unwrap_or(false),
+                file: None,
             }),
             _ => Err(ParseError::DiskPath),
         };
@@ -168,6 +197,7 @@ pub fn parse_request(line: &str) -> Result<VmmAction, ParseError> {
         "pause" => VmmAction::Pause,
         "resume" => VmmAction::Resume,
         "stop" => VmmAction::Stop,
+        "test_forbidden_syscall" => VmmAction::TestForbiddenSyscall,
         "shutdown" => {
             return Ok(VmmAction::Shutdown {
                 graceful_timeout_ms: raw.graceful_timeout_ms.unwrap_or(0),
@@ -207,7 +237,8 @@ mod tests {
             parse_request(r#"{"action":"attach_disk","path":"/a/b.erofs","read_only":true}"#),
             Ok(VmmAction::AttachDisk {
                 path: "/a/b.erofs".into(),
-                read_only: true
+                read_only: true,
+                file: None,
             })
         );
         for bad in [

@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::serial::SerialPort;
+use crate::seccomp::{ThreadFilters, ThreadKind};
 
 /// The running input thread; [`ConsoleInput::stop`] ends and joins it.
 pub struct ConsoleInput {
@@ -19,7 +20,11 @@ pub struct ConsoleInput {
 }
 
 impl ConsoleInput {
-    pub fn spawn(input: OwnedFd, serial: Arc<Mutex<SerialPort>>) -> io::Result<ConsoleInput> {
+    pub fn spawn(
+        input: OwnedFd,
+        serial: Arc<Mutex<SerialPort>>,
+        filters: ThreadFilters,
+    ) -> io::Result<ConsoleInput> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let thread_stop = stop.try_clone()?;
         let room = serial
@@ -28,7 +33,10 @@ impl ConsoleInput {
             .room_event()?;
         let thread = std::thread::Builder::new()
             .name("console-in".into())
-            .spawn(move || forward(File::from(input), &serial, &room, &thread_stop))?;
+            .spawn(move || {
+                filters.enter(ThreadKind::ConsoleInput);
+                forward(File::from(input), &serial, &room, &thread_stop)
+            })?;
         Ok(ConsoleInput { stop, thread })
     }
 
@@ -174,7 +182,7 @@ mod tests {
         // Received-data interrupt on (IER bit 0).
         serial.lock().unwrap().write(0x3f8, 1, &[0x01]);
         let (read_end, mut write_end) = pipe();
-        let input = ConsoleInput::spawn(read_end, serial.clone()).unwrap();
+        let input = ConsoleInput::spawn(read_end, serial.clone(), ThreadFilters::none()).unwrap();
         let sent: Vec<u8> = (0..300u32).map(|i| (i % 251) as u8).collect();
         write_end.write_all(&sent).unwrap();
         let mut got = Vec::new();

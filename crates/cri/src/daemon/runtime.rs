@@ -266,6 +266,7 @@ impl RuntimeService for RuntimeServiceImpl {
                 boot_timeout: VmRuntime::boot_timeout_from_env(),
                 spare_disks: VM_IMAGE_SLOTS,
                 pod_network: self.network().is_ok(),
+                jail: Default::default(),
             }),
             image_root: self.opts.image_root.clone(),
             // Without a network configuration a pod gets loopback only, and

@@ -24,7 +24,7 @@ use crate::plan::PodPlan;
 use crate::runtime::{Runtime, RuntimeError, Sandbox};
 
 pub use exec::exec_to_terminal;
-pub use vmm_process::{VmAssets, VmFiles, GUEST_CMDLINE};
+pub use vmm_process::{VmAssets, VmFiles, VmmJail, GUEST_CMDLINE};
 
 /// How long a guest may take from VMM start to a healthy agent, unless
 /// `VMRUN_VM_BOOT_TIMEOUT` (seconds) says otherwise. Generous: nested test
@@ -55,6 +55,9 @@ pub struct VmRuntime {
     /// pod keeps the guest's own network, loopback only.
     #[serde(default)]
     pub pod_network: bool,
+    /// How each pod's VMM is jailed (on by default).
+    #[serde(default)]
+    pub jail: VmmJail,
 }
 
 impl VmRuntime {

@@ -94,6 +94,7 @@ impl VmSandbox {
                 &disks.disks,
                 spare_disks,
                 networked,
+                &runtime.jail,
                 VmFiles::new(&dir),
             )
             .map_err(sandbox_err)?,

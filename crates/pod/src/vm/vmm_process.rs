@@ -40,6 +40,29 @@ impl VmAssets {
     }
 }
 
+/// How a pod's VMM is confined: `vmrun-vmm --jail`, the VM directory its
+/// root, as `uid`:`gid` (its per-thread seccomp filters are always on).
+/// Jailing needs root; a vmrun that is not root starts its VMMs unjailed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmmJail {
+    pub enabled: bool,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// nobody:nogroup on Debian.
+pub const DEFAULT_JAIL_ID: u32 = 65534;
+
+impl Default for VmmJail {
+    fn default() -> Self {
+        VmmJail {
+            enabled: true,
+            uid: DEFAULT_JAIL_ID,
+            gid: DEFAULT_JAIL_ID,
+        }
+    }
+}
+
 /// Files of one VM, in the pod's `vm/` directory.
 #[derive(Debug, Clone)]
 pub struct VmFiles {
@@ -81,8 +104,10 @@ pub struct VmmProcess {
     socket_dir: PathBuf,
 }
 
-/// The VMM's descriptor of the VM directory; its sockets are named below
-/// `/proc/self/fd/3/`.
+/// The VMM's descriptor of the VM directory (opened on the host, so it
+/// stays the host's path of it in a jailed VMM): the host reaches the
+/// VMM's sockets through `/proc/<pid>/fd/3/`, and finds orphaned VMMs by it
+/// ([`crate::leftovers`]).
 const DIR_FD: i32 = 3;
 
 /// Kernel command line of pod VMs; the VMM appends the virtio-mmio devices.
@@ -98,13 +123,15 @@ pub const GUEST_CMDLINE: &str =
 
 impl VmmProcess {
     /// Starts the VMM with `disks` and `spare_disks` empty slots after
-    /// them (filled later with [`VmmProcess::attach_disk`]).
+    /// them (filled later with [`VmmProcess::attach_disk`]), jailed in the
+    /// VM directory as `jail` says.
     pub fn spawn(
         assets: &VmAssets,
         size: VmSize,
         disks: &[VmDisk],
         spare_disks: u8,
         pod_network: bool,
+        jail: &VmmJail,
         files: VmFiles,
     ) -> Result<Self, String> {
         let log = File::create(&files.vmm_log)
@@ -117,13 +144,18 @@ impl VmmProcess {
             nix::sys::stat::Mode::empty(),
         )
         .map_err(|e| format!("{}: {e}", files.dir.display()))?;
-        let in_vmm = |path: &Path| -> PathBuf {
-            let name = path.file_name().unwrap_or_default();
-            Path::new("/proc/self/fd")
-                .join(DIR_FD.to_string())
-                .join(name)
-        };
+        // The VMM works in the VM directory (its jail's root once jailed):
+        // its own files are named relative to it.
+        let in_vmm =
+            |path: &Path| -> PathBuf { PathBuf::from(path.file_name().unwrap_or_default()) };
         let mut cmd = Command::new(&assets.vmm);
+        cmd.current_dir(&files.dir);
+        // SAFETY: geteuid has no preconditions.
+        if jail.enabled && unsafe { libc::geteuid() } == 0 {
+            cmd.args(["--jail", "."])
+                .args(["--jail-uid", &jail.uid.to_string()])
+                .args(["--jail-gid", &jail.gid.to_string()]);
+        }
         cmd.arg("--kernel")
             .arg(&assets.kernel)
             .arg("--initrd")
@@ -136,7 +168,10 @@ impl VmmProcess {
             // An idle pod VM gives the memory its guest freed back to the host.
             .arg("--free-page-reporting")
             .arg("--console")
-            .arg(&files.console);
+            .arg(in_vmm(&files.console))
+            // Always there: disks attached late, and the seccomp test hook.
+            .arg("--api")
+            .arg(in_vmm(&files.api));
         for disk in disks {
             let mut arg = disk.path.as_os_str().to_owned();
             if disk.read_only {
@@ -145,9 +180,7 @@ impl VmmProcess {
             cmd.arg("--disk").arg(arg);
         }
         if spare_disks > 0 {
-            cmd.args(["--spare-disks", &spare_disks.to_string()])
-                .arg("--api")
-                .arg(in_vmm(&files.api));
+            cmd.args(["--spare-disks", &spare_disks.to_string()]);
         }
         if pod_network {
             // Created by the VMM in the namespace it gets below.
@@ -205,14 +238,20 @@ impl VmmProcess {
 
     /// Puts the disk image `path` in the VM's next empty disk slot (the
     /// guest sees the slot's disk grow from size 0); its guest index, 0
-    /// being `/dev/vda`.
+    /// being `/dev/vda`. The file is opened here and passed to the VMM,
+    /// which a jail keeps from opening host paths.
     pub fn attach_disk(&self, path: &Path, read_only: bool) -> Result<usize, String> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| format!("disk image {}: {e}", path.display()))?;
         let request = serde_json::json!({
             "action": "attach_disk",
             "path": path,
             "read_only": read_only,
         });
-        let reply = self.api_call(&request)?;
+        let reply = self.api_call(&request, Some(&file))?;
         match reply["disk"].as_u64() {
             Some(disk) if reply["ok"] == true => Ok(disk as usize),
             _ => Err(format!(
@@ -223,8 +262,13 @@ impl VmmProcess {
         }
     }
 
-    /// One request on the VMM's control socket and its one-line reply.
-    fn api_call(&self, request: &serde_json::Value) -> Result<serde_json::Value, String> {
+    /// One request on the VMM's control socket, with `file` passed along
+    /// (SCM_RIGHTS) if given, and its one-line reply.
+    fn api_call(
+        &self,
+        request: &serde_json::Value,
+        file: Option<&File>,
+    ) -> Result<serde_json::Value, String> {
         use std::io::{BufRead, BufReader, Write};
         let api = &self.api_addr();
         let fail = |e: std::io::Error| format!("the VMM's control socket {}: {e}", api.display());
@@ -232,7 +276,10 @@ impl VmmProcess {
         stream.set_read_timeout(Some(API_TIMEOUT)).map_err(fail)?;
         let mut line = request.to_string();
         line.push('\n');
-        (&stream).write_all(line.as_bytes()).map_err(fail)?;
+        match file {
+            Some(file) => send_with_file(&stream, line.as_bytes(), file).map_err(fail)?,
+            None => (&stream).write_all(line.as_bytes()).map_err(fail)?,
+        }
         let mut reply = String::new();
         BufReader::new(&stream)
             .read_line(&mut reply)
@@ -307,6 +354,27 @@ impl Drop for VmmProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Writes all of `bytes`, the first part with `file`'s descriptor.
+fn send_with_file(
+    stream: &std::os::unix::net::UnixStream,
+    bytes: &[u8],
+    file: &File,
+) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::io::Write;
+    let fds = [file.as_raw_fd()];
+    let sent = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[std::io::IoSlice::new(bytes)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut writer = stream;
+    writer.write_all(&bytes[sent..])
 }
 
 /// The last `lines` non-empty lines of a file, joined with " | ".

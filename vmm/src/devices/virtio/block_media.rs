@@ -22,6 +22,8 @@ use super::VirtioInterrupt;
 pub enum MediaError {
     #[error("cannot open disk image {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
+    #[error("disk image {path} was passed open read-only but is to be written")]
+    NotWritable { path: PathBuf },
     #[error("disk image {path} is not a regular file or block device")]
     NotADisk { path: PathBuf },
     #[error("disk image {path} is empty (a disk needs at least one 512-byte sector)")]
@@ -42,15 +44,38 @@ pub struct Media {
 impl Media {
     /// Opens `path` (a regular file or a block device).
     pub fn open(path: &Path, read_only: bool) -> Result<Media, MediaError> {
-        let open_error = |source| MediaError::Open {
-            path: path.to_owned(),
-            source,
-        };
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
-            .map_err(open_error)?;
+            .map_err(|source| MediaError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Media::from_file(file, path, read_only)
+    }
+
+    /// A disk the host opened (a jailed VMM cannot open host paths);
+    /// `path` names it in messages. A writable disk needs a file opened
+    /// for writing.
+    pub fn from_file(file: File, path: &Path, read_only: bool) -> Result<Media, MediaError> {
+        let open_error = |source| MediaError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        if !read_only {
+            // SAFETY: F_GETFL only reads the flags of an fd `file` owns.
+            let flags =
+                unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
+            if flags < 0 {
+                return Err(open_error(io::Error::last_os_error()));
+            }
+            if flags & libc::O_ACCMODE != libc::O_RDWR {
+                return Err(MediaError::NotWritable {
+                    path: path.to_owned(),
+                });
+            }
+        }
         let meta = file.metadata().map_err(open_error)?;
         use std::os::unix::fs::FileTypeExt;
         let size = if meta.file_type().is_block_device() {

@@ -149,6 +149,9 @@ pub trait VirtioDevice: Send {
     fn queue_events(&self) -> &[EventFd] {
         &[]
     }
+    /// Where a device with its own thread gets it once the VM runs (a
+    /// vCPU thread activates devices but may not create threads).
+    fn set_spawner(&mut self, _spawner: &crate::spawner::Spawner) {}
     /// The driver is ready: start serving `queues`.
     fn activate(
         &mut self,

@@ -18,6 +18,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, VirtioInterrupt};
+use crate::spawner::Spawner;
 
 /// Where the thread leaves why it stopped on its own.
 pub type Failure = Arc<Mutex<Option<String>>>;
@@ -93,6 +94,7 @@ pub struct WorkerThread<B: Send + 'static> {
     backend: Option<B>,
     running: Option<Running<B>>,
     failure: Failure,
+    spawner: Spawner,
 }
 
 impl<B: Send + 'static> WorkerThread<B> {
@@ -107,7 +109,13 @@ impl<B: Send + 'static> WorkerThread<B> {
             backend: Some(backend),
             running: None,
             failure: Arc::new(Mutex::new(None)),
+            spawner: Spawner::direct(),
         })
+    }
+
+    /// Where the thread comes from once the VM runs (see [`Spawner`]).
+    pub fn set_spawner(&mut self, spawner: &Spawner) {
+        self.spawner = spawner.clone();
     }
 
     /// The eventfds the transport registers as the queues' ioeventfds.
@@ -159,9 +167,9 @@ impl<B: Send + 'static> WorkerThread<B> {
         };
         let failure = self.failure.clone();
         *failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let thread = std::thread::Builder::new()
-            .name(device.into())
-            .spawn(move || serve(backend, events, thread_stop, failure))
+        let thread = self
+            .spawner
+            .spawn(device, move || serve(backend, events, thread_stop, failure))
             // The closure, and the backend with it, is gone: the device
             // cannot serve again.
             .map_err(|source| ActivateError::WorkerThread { device, source })?;

@@ -184,6 +184,10 @@ impl VirtioDevice for Net {
         self.worker.queue_events()
     }
 
+    fn set_spawner(&mut self, spawner: &crate::spawner::Spawner) {
+        self.worker.set_spawner(spawner);
+    }
+
     fn activate(
         &mut self,
         memory: GuestMemoryMmap,
