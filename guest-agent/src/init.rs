@@ -205,19 +205,26 @@ pub fn loopback_up() -> std::io::Result<()> {
 
 /// Reaps every child until `server` exits; returns how it ended. Every
 /// other child of PID 1 is an orphan that nobody else waits for.
-pub fn reap_until(server: Pid) -> String {
+pub fn reap_until(server: Pid) -> ServerEnd {
     loop {
-        match waitpid(None, None) {
+        let (clean, how) = match waitpid(None, None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == server => {
-                return format!("exited with status {code}")
+                (code == 0, format!("exited with status {code}"))
             }
             Ok(WaitStatus::Signaled(pid, sig, _)) if pid == server => {
-                return format!("was killed by {sig}")
+                (false, format!("was killed by {sig}"))
             }
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => return format!("cannot be waited for ({e})"),
-        }
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(e) => (false, format!("cannot be waited for ({e})")),
+        };
+        return ServerEnd { clean, how };
     }
+}
+
+/// How the agent's server process ended: `clean` after a Shutdown.
+pub struct ServerEnd {
+    pub clean: bool,
+    pub how: String,
 }
 
 /// Syncs and resets the machine: with `reboot=k` on the kernel command line

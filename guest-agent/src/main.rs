@@ -139,8 +139,14 @@ fn pid1(boot_ns: u64) -> ! {
             std::process::exit(code);
         }
         Ok(ForkResult::Parent { child }) => {
-            let how = init::reap_until(child);
-            tracing::info!("agent server {how}; powering off");
+            let end = init::reap_until(child);
+            if end.clean {
+                tracing::info!("agent server {}; powering off", end.how);
+            } else {
+                // At error level it reaches the console, whose last lines
+                // the host reports as why the pod VM died.
+                tracing::error!("agent server {}; powering off", end.how);
+            }
         }
         Err(e) => tracing::error!("fork the agent server: {e}; powering off"),
     }

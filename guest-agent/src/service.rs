@@ -207,10 +207,7 @@ impl Agent for AgentService {
         request: Request<TestExitRequest>,
     ) -> Result<Response<TestExitResponse>, Status> {
         let code = request.into_inner().code;
-        tracing::warn!(
-            code,
-            "exiting at the host's request (the test hook): the guest goes down"
-        );
+        tracing::warn!(code, "exiting at the host's request (the test hook)");
         std::process::exit(code)
     }
 

@@ -248,17 +248,7 @@ impl Vmrun {
     /// The VMM processes of pod `pod` (the vm runtime names its files under
     /// the pod's directory on the VMM's command line).
     pub fn vmm_pids(&self, pod: &str) -> Vec<i32> {
-        let dir = self.pod_dir(pod);
-        // A pod's VMM works in (and is jailed in) its VM directory, which it
-        // holds open as fd 3 from the host's side.
-        processes()
-            .filter(|(pid, cmdline)| {
-                cmdline.contains("vmrun-vmm")
-                    && std::fs::read_link(format!("/proc/{pid}/fd/3"))
-                        .is_ok_and(|held| held.starts_with(&dir))
-            })
-            .map(|(pid, _)| pid)
-            .collect()
+        vmms_under(&self.pod_dir(pod))
     }
 
     /// (name, /proc status) of each thread of process `pid`.
@@ -298,10 +288,9 @@ impl Vmrun {
                 found.push(format!("cgroup: {}", dir.display()));
             }
         }
+        let vmms = vmms_under(self.state.path());
         for (pid, text) in processes() {
-            // A pod VM's VMM names its files under this installation's state.
-            let vmm = text.contains("vmrun-vmm") && text.contains(&state);
-            if vmm || (!marker.is_empty() && text.contains(marker)) {
+            if vmms.contains(&pid) || (!marker.is_empty() && text.contains(marker)) {
                 found.push(format!("process {pid}: {text}"));
             }
         }
@@ -310,6 +299,20 @@ impl Vmrun {
 }
 
 /// Every process as (pid, command line with NULs as spaces).
+/// The VMM processes of pods under `dir` (a pod's or a whole state
+/// directory): a pod's VMM works in, and is jailed in, its VM directory,
+/// which it holds open as fd 3 from the host's side.
+pub fn vmms_under(dir: &Path) -> Vec<i32> {
+    processes()
+        .filter(|(pid, cmdline)| {
+            cmdline.contains("vmrun-vmm")
+                && std::fs::read_link(format!("/proc/{pid}/fd/3"))
+                    .is_ok_and(|held| held.starts_with(dir))
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
 /// One field of a /proc status file, trimmed ("" if absent).
 pub fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
     status

@@ -205,12 +205,7 @@ async fn pod_ip(server: &CriServer, id: &str) -> String {
 
 /// How many VMM processes run for the pod directory `pod_dir`.
 fn vmms_of(pod_dir: &std::path::Path) -> usize {
-    vmrun_tests::pod::process_table()
-        .into_iter()
-        .filter(|(_, _, cmd)| {
-            cmd.contains("vmrun-vmm") && cmd.contains(&*pod_dir.to_string_lossy())
-        })
-        .count()
+    vmrun_tests::pod::vmms_under(pod_dir).len()
 }
 
 fn chrono_like(t: &str) -> bool {

@@ -11,6 +11,7 @@
 //! - `exit N`: exits with code N. As a WASI p2 component only 0 and 1 survive: std exits
 //!   through `wasi:cli/exit.exit(result)`, so any N other than 0 is reported as failure (1).
 //! - `sleep SECS`: sleeps SECS seconds (fractions allowed), then exits 0.
+//! - `hold MESSAGE SECS`: prints MESSAGE and a newline, then sleeps SECS seconds and exits 0.
 //! - `spin`: a busy loop forever that makes no host calls.
 //! - `alloc MIB`: allocates and touches MIB mebibytes, 1 MiB at a time, printing
 //!   `allocated N MiB` after each, then sleeps forever.
@@ -33,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let Some(command) = args.get(1) else {
-        eprintln!("usage: wasm-box COMMAND ARGS... (echo, env, cat, write, ls, exit, sleep, spin, alloc, clock, stderr, serve-once)");
+        eprintln!("usage: wasm-box COMMAND ARGS... (echo, env, cat, write, ls, exit, sleep, hold, spin, alloc, clock, stderr, serve-once)");
         return ExitCode::from(2);
     };
     let rest = &args[2..];
@@ -64,6 +65,16 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             _ => usage("sleep SECS"),
+        },
+        // A line, then idle: a container that says it started and stays.
+        "hold" => match rest.get(1).map(|s| s.parse::<f64>()) {
+            Some(Ok(secs)) if secs >= 0.0 && secs.is_finite() => {
+                println!("{}", rest[0]);
+                let _ = io::stdout().flush();
+                std::thread::sleep(Duration::from_secs_f64(secs));
+                ExitCode::SUCCESS
+            }
+            _ => usage("hold MESSAGE SECS"),
         },
         "spin" => spin(),
         "alloc" => match rest.first().map(|n| n.parse::<usize>()) {
