@@ -62,6 +62,12 @@ pub enum LayerError {
         kind: String,
         size: u64,
     },
+    #[error("entry {entry:?}: writing {}: {source}", path.display())]
+    Write {
+        entry: String,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("entry {entry:?}: the archive ends after {got} of its {size} bytes")]
     Truncated { entry: String, got: u64, size: u64 },
     #[error("malformed layer archive: {0}")]
@@ -96,6 +102,13 @@ pub enum PullError {
         reference: String,
         digest: String,
         actual: String,
+    },
+    /// Storing a fetched blob failed (a full disk): names the blob and the file.
+    #[error("pull {reference}: blob {digest}: {source}")]
+    BlobStore {
+        reference: String,
+        digest: String,
+        source: StoreError,
     },
     #[error("pull {reference}: layer {digest}: {source}")]
     Layer {

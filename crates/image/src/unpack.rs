@@ -363,7 +363,7 @@ impl<'a> Extractor<'a> {
                     .map_err(entry_err(&name))?;
                 // A sparse entry's size is that of its stored chunks, not of the file.
                 let size = (kind != T::GNUSparse).then(|| entry.size());
-                copy_data(entry, &mut file, &name, size)?;
+                copy_data(entry, &mut file, &target, &name, size)?;
                 drop(file);
                 self.apply_metadata(&target, &header, &pax, Kind::File)
                     .map_err(entry_err(&name))?;
@@ -593,6 +593,7 @@ fn read_pax<R: Read>(entry: &mut tar::Entry<R>) -> io::Result<Pax> {
 fn copy_data(
     src: &mut impl Read,
     dst: &mut File,
+    dst_path: &Path,
     entry: &str,
     size: Option<u64>,
 ) -> Result<(), LayerError> {
@@ -615,8 +616,9 @@ fn copy_data(
             Err(e) => return Err(LayerError::Archive(e)),
         };
         dst.write_all(&buf[..n])
-            .map_err(|source| LayerError::Entry {
+            .map_err(|source| LayerError::Write {
                 entry: entry.to_string(),
+                path: dst_path.to_path_buf(),
                 source,
             })?;
         copied += n as u64;
