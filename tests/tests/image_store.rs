@@ -278,6 +278,63 @@ async fn whiteouts_opaque_dirs_and_metadata() {
     );
 }
 
+/// Runs `stat PATH` as nobody (65534:65534, no groups): its stderr if it failed.
+fn stat_as_nobody(path: &Path) -> Option<String> {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("/usr/bin/stat")
+        .arg(path)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn setuid_programs_of_an_image_are_kept_but_out_of_host_users_reach() {
+    if !nix::unistd::geteuid().is_root() {
+        println!(
+            "SKIPPED: setuid_programs_of_an_image_are_kept_but_out_of_host_users_reach needs root"
+        );
+        return;
+    }
+    let registry = vmrun_tests::shared_registry().await.unwrap();
+    let shell = std::fs::read("/usr/bin/busybox").unwrap();
+    let img = one_layer_image(&[Entry::File {
+        path: "rootshell".into(),
+        mode: 0o4755,
+        data: shell,
+    }]);
+    let reference = push_image(&registry.addr(), "test/setuid:v1", &img)
+        .await
+        .unwrap();
+    let (_dir, store) = new_store();
+    // A store made before layers/ was private gets it private at open.
+    std::fs::set_permissions(
+        store.root().join("layers"),
+        std::fs::Permissions::from_mode(0o711),
+    )
+    .unwrap();
+    let store = ImageStore::open(store.root(), RegistryConfig::default()).unwrap();
+    let image = store.pull(&reference, &NoProgress).await.unwrap();
+    let program = image.layers[0].join("rootshell");
+    let meta = std::fs::metadata(&program).unwrap();
+    // Kept as the image says: a container may need it (sudo, ping).
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o7777),
+        (0, 0o4755)
+    );
+    let layers = std::fs::metadata(store.root().join("layers")).unwrap();
+    assert_eq!(layers.permissions().mode() & 0o7777, 0o700);
+    // A host user who knows the diff_id (it is in the image config) cannot reach it.
+    let err = stat_as_nobody(&program).expect("nobody reached a layer's setuid program");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(
+        stat_as_nobody(store.root()).is_none(),
+        "the store root stays traversable"
+    );
+}
+
 /// Mounts a read-only overlay at `merged` and reports whether a/keep, a/gone,
 /// o/old and o/new are visible.
 fn overlay_view(merged: &Path, opts: &str) -> (bool, bool, bool, bool) {
