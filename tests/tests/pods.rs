@@ -812,9 +812,16 @@ pub fn bad_input_is_refused_cleanly(rt: &str) {
         ("hostPath escaping", c("    volumeMounts: [{name: v, mountPath: /data}]\n  volumes:\n  - name: v\n    hostPath: {path: /tmp/../etc}\n"), "spec.volumes[0].hostPath.path"),
         ("hostPath missing", c("    volumeMounts: [{name: v, mountPath: /data}]\n  volumes:\n  - name: v\n    hostPath: {path: /nonexistent/vmrun-test, type: Directory}\n"), "/nonexistent/vmrun-test"),
         ("unknown runtime class", pod("bad", &format!("  runtimeClassName: gvisor\n  containers:\n  - name: c\n    image: {image}\n")), "unknown runtime \"gvisor\""),
+        // Hostile manifests (docs/security.md, "Hostile input"); @STATE@ is the case's state root.
+        ("hostPath into the state", c("    volumeMounts: [{name: v, mountPath: /data}]\n  volumes:\n  - name: v\n    hostPath: {path: @STATE@/pods}\n"), "is inside vmrun's state directory"),
+        ("YAML alias bomb", format!("{}  a: &a [{}]\n  b: [{}]\n", c(""), vec!["x"; 20_000].join(","), vec!["*a"; 20_000].join(",")), "once aliases are expanded (an alias bomb?)"),
+        ("deeply nested YAML", c(&format!("    args: {}{}\n", "[".repeat(1 << 20), "]".repeat(1 << 20))), "nested more than 128 deep"),
+        ("huge manifest", c(&format!("# {}\n", "x".repeat(9 << 20))), "the manifest is larger than 8 MiB"),
+        ("unknown kind", format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\n---\n{}", c("")), "kind \"Deployment\" is not supported"),
     ];
     for (what, yaml, needle) in cases {
         let vm = Vmrun::for_runtime(rt);
+        let yaml = yaml.replace("@STATE@", &vm.state.path().display().to_string());
         let path = vm.manifest("bad", &yaml);
         let mut args = vec!["run"];
         if what != "unknown runtime class" {

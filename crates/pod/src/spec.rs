@@ -660,6 +660,31 @@ mod tests {
     }
 
     #[test]
+    fn setuid_programs_gain_nothing_unless_escalation_is_allowed() {
+        let nnp = |extra: &str| {
+            let pod = plan_of(&format!("{POD}{extra}"));
+            spec_of(&pod, true, None)
+                .process()
+                .as_ref()
+                .unwrap()
+                .no_new_privileges()
+        };
+        assert_eq!(nnp(""), Some(true));
+        assert_eq!(
+            nnp("    securityContext: {allowPrivilegeEscalation: false}\n"),
+            Some(true)
+        );
+        assert_eq!(
+            nnp("    securityContext: {allowPrivilegeEscalation: true}\n"),
+            Some(false)
+        );
+        assert_eq!(
+            nnp("    securityContext: {privileged: true}\n"),
+            Some(false)
+        );
+    }
+
+    #[test]
     fn image_users_that_the_image_does_not_have() {
         const PASSWD: (&str, &str) = (
             "etc/passwd",
