@@ -577,9 +577,9 @@ mod tests {
             err.to_string(),
             format!("{}: the manifest is larger than 8 MiB", big.display())
         );
+        // A file that never ends: 8 MiB + 1 byte of it is read, then it is refused.
         let err = load(Path::new("/dev/zero")).unwrap_err().to_string();
-        // Zeros are not UTF-8: refused by the reader, still without reading on forever.
-        assert!(err.starts_with("/dev/zero: "), "{err}");
+        assert_eq!(err, "/dev/zero: the manifest is larger than 8 MiB");
         // Just under the limit is read.
         let fits = POD.to_string() + &filler.repeat(7 * 1024);
         std::fs::write(&big, &fits).unwrap();
