@@ -17,6 +17,10 @@ use vmrun_pod::wasm::WasmRuntime;
 
 use crate::config::Config;
 
+/// Where pods' state lives unless configured elsewhere; refused to hostPaths whatever the
+/// configuration says (the /proc view and other installations' pods live there).
+const DEFAULT_STATE: &str = "/run/vmrun";
+
 /// Picks the runtime: the flag, else the pod's runtimeClassName, else native.
 fn select_runtime(flag: Option<&str>, class: Option<&str>) -> anyhow::Result<&'static str> {
     let (name, source) = match (flag, class) {
@@ -45,6 +49,11 @@ pub async fn prepare(
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
     let plan = vmrun_pod::plan::plan(&manifest, uid, &node)?;
+    // Pods' records, logs and volumes, and the image store, are vmrun's own.
+    vmrun_pod::plan::check_host_paths_outside(
+        &plan,
+        &[&config.state, &config.root, Path::new(DEFAULT_STATE)],
+    )?;
     let runtime_name = select_runtime(runtime_flag, plan.runtime_class.as_deref())?;
     if runtime_name == "wasm" {
         vmrun_pod::wasm::check_pod(&plan)

@@ -7,6 +7,7 @@
 
 pub mod cni;
 pub mod cri;
+pub mod fault_proxy;
 pub mod images;
 pub mod nested;
 pub mod nested_cpio;

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use vmrun_image::{
     ImageStore, LayerError, NoProgress, PullError, PullPolicy, PullProgress, RegistryConfig,
 };
+use vmrun_tests::fault_proxy::{Fault, FaultProxy};
 use vmrun_tests::images::{
     self, busybox_entries, busybox_image, layer_tar, push_image, push_index, Compression, Entry,
     ImageSpec, Layer, TestImage,
@@ -274,6 +275,63 @@ async fn whiteouts_opaque_dirs_and_metadata() {
         overlay_view(&merged, &opts),
         (true, false, false, true),
         "keep, gone, old, new"
+    );
+}
+
+/// Runs `stat PATH` as nobody (65534:65534, no groups): its stderr if it failed.
+fn stat_as_nobody(path: &Path) -> Option<String> {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("/usr/bin/stat")
+        .arg(path)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn setuid_programs_of_an_image_are_kept_but_out_of_host_users_reach() {
+    if !nix::unistd::geteuid().is_root() {
+        println!(
+            "SKIPPED: setuid_programs_of_an_image_are_kept_but_out_of_host_users_reach needs root"
+        );
+        return;
+    }
+    let registry = vmrun_tests::shared_registry().await.unwrap();
+    let shell = std::fs::read("/usr/bin/busybox").unwrap();
+    let img = one_layer_image(&[Entry::File {
+        path: "rootshell".into(),
+        mode: 0o4755,
+        data: shell,
+    }]);
+    let reference = push_image(&registry.addr(), "test/setuid:v1", &img)
+        .await
+        .unwrap();
+    let (_dir, store) = new_store();
+    // A store made before layers/ was private gets it private at open.
+    std::fs::set_permissions(
+        store.root().join("layers"),
+        std::fs::Permissions::from_mode(0o711),
+    )
+    .unwrap();
+    let store = ImageStore::open(store.root(), RegistryConfig::default()).unwrap();
+    let image = store.pull(&reference, &NoProgress).await.unwrap();
+    let program = image.layers[0].join("rootshell");
+    let meta = std::fs::metadata(&program).unwrap();
+    // Kept as the image says: a container may need it (sudo, ping).
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o7777),
+        (0, 0o4755)
+    );
+    let layers = std::fs::metadata(store.root().join("layers")).unwrap();
+    assert_eq!(layers.permissions().mode() & 0o7777, 0o700);
+    // A host user who knows the diff_id (it is in the image config) cannot reach it.
+    let err = stat_as_nobody(&program).expect("nobody reached a layer's setuid program");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(
+        stat_as_nobody(store.root()).is_none(),
+        "the store root stays traversable"
     );
 }
 
@@ -795,6 +853,254 @@ async fn truncated_gzip_layer_is_an_error() {
         "{err:?}"
     );
     assert_store_holds(&store, &[], &[]);
+}
+
+/// Bytes that do not compress (xorshift), different for each `seed`.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// An image of one gzip layer holding `entries`.
+fn one_layer_image(entries: &[Entry]) -> TestImage {
+    let layer = Layer::new(layer_tar(entries).unwrap(), Compression::Gzip).unwrap();
+    ImageSpec::new(vec![layer]).build()
+}
+
+/// Every stored blob hashes to its name; every stored layer is one of `layers`.
+fn assert_blobs_verify(store: &ImageStore) {
+    for name in names(&store.root().join("blobs/sha256")) {
+        let data = std::fs::read(store.root().join("blobs/sha256").join(&name)).unwrap();
+        assert_eq!(
+            hex(&images::sha256(&data)),
+            name,
+            "blob {name} is not its content"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_registry_dropping_a_layer_midway_leaves_the_store_consistent() {
+    let registry = vmrun_tests::shared_registry().await.unwrap();
+    let proxy = FaultProxy::start(&registry.addr()).await.unwrap();
+    let data = noise(2 << 20, 1);
+    let img = busybox_plus(vec![Entry::file("noise", &data)]);
+    let layer = img.layers[1].digest.clone();
+    let size = img.layers[1].blob.len() as u64;
+    push_image(&registry.addr(), "test/faults:v1", &img)
+        .await
+        .unwrap();
+    // Pulled through the proxy: the same registry under another address.
+    let reference = format!("{}/test/faults:v1", proxy.addr());
+    for fault in [
+        Fault::DropAfter(0),
+        Fault::DropAfter(size / 2),
+        Fault::DropAfter(size - 1),
+        Fault::ShortAfter(size / 2),
+    ] {
+        let (_dir, store) = new_store();
+        proxy.set_fault(hex(&layer), fault);
+        let before = proxy.faulted();
+        let start = std::time::Instant::now();
+        let err = store.pull(&reference, &NoProgress).await.unwrap_err();
+        let took = start.elapsed();
+        assert!(proxy.faulted() > before, "{fault:?}: the proxy cut nothing");
+        let msg = err.to_string();
+        println!("{fault:?} of {size} bytes: after {took:?}: {msg}");
+        assert!(!msg.contains('\n'), "{fault:?}: not one line: {msg}");
+        assert!(msg.starts_with(&format!("pull {reference}: ")), "{msg}");
+        assert!(
+            msg.contains(&layer),
+            "{fault:?}: the layer is not named: {msg}"
+        );
+        assert!(matches!(err, PullError::Registry { .. }), "{err:?}");
+        match fault {
+            Fault::ShortAfter(n) => assert!(
+                msg.ends_with(&format!(
+                    "blob {layer}: the registry sent {n} of its {size} bytes"
+                )),
+                "{msg}"
+            ),
+            Fault::DropAfter(n) => assert!(
+                msg.contains(&format!(
+                    "reading blob {layer} (after {n} of {size} bytes): "
+                )),
+                "{msg}"
+            ),
+            Fault::Pass => unreachable!(),
+        }
+        // Nothing of the failed pull stays: no image, no blob, no layer, no temporary.
+        assert!(store.list().unwrap().is_empty());
+        assert!(store.get(&reference).unwrap().is_none());
+        assert_store_holds(&store, &[], &[]);
+
+        // The registry heals: the next pull fetches again, verifies and stores the image.
+        proxy.heal();
+        let image = store.pull(&reference, &NoProgress).await.unwrap();
+        assert_eq!(image.id, img.config_digest);
+        assert_eq!(std::fs::read(image.layers[1].join("noise")).unwrap(), data);
+        assert_blobs_verify(&store);
+        assert_store_holds(
+            &store,
+            &[
+                &img.manifest_digest,
+                &img.config_digest,
+                &img.layers[0].digest,
+                &layer,
+            ],
+            &[&img.layers[0].diff_id, &img.layers[1].diff_id],
+        );
+    }
+}
+
+/// A small tmpfs, unmounted when dropped (a failing test included).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(kib: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={kib}k,mode=0755").as_str()),
+        )
+        .unwrap();
+        Tmpfs { dir }
+    }
+
+    fn resize(&self, kib: u64) {
+        nix::mount::mount(
+            Some("tmpfs"),
+            self.dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_REMOUNT,
+            Some(format!("size={kib}k").as_str()),
+        )
+        .unwrap();
+    }
+
+    fn used_kib(&self) -> u64 {
+        let st = nix::sys::statvfs::statvfs(self.dir.path()).unwrap();
+        (st.blocks() - st.blocks_free()) * st.fragment_size() / 1024
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_pull_clearly_and_a_pull_after_freeing_space_works() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIPPED: a_full_disk_fails_the_pull_clearly_and_a_pull_after_freeing_space_works needs root (mount)");
+        return;
+    }
+    let registry = vmrun_tests::shared_registry().await.unwrap();
+    // Fills the disk while the blob downloads (3 MiB that do not compress), and while the
+    // layer unpacks (a 6 MiB file of zeros in a blob of a few KiB).
+    let noisy = one_layer_image(&[Entry::file("noise", &noise(3 << 20, 2))]);
+    let zeros = one_layer_image(&[Entry::dir("d"), Entry::file("d/zeros", &vec![0; 6 << 20])]);
+    let noisy_ref = push_image(&registry.addr(), "test/full:blob", &noisy)
+        .await
+        .unwrap();
+    let zeros_ref = push_image(&registry.addr(), "test/full:unpack", &zeros)
+        .await
+        .unwrap();
+    let disk = Tmpfs::mount(2048);
+    let store = ImageStore::open(disk.dir.path().join("store"), RegistryConfig::default()).unwrap();
+    let empty = disk.used_kib();
+
+    let err = store.pull(&noisy_ref, &NoProgress).await.unwrap_err();
+    let msg = err.to_string();
+    println!("blob on a full disk: {msg}");
+    assert!(matches!(err, PullError::BlobStore { .. }), "{err:?}");
+    let tmp = store.root().join("tmp");
+    assert!(
+        msg.starts_with(&format!(
+            "pull {noisy_ref}: blob {}: image store {}/blob-",
+            noisy.layers[0].digest,
+            tmp.display()
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with("No space left on device (os error 28)"),
+        "{msg}"
+    );
+    assert_store_holds(&store, &[], &[]);
+
+    let err = store.pull(&zeros_ref, &NoProgress).await.unwrap_err();
+    let msg = err.to_string();
+    println!("layer on a full disk: {msg}");
+    assert!(
+        matches!(
+            err,
+            PullError::Layer {
+                source: LayerError::Write { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        msg.starts_with(&format!(
+            "pull {zeros_ref}: layer {}: entry \"d/zeros\": writing {}/layer-",
+            zeros.layers[0].digest,
+            tmp.display()
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with("/d/zeros: No space left on device (os error 28)"),
+        "{msg}"
+    );
+    // Nothing half-written is kept, nor used: the space is free again and no image is known.
+    assert_store_holds(&store, &[], &[]);
+    assert!(store.list().unwrap().is_empty());
+    assert!(
+        disk.used_kib() <= empty + 64,
+        "{} KiB used after the failed pulls, {empty} KiB before",
+        disk.used_kib()
+    );
+    let err = store
+        .ensure(&zeros_ref, PullPolicy::Never, &NoProgress)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PullError::NotPresent { .. }), "{err:?}");
+
+    // More space: both pull, and what is stored verifies.
+    disk.resize(32 * 1024);
+    let a = store.pull(&noisy_ref, &NoProgress).await.unwrap();
+    let b = store
+        .ensure(&zeros_ref, PullPolicy::IfNotPresent, &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(b.layers[0].join("d/zeros"))
+            .unwrap()
+            .len(),
+        6 << 20
+    );
+    assert_eq!(
+        std::fs::read(a.layers[0].join("noise")).unwrap(),
+        noise(3 << 20, 2)
+    );
+    assert_blobs_verify(&store);
+    drop(store);
 }
 
 #[tokio::test]

@@ -812,9 +812,16 @@ pub fn bad_input_is_refused_cleanly(rt: &str) {
         ("hostPath escaping", c("    volumeMounts: [{name: v, mountPath: /data}]\n  volumes:\n  - name: v\n    hostPath: {path: /tmp/../etc}\n"), "spec.volumes[0].hostPath.path"),
         ("hostPath missing", c("    volumeMounts: [{name: v, mountPath: /data}]\n  volumes:\n  - name: v\n    hostPath: {path: /nonexistent/vmrun-test, type: Directory}\n"), "/nonexistent/vmrun-test"),
         ("unknown runtime class", pod("bad", &format!("  runtimeClassName: gvisor\n  containers:\n  - name: c\n    image: {image}\n")), "unknown runtime \"gvisor\""),
+        // Hostile manifests (docs/security.md, "Hostile input"); @STATE@ is the case's state root.
+        ("hostPath into the state", c("    volumeMounts: [{name: v, mountPath: /data}]\n  volumes:\n  - name: v\n    hostPath: {path: @STATE@/pods}\n"), "is inside vmrun's state directory"),
+        ("YAML alias bomb", format!("{}  a: &a [{}]\n  b: [{}]\n", c(""), vec!["x"; 20_000].join(","), vec!["*a"; 20_000].join(",")), "once aliases are expanded (an alias bomb?)"),
+        ("deeply nested YAML", c(&format!("    args: {}{}\n", "[".repeat(1 << 20), "]".repeat(1 << 20))), "nested more than 128 deep"),
+        ("huge manifest", c(&format!("# {}\n", "x".repeat(9 << 20))), "the manifest is larger than 8 MiB"),
+        ("unknown kind", format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\n---\n{}", c("")), "kind \"Deployment\" is not supported"),
     ];
     for (what, yaml, needle) in cases {
         let vm = Vmrun::for_runtime(rt);
+        let yaml = yaml.replace("@STATE@", &vm.state.path().display().to_string());
         let path = vm.manifest("bad", &yaml);
         let mut args = vec!["run"];
         if what != "unknown runtime class" {
@@ -1776,4 +1783,92 @@ fn detached_pod_whose_sandbox_fails_leaves_nothing() {
         .filter(|l| !l.starts_with("cgroup:"))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// A small tmpfs over a test installation's `pods/` (its pods' state), unmounted when
+/// dropped, a failing test included.
+struct FullPodsDir(std::path::PathBuf);
+
+impl FullPodsDir {
+    fn mount(vm: &Vmrun, kib: u64) -> Self {
+        let dir = vm.state.path().join("pods");
+        std::fs::create_dir_all(&dir).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={kib}k,mode=0755").as_str()),
+        )
+        .unwrap();
+        FullPodsDir(dir)
+    }
+}
+
+impl Drop for FullPodsDir {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// `vmrun run` whose pods' state directory fills up (a 256 KiB tmpfs) while
+/// the container writes 2 MiB to stdout: the container is not stopped, the
+/// terminal shows everything, the log keeps only whole records and the first
+/// one lost is named with the log's path; `rm` then removes the pod.
+#[test]
+fn native_pod_state_on_a_full_disk() {
+    require_root("native_pod_state_on_a_full_disk");
+    let image = busybox();
+    let vm = Vmrun::new();
+    let full = FullPodsDir::mount(&vm, 256);
+    let yaml = pod(
+        "fill",
+        &format!(
+            "  restartPolicy: Never\n  containers:\n  - name: c\n    image: {image}\n    command: [sh, -c, 'yes 0123456789abcdef0123456789abcdef0123456789abcdef012345678 | head -c 2097152; echo; echo done']\n"
+        ),
+    );
+    let path = vm.manifest("fill", &yaml);
+    let out = vm.run(&[
+        "run",
+        "--keep",
+        "--runtime",
+        "native",
+        path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    assert!(stdout.ends_with("[c] done\n"), "{}", describe(&out));
+    assert_eq!(
+        stdout.lines().count(),
+        2_097_152 / 58 + 2,
+        "{}",
+        describe(&out)
+    );
+    let log = vmrun_pod::logs::log_path(&vm.pod_dir("fill"), "c", 0);
+    let stderr = text(&out.stderr);
+    let warning = format!(
+        "log {}: No space left on device (os error 28); records are dropped until it can be written again",
+        log.display()
+    );
+    assert!(stderr.contains(&warning), "{}", describe(&out));
+    // Once a record fits again (`done`, in what is left of the last page), the loss is counted.
+    assert!(
+        stderr.contains("records lost while it could not be written"),
+        "{}",
+        describe(&out)
+    );
+    let content = std::fs::read_to_string(&log).unwrap();
+    assert!(!content.is_empty() && content.ends_with('\n'));
+    for line in content.lines() {
+        let record = vmrun_pod::logs::parse_record(line).unwrap();
+        assert_eq!(record.stream, "stdout");
+        assert!(
+            record.content.starts_with("0123456789abcdef") || record.content == "done",
+            "a torn record: {line:?}"
+        );
+    }
+    let out = vm.run(&["rm", "fill"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(!vm.pod_dir("fill").exists());
+    drop(full);
 }

@@ -54,6 +54,22 @@ pub enum LayerError {
     UnsupportedEntry { entry: String, kind: String },
     #[error("entry {entry:?}: {source}")]
     Entry { entry: String, source: io::Error },
+    #[error("{entry}: tar headers (PAX records, GNU long name or link) take more than {} KiB", limit / 1024)]
+    HeadersTooLarge { entry: String, limit: u64 },
+    #[error("entry {entry:?}: a {kind} entry carries no data, but its header says {size} bytes")]
+    DataOnHeaderOnly {
+        entry: String,
+        kind: String,
+        size: u64,
+    },
+    #[error("entry {entry:?}: writing {}: {source}", path.display())]
+    Write {
+        entry: String,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("entry {entry:?}: the archive ends after {got} of its {size} bytes")]
+    Truncated { entry: String, got: u64, size: u64 },
     #[error("malformed layer archive: {0}")]
     Archive(io::Error),
     #[error("unsupported layer media type {0:?}")]
@@ -86,6 +102,13 @@ pub enum PullError {
         reference: String,
         digest: String,
         actual: String,
+    },
+    /// Storing a fetched blob failed (a full disk): names the blob and the file.
+    #[error("pull {reference}: blob {digest}: {source}")]
+    BlobStore {
+        reference: String,
+        digest: String,
+        source: StoreError,
     },
     #[error("pull {reference}: layer {digest}: {source}")]
     Layer {

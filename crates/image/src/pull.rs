@@ -232,6 +232,18 @@ impl Pull<'_> {
         }
     }
 
+    /// As [`Self::blob_err`], naming the blob a failed store write was for (a full disk).
+    fn blob_write_err(&self, digest: &str, err: BlobError) -> PullError {
+        match err {
+            BlobError::Store(source) => PullError::BlobStore {
+                reference: self.name.clone(),
+                digest: digest.to_string(),
+                source,
+            },
+            other => self.blob_err(other),
+        }
+    }
+
     fn check_digest(&self, digest: &str) -> Result<(), PullError> {
         match sha256_hex(digest) {
             Some(_) => Ok(()),
@@ -431,10 +443,12 @@ impl Pull<'_> {
             .pull_blob_stream(repo, desc.digest.as_str())
             .await
             .map_err(|e| self.registry_err(e))?;
-        let mut writer = self.store.blob_writer().map_err(|e| self.blob_err(e))?;
+        let written_err = |e| self.blob_write_err(&desc.digest, e);
+        let mut writer = self.store.blob_writer().map_err(written_err)?;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.stream_err(&desc.digest, e))?;
-            writer.write(&chunk).map_err(|e| self.blob_err(e))?;
+            let chunk = chunk
+                .map_err(|e| self.stream_err(&desc.digest, writer.written(), desc.size(), e))?;
+            writer.write(&chunk).map_err(written_err)?;
             if report {
                 self.progress.advanced(&desc.digest, chunk.len() as u64);
             }
@@ -446,16 +460,37 @@ impl Pull<'_> {
                 }
             }
         }
+        // A response that ends early but cleanly (a wrong Content-Length) is as short as one
+        // cut off; said so before the digest check would call it other content.
+        if let Some(size) = desc.size().filter(|size| writer.written() < *size) {
+            return Err(self.short_blob(&desc.digest, writer.written(), size));
+        }
         writer
             .commit(self.store, &desc.digest)
-            .map_err(|e| self.blob_err(e))?;
+            .map_err(written_err)?;
         Ok(())
     }
 
-    fn stream_err(&self, digest: &str, err: std::io::Error) -> PullError {
+    fn short_blob(&self, digest: &str, received: u64, size: u64) -> PullError {
+        PullError::Registry {
+            reference: self.name.clone(),
+            message: format!("blob {digest}: the registry sent {received} of its {size} bytes"),
+        }
+    }
+
+    fn stream_err(
+        &self,
+        digest: &str,
+        received: u64,
+        size: Option<u64>,
+        err: std::io::Error,
+    ) -> PullError {
         if let Some(DigestError::VerificationError { actual, .. }) =
             err.get_ref().and_then(|e| e.downcast_ref::<DigestError>())
         {
+            if let Some(size) = size.filter(|size| received < *size) {
+                return self.short_blob(digest, received, size);
+            }
             return PullError::DigestMismatch {
                 reference: self.name.clone(),
                 digest: digest.to_string(),
@@ -464,7 +499,16 @@ impl Pull<'_> {
         }
         PullError::Registry {
             reference: self.name.clone(),
-            message: format!("reading blob {digest}: {}", chain(&err)),
+            message: match size {
+                Some(size) => format!(
+                    "reading blob {digest} (after {received} of {size} bytes): {}",
+                    chain(&err)
+                ),
+                None => format!(
+                    "reading blob {digest} (after {received} bytes): {}",
+                    chain(&err)
+                ),
+            },
         }
     }
 }

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -173,12 +173,16 @@ impl ImageStore {
             let path = path.to_path_buf();
             move |source| OpenError::Io { path, source }
         };
-        // The root is traversable (overlay mounts and future sandboxes need to reach layer
-        // dirs) but not listable; blobs and metadata are private.
+        // The root is traversable but not listable; blobs, metadata and the unpacked layers
+        // are private. Layers hold whatever images ship, setuid-root programs included
+        // (legitimate in a container, whose no_new_privs and user decide what they may do),
+        // so no host user but root may reach them: `layers` is 0700 (also on a store made
+        // when it was 0711), as containerd keeps its snapshots since CVE-2021-41103. Root
+        // (the runtimes, the overlay mounts) is not bound by the mode.
         let dirs: [(&str, u32); 6] = [
             ("", 0o711),
             ("blobs/sha256", 0o700),
-            ("layers", 0o711),
+            ("layers", 0o700),
             ("layers/sha256", 0o711),
             ("images/sha256", 0o700),
             ("tmp", 0o700),
@@ -191,6 +195,8 @@ impl ImageStore {
                 .create(&path)
                 .map_err(io_err(&path))?;
         }
+        let layers = root.join("layers");
+        fs::set_permissions(&layers, fs::Permissions::from_mode(0o700)).map_err(io_err(&layers))?;
         for lock in ["lock", "images/index.lock"] {
             let path = root.join(lock);
             OpenOptions::new()

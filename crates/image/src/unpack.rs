@@ -6,16 +6,27 @@
 //! layer directory, neither by `..`/absolute names, nor through a symlink planted by an earlier
 //! entry (`evil -> /etc`, then `evil/passwd`), nor by a hardlink to a file outside the layer.
 //!
+//! Headers are bounded as Go's archive/tar (so containerd and podman) bounds them: the PAX
+//! records and GNU long names/links of one entry may take at most [`MAX_HEADER_BYTES`], read
+//! through a budget so a gzip bomb of a header is refused before it is in memory. Entries that
+//! carry no data (directories, links, devices, FIFOs) must say so (size 0): Go skips no data for
+//! them and tar-rs skips their size, so such an archive would list different files to a scanner
+//! than to us. Device nodes other than overlay whiteouts (char 0:0) are skipped, as rootless
+//! containerd does: a container gets its own `/dev`, and a node in the store would give whoever
+//! reaches the store a host device.
+//!
 //! The uncompressed stream is hashed while it is read and must match the config's diff_id; the
 //! layer is extracted into a temporary directory and renamed into place only if everything
 //! checked out, so a half-written or unverified layer is never found under its final name.
 
+use std::cell::Cell;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
 use nix::sys::stat::{makedev, mknod, utimensat, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
@@ -25,6 +36,10 @@ use crate::error::LayerError;
 
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 const WHITEOUT_PREFIX: &str = ".wh.";
+
+/// What the tar reader may read between two entries: the next entry's header blocks and its
+/// extension records (PAX `x`, GNU `L`/`K`) together. Go's archive/tar allows 1 MiB per record.
+pub(crate) const MAX_HEADER_BYTES: u64 = 1 << 20;
 
 /// Unpacks `blob` (gzip, zstd or plain tar, detected by magic bytes) into `dest` via `tmp`.
 /// If another pull finished the same layer first, its result is kept and ours discarded.
@@ -217,10 +232,35 @@ impl<'a> Extractor<'a> {
     }
 
     fn extract<R: Read>(mut self, reader: R) -> Result<(), LayerError> {
-        let mut archive = tar::Archive::new(reader);
-        for entry in archive.entries().map_err(LayerError::Archive)? {
-            let mut entry = entry.map_err(LayerError::Archive)?;
-            self.entry(&mut entry)?;
+        let budget = Rc::new(HeaderBudget::default());
+        let mut archive = tar::Archive::new(Budgeted {
+            inner: reader,
+            budget: budget.clone(),
+        });
+        let mut previous: Option<String> = None;
+        {
+            let mut entries = archive.entries().map_err(LayerError::Archive)?;
+            loop {
+                budget.limit(MAX_HEADER_BYTES);
+                let next = entries.next();
+                budget.unlimit();
+                let Some(entry) = next else { break };
+                let mut entry = entry.map_err(|e| {
+                    if budget.exceeded.get() {
+                        LayerError::HeadersTooLarge {
+                            entry: match &previous {
+                                Some(p) => format!("the entry after {p:?}"),
+                                None => "the first entry".to_string(),
+                            },
+                            limit: MAX_HEADER_BYTES,
+                        }
+                    } else {
+                        LayerError::Archive(e)
+                    }
+                })?;
+                self.entry(&mut entry)?;
+                previous = Some(String::from_utf8_lossy(&entry.path_bytes()).into_owned());
+            }
         }
         // The diff_id covers the whole stream, including the end-of-archive blocks and any
         // padding after them, which the tar reader stops short of.
@@ -285,10 +325,32 @@ impl<'a> Extractor<'a> {
             });
         }
 
+        use tar::EntryType as T;
+        let header_only = matches!(
+            kind,
+            T::Directory | T::Symlink | T::Link | T::Char | T::Block | T::Fifo
+        );
+        if header_only && entry.size() > 0 {
+            return Err(LayerError::DataOnHeaderOnly {
+                entry: name,
+                kind: format!("{kind:?}"),
+                size: entry.size(),
+            });
+        }
+        if matches!(kind, T::Char | T::Block) {
+            let major = entry.header().device_major().ok().flatten().unwrap_or(0);
+            let minor = entry.header().device_minor().ok().flatten().unwrap_or(0);
+            if kind == T::Block || (major, minor) != (0, 0) {
+                tracing::warn!(
+                    "layer entry {name:?}: skipping {kind:?} device {major}:{minor} (device nodes are not unpacked)"
+                );
+                return Ok(());
+            }
+        }
+
         self.ensure_parent(&rel, &name)?;
         let target = self.root.join(&rel);
         let header = entry.header().clone();
-        use tar::EntryType as T;
         match kind {
             T::Regular | T::Continuous | T::GNUSparse => {
                 clear(&target, false).map_err(entry_err(&name))?;
@@ -299,7 +361,9 @@ impl<'a> Extractor<'a> {
                     .mode(0o600)
                     .open(&target)
                     .map_err(entry_err(&name))?;
-                copy_data(entry, &mut file, &name)?;
+                // A sparse entry's size is that of its stored chunks, not of the file.
+                let size = (kind != T::GNUSparse).then(|| entry.size());
+                copy_data(entry, &mut file, &target, &name, size)?;
                 drop(file);
                 self.apply_metadata(&target, &header, &pax, Kind::File)
                     .map_err(entry_err(&name))?;
@@ -524,21 +588,84 @@ fn read_pax<R: Read>(entry: &mut tar::Entry<R>) -> io::Result<Pax> {
 }
 
 /// Copies an entry's data; read failures are the archive's fault (truncated or corrupt
-/// stream), write failures the destination's.
-fn copy_data(src: &mut impl Read, dst: &mut File, entry: &str) -> Result<(), LayerError> {
+/// stream), write failures the destination's. With `size`, a stream that ends before the
+/// entry's size (which tar-rs reads as a short file) is an error.
+fn copy_data(
+    src: &mut impl Read,
+    dst: &mut File,
+    dst_path: &Path,
+    entry: &str,
+    size: Option<u64>,
+) -> Result<(), LayerError> {
     let mut buf = vec![0u8; 64 * 1024];
+    let mut copied = 0u64;
     loop {
         let n = match src.read(&mut buf) {
-            Ok(0) => return Ok(()),
+            Ok(0) => {
+                return match size {
+                    Some(size) if copied < size => Err(LayerError::Truncated {
+                        entry: entry.to_string(),
+                        got: copied,
+                        size,
+                    }),
+                    _ => Ok(()),
+                }
+            }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(LayerError::Archive(e)),
         };
         dst.write_all(&buf[..n])
-            .map_err(|source| LayerError::Entry {
+            .map_err(|source| LayerError::Write {
                 entry: entry.to_string(),
+                path: dst_path.to_path_buf(),
                 source,
             })?;
+        copied += n as u64;
+    }
+}
+
+/// How much the tar reader may still read (None: no limit), shared with [`Budgeted`].
+#[derive(Default)]
+struct HeaderBudget {
+    remaining: Cell<Option<u64>>,
+    exceeded: Cell<bool>,
+}
+
+impl HeaderBudget {
+    fn limit(&self, bytes: u64) {
+        self.remaining.set(Some(bytes));
+    }
+
+    fn unlimit(&self) {
+        self.remaining.set(None);
+    }
+}
+
+/// The layer stream as the tar reader sees it: reads fail once the budget is spent.
+struct Budgeted<R> {
+    inner: R,
+    budget: Rc<HeaderBudget>,
+}
+
+impl<R: Read> Read for Budgeted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(remaining) = self.budget.remaining.get() else {
+            return self.inner.read(buf);
+        };
+        if remaining == 0 && !buf.is_empty() {
+            self.budget.exceeded.set(true);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "tar headers too large",
+            ));
+        }
+        let max = buf
+            .len()
+            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..max])?;
+        self.budget.remaining.set(Some(remaining - n as u64));
+        Ok(n)
     }
 }
 
@@ -582,6 +709,223 @@ mod tests {
         assert!(clean_path(b"../x").is_none());
         assert!(clean_path(b"a/../../x").is_none());
         assert!(clean_path(b"/etc/passwd").is_none());
+    }
+
+    /// A GNU header block for `path` of type `kind` claiming `size` bytes.
+    fn header(kind: tar::EntryType, path: &str, size: u64, mode: u32) -> Vec<u8> {
+        header_with(kind, path, size, mode, |_| {})
+    }
+
+    fn header_with(
+        kind: tar::EntryType,
+        path: &str,
+        size: u64,
+        mode: u32,
+        more: impl FnOnce(&mut tar::Header),
+    ) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_size(size);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        more(&mut h);
+        h.set_cksum();
+        h.as_bytes().to_vec()
+    }
+
+    fn padded(mut data: Vec<u8>) -> Vec<u8> {
+        data.resize(data.len().div_ceil(512) * 512, 0);
+        data
+    }
+
+    /// A reader that counts what was taken from it.
+    struct Counting<R> {
+        inner: R,
+        read: Rc<Cell<u64>>,
+    }
+
+    impl<R: Read> Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read.set(self.read.get() + n as u64);
+            Ok(n)
+        }
+    }
+
+    /// Extracts `stream` into a fresh directory; the result and how many bytes were read.
+    fn extract(stream: impl Read) -> (tempfile::TempDir, Result<(), LayerError>, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let read = Rc::new(Cell::new(0));
+        let result = Extractor::new(dir.path()).extract(Counting {
+            inner: stream,
+            read: read.clone(),
+        });
+        (dir, result, read.get())
+    }
+
+    #[test]
+    fn huge_extension_headers_are_refused_before_they_are_read() {
+        use tar::EntryType as T;
+        const GIB: u64 = 1 << 30;
+        let first = [header(T::Regular, "a", 1, 0o644), padded(b"x".to_vec())].concat();
+        for (kind, what) in [
+            (T::GNULongName, "GNU long name"),
+            (T::GNULongLink, "GNU long link"),
+            (T::XHeader, "PAX header"),
+        ] {
+            // A 4 GiB record of zeros (what a few MiB of gzip expand to), after one entry.
+            let stream = io::Cursor::new(first.clone())
+                .chain(io::Cursor::new(header(
+                    kind,
+                    "././@LongLink",
+                    4 * GIB,
+                    0o644,
+                )))
+                .chain(io::repeat(0).take(4 * GIB));
+            let (_dir, result, read) = extract(stream);
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, LayerError::HeadersTooLarge { .. }),
+                "{what}: {err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                "the entry after \"a\": tar headers (PAX records, GNU long name or link) take more than 1024 KiB",
+                "{what}"
+            );
+            assert!(
+                read < 2 * MAX_HEADER_BYTES,
+                "{what}: read {read} bytes before refusing"
+            );
+        }
+        // The same as the first entry; a PAX header of a plausible size still works.
+        let stream = io::Cursor::new(header(T::XHeader, "pax", 100 * GIB, 0o644))
+            .chain(io::repeat(b'1').take(100 * GIB));
+        let (_dir, result, read) = extract(stream);
+        let err = result.unwrap_err().to_string();
+        assert!(err.starts_with("the first entry: tar headers"), "{err}");
+        assert!(read < 2 * MAX_HEADER_BYTES);
+        // A 2,000-byte path (deep directories) in a PAX record.
+        let long = format!("{}leaf", "dir/".repeat(499));
+        let record = format!("{} path={long}\n", 4 + 6 + long.len() + 1);
+        let stream = [
+            header(T::XHeader, "pax", record.len() as u64, 0o644),
+            padded(record.into_bytes()),
+            header(T::Regular, "short-name", 2, 0o644),
+            padded(b"ok".to_vec()),
+            vec![0; 1024],
+        ]
+        .concat();
+        let (dir, result, _) = extract(stream.as_slice());
+        result.unwrap();
+        assert_eq!(fs::read(dir.path().join(long)).unwrap(), b"ok");
+    }
+
+    #[test]
+    fn a_size_claiming_terabytes_is_a_truncated_entry() {
+        use tar::EntryType as T;
+        // The header says 1 TiB, the stream holds 3 bytes and ends.
+        let stream = [header(T::Regular, "big", 1 << 40, 0o644), b"abc".to_vec()].concat();
+        let (_dir, result, _) = extract(stream.as_slice());
+        let err = result.unwrap_err();
+        assert!(matches!(err, LayerError::Truncated { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "entry \"big\": the archive ends after 3 of its 1099511627776 bytes"
+        );
+        // Through unpack_layer, nothing is left: neither the temporary nor the layer.
+        let dir = tempfile::tempdir().unwrap();
+        let blob = dir.path().join("blob");
+        fs::write(&blob, &stream).unwrap();
+        let (tmp, dest) = (dir.path().join("tmp"), dir.path().join("layer"));
+        let err = unpack_layer(&blob, "sha256:00", &tmp, &dest).unwrap_err();
+        assert!(matches!(err, LayerError::Truncated { .. }), "{err:?}");
+        assert!(!tmp.exists() && !dest.exists());
+    }
+
+    #[test]
+    fn entries_without_data_must_claim_none() {
+        use tar::EntryType as T;
+        for kind in [
+            T::Directory,
+            T::Symlink,
+            T::Link,
+            T::Char,
+            T::Block,
+            T::Fifo,
+        ] {
+            // Go's archive/tar reads the next header right after this one; tar-rs would skip
+            // 512 bytes: two readers, two file lists. Refused.
+            let stream = [
+                header(kind, "d", 512, 0o755),
+                header(T::Regular, "hidden", 0, 0o644),
+                vec![0; 1024],
+            ]
+            .concat();
+            let (dir, result, _) = extract(stream.as_slice());
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, LayerError::DataOnHeaderOnly { .. }),
+                "{kind:?}: {err:?}"
+            );
+            assert!(
+                err.to_string()
+                    .ends_with("entry carries no data, but its header says 512 bytes"),
+                "{err}"
+            );
+            assert!(!dir.path().join("d").exists() && !dir.path().join("hidden").exists());
+        }
+    }
+
+    #[test]
+    fn device_nodes_are_skipped_setuid_bits_fifos_and_whiteouts_kept() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        use tar::EntryType as T;
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIPPED: device_nodes_are_skipped_setuid_bits_fifos_and_whiteouts_kept needs root (chown, mknod)");
+            return;
+        }
+        let device = |kind, path: &str, major, minor| {
+            header_with(kind, path, 0, 0o666, |h| {
+                h.set_device_major(major).unwrap();
+                h.set_device_minor(minor).unwrap();
+            })
+        };
+        let stream = [
+            header(T::Directory, "dev", 0, 0o755),
+            device(T::Block, "dev/sda", 8, 0),
+            device(T::Char, "dev/mem", 1, 1),
+            device(T::Char, "dev/null", 1, 3),
+            device(T::Char, "gone", 0, 0),
+            header(T::Fifo, "fifo", 0, 0o600),
+            header(T::Regular, "suid", 1, 0o4755),
+            padded(b"x".to_vec()),
+            header(T::Regular, "sgid", 1, 0o2711),
+            padded(b"y".to_vec()),
+            vec![0; 1024],
+        ]
+        .concat();
+        let (dir, result, _) = extract(stream.as_slice());
+        result.unwrap();
+        let root = dir.path();
+        for skipped in ["dev/sda", "dev/mem", "dev/null"] {
+            assert!(
+                fs::symlink_metadata(root.join(skipped)).is_err(),
+                "{skipped} was made"
+            );
+        }
+        let wh = fs::symlink_metadata(root.join("gone")).unwrap();
+        assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
+        assert!(fs::symlink_metadata(root.join("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        let mode = |p: &str| fs::metadata(root.join(p)).unwrap().mode() & 0o7777;
+        assert_eq!(mode("suid"), 0o4755);
+        assert_eq!(mode("sgid"), 0o2711);
     }
 
     #[test]

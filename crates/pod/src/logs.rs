@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncReadExt;
@@ -47,6 +48,10 @@ pub struct LogTarget {
     pub terminal_prefix: Option<String>,
     /// Also sends every chunk read here, as read.
     pub tap: Option<OutputTap>,
+    /// The file's path (for warnings) and the records lost to a full disk since the last
+    /// one written.
+    path: Arc<Mutex<PathBuf>>,
+    lost: Arc<AtomicU64>,
 }
 
 impl LogTarget {
@@ -62,6 +67,8 @@ impl LogTarget {
             file: Arc::new(Mutex::new(file)),
             terminal_prefix,
             tap: None,
+            path: Arc::new(Mutex::new(path.to_path_buf())),
+            lost: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -89,7 +96,51 @@ impl LogTarget {
             .append(true)
             .open(path)?;
         *self.file.lock().unwrap_or_else(|p| p.into_inner()) = file;
+        *self.path.lock().unwrap_or_else(|p| p.into_inner()) = path.to_path_buf();
         Ok(())
+    }
+
+    /// Appends one record. A full disk must not stop the container (the terminal still shows
+    /// its output), nor leave half a record: what did not fit is cut off again, so the file
+    /// stays whole records with a gap; the first record lost and the first written again
+    /// after it say so.
+    fn append(&self, file: &mut std::fs::File, record: &[u8]) {
+        let mut written = 0;
+        let error = loop {
+            match file.write(&record[written..]) {
+                Ok(0) => break std::io::Error::from(std::io::ErrorKind::WriteZero),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => break e,
+            }
+            if written == record.len() {
+                let lost = self.lost.swap(0, Ordering::Relaxed);
+                if lost > 0 {
+                    tracing::warn!(
+                        "log {}: {lost} records lost while it could not be written",
+                        self.path
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .display()
+                    );
+                }
+                return;
+            }
+        };
+        if written > 0 {
+            if let Ok(len) = file.metadata().map(|m| m.len()) {
+                let _ = file.set_len(len.saturating_sub(written as u64));
+            }
+        }
+        if self.lost.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                "log {}: {error}; records are dropped until it can be written again",
+                self.path
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .display()
+            );
+        }
     }
 
     fn record(&self, stream: Stream, line: &[u8], partial: bool) {
@@ -99,8 +150,7 @@ impl LogTarget {
         record.extend_from_slice(line);
         record.push(b'\n');
         if let Ok(mut file) = self.file.lock() {
-            // A full disk must not stop the container; the terminal still shows output.
-            let _ = file.write_all(&record);
+            self.append(&mut file, &record);
         }
         if let Some(prefix) = &self.terminal_prefix {
             let mut text = format!("[{prefix}] ").into_bytes();

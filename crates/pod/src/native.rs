@@ -88,6 +88,7 @@ impl NativeRuntime {
         let dir = crate::state::pod_dir(&self.state_root, &pod.name);
         let proc_view = self.proc_view_for(pod)?;
         let mut sandbox = NativeSandbox {
+            state_root: self.state_root.clone(),
             proc_view,
             pod: pod.clone(),
             dir: dir.clone(),
@@ -111,6 +112,8 @@ impl NativeRuntime {
 }
 
 pub(crate) struct NativeSandbox {
+    /// The runtime's state root, which hostPath volumes may not reach.
+    state_root: PathBuf,
     pod: PodPlan,
     dir: PathBuf,
     cgroup: String,
@@ -204,6 +207,8 @@ impl NativeSandbox {
 
     fn prepare_volumes(&mut self) -> Result<(), RuntimeError> {
         let root = self.dir.join("volumes");
+        crate::plan::check_host_paths_outside(&self.pod, &[&self.state_root])
+            .map_err(|e| RuntimeError::Sandbox(e.to_string()))?;
         for volume in self.pod.volumes.clone() {
             let dir = root.join(&volume.name);
             let path = match &volume.source {

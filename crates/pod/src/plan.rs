@@ -5,7 +5,7 @@
 //! a half-made pod behind.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1 as core;
@@ -1232,6 +1232,52 @@ fn mode(ctx: &Ctx, field: &str, mode: Option<i32>, default: u32) -> Result<u32, 
     }
 }
 
+/// Refuses hostPath volumes into vmrun's own state: `protected` are its directories (the pod
+/// state root with every pod's records, logs and volumes, the image store). A path is
+/// compared with symlinks resolved (as far as it exists: a `DirectoryOrCreate` path may not
+/// yet), so a symlink into the state is refused too. A parent of them (`/`, `/run`) is
+/// allowed, as Kubernetes allows it: such a pod is given the host, knowingly.
+pub fn check_host_paths_outside(plan: &PodPlan, protected: &[&Path]) -> Result<(), PlanError> {
+    for (i, v) in plan.volumes.iter().enumerate() {
+        let VolumeSource::HostPath { path, .. } = &v.source else {
+            continue;
+        };
+        let resolved = resolve_existing(Path::new(path));
+        for dir in protected {
+            let dir_resolved = resolve_existing(dir);
+            if resolved.starts_with(&dir_resolved) || Path::new(path).starts_with(dir) {
+                return Err(PlanError {
+                    pod: plan.name.clone(),
+                    field: format!("spec.volumes[{i}].hostPath.path"),
+                    message: format!(
+                        "{path:?} is inside vmrun's state directory {} (a pod may not reach other pods' state or the image store)",
+                        dir.display()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `path` with symlinks resolved in its longest existing prefix, the rest appended.
+fn resolve_existing(path: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut prefix = path;
+    loop {
+        if let Ok(real) = std::fs::canonicalize(prefix) {
+            return missing.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (prefix.parent(), prefix.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                prefix = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
 /// Absolute, without `..`: what mountPath, workingDir and hostPath must be.
 pub fn check_absolute_clean(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
@@ -1320,6 +1366,44 @@ mod tests {
         assert!(
             case("/data", "configMap: {name: missing}").contains("configMap \"missing\" not found")
         );
+    }
+
+    #[test]
+    fn host_paths_into_the_state_are_refused() {
+        let host = tempfile::tempdir().unwrap();
+        let state = host.path().join("run-vmrun");
+        let store = host.path().join("var-lib-vmrun");
+        std::fs::create_dir_all(state.join("pods/other/volumes")).unwrap();
+        std::fs::create_dir(&store).unwrap();
+        std::os::unix::fs::symlink(state.join("pods"), host.path().join("innocent")).unwrap();
+        let with = |path: &Path, kind: &str| {
+            let yaml = format!("{HEAD}  containers:\n  - name: c\n    image: busybox\n  volumes:\n  - name: e\n    emptyDir: {{}}\n  - name: h\n    hostPath: {{path: {}, type: \"{kind}\"}}\n", path.display());
+            let p = plan_of(&yaml).unwrap();
+            check_host_paths_outside(&p, &[&state, &store])
+        };
+        for (path, kind) in [
+            (state.clone(), ""),
+            (state.join("pods/other/volumes"), "Directory"),
+            (store.join("layers"), "DirectoryOrCreate"),
+            (host.path().join("innocent/other"), ""),
+            (host.path().join("innocent/new/dir"), "DirectoryOrCreate"),
+        ] {
+            let err = with(&path, kind).unwrap_err().to_string();
+            assert!(
+                err.starts_with("pod \"p\": spec.volumes[1].hostPath.path: "),
+                "{err}"
+            );
+            assert!(err.contains("is inside vmrun's state directory"), "{err}");
+        }
+        // Kubernetes allows the host's / and /proc (and parents of the state, and beside it).
+        for path in [
+            Path::new("/"),
+            Path::new("/proc"),
+            host.path(),
+            &host.path().join("run-vmrun-not"),
+        ] {
+            with(path, "").unwrap();
+        }
     }
 
     #[test]

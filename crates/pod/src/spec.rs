@@ -74,6 +74,8 @@ pub enum SpecError {
     NoCommand { container: String },
     #[error("container {container:?}: user {user:?} not found in the image's /etc/passwd")]
     UnknownUser { container: String, user: String },
+    #[error("container {container:?}: the image's user {user:?} is a name, but the image has no /etc/passwd (give a numeric uid or runAsUser)")]
+    NoPasswd { container: String, user: String },
     #[error("container {container:?}: group {group:?} not found in the image's /etc/group")]
     UnknownGroup { container: String, group: String },
     #[error("container {container:?}: capability {cap:?} is not a Linux capability")]
@@ -503,6 +505,12 @@ fn resolve_user(
         None if user_part.is_empty() => (0, Some(0)),
         None => match user_part.parse::<u32>() {
             Ok(uid) => (uid, lookup_passwd_uid(passwd.as_deref(), uid)),
+            Err(_) if passwd.is_none() => {
+                return Err(SpecError::NoPasswd {
+                    container: c.name.clone(),
+                    user: user_part.clone(),
+                })
+            }
             Err(_) => {
                 let (uid, gid) =
                     lookup_passwd_name(passwd.as_deref(), &user_part).ok_or_else(|| {
@@ -612,6 +620,111 @@ mod tests {
     }
 
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n  containers:\n  - name: c\n    image: busybox\n";
+
+    /// The (uid, gid) the container runs as, for an image whose only layer holds `files`
+    /// and whose config says `User: user`.
+    fn user_of(files: &[(&str, &str)], user: &str, pod: &str) -> Result<(u32, u32), SpecError> {
+        let layer = tempfile::tempdir().unwrap();
+        for (path, content) in files {
+            let path = layer.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            match content.strip_prefix("symlink:") {
+                Some(target) => std::os::unix::fs::symlink(target, path).unwrap(),
+                None => std::fs::write(path, content).unwrap(),
+            }
+        }
+        let pod = plan_of(pod);
+        let dirs = BTreeMap::new();
+        let layers = [layer.path().to_path_buf()];
+        let ctx = SpecContext {
+            pod: &pod,
+            sandbox_ns_dir: None,
+            cgroup_path: "/vmrun/uid-1/c".into(),
+            pids_limit: None,
+            volume_dirs: &dirs,
+            shm_dir: None,
+            etc_files: &[],
+            cgroup2: true,
+            layers: &layers,
+            proc_view: None,
+            cpuset: None,
+        };
+        let image = ImageDefaults {
+            cmd: vec!["sh".into()],
+            user: Some(user.to_string()),
+            ..ImageDefaults::default()
+        };
+        let spec = container_spec(&ctx, &pod.containers[0], &image)?;
+        let u = spec.process().as_ref().unwrap().user();
+        Ok((u.uid(), u.gid()))
+    }
+
+    #[test]
+    fn setuid_programs_gain_nothing_unless_escalation_is_allowed() {
+        let nnp = |extra: &str| {
+            let pod = plan_of(&format!("{POD}{extra}"));
+            spec_of(&pod, true, None)
+                .process()
+                .as_ref()
+                .unwrap()
+                .no_new_privileges()
+        };
+        assert_eq!(nnp(""), Some(true));
+        assert_eq!(
+            nnp("    securityContext: {allowPrivilegeEscalation: false}\n"),
+            Some(true)
+        );
+        assert_eq!(
+            nnp("    securityContext: {allowPrivilegeEscalation: true}\n"),
+            Some(false)
+        );
+        assert_eq!(
+            nnp("    securityContext: {privileged: true}\n"),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn image_users_that_the_image_does_not_have() {
+        const PASSWD: (&str, &str) = (
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nweb:x:1000:1001::/home/web:/bin/sh\n",
+        );
+        const GROUP: (&str, &str) = ("etc/group", "root:x:0:\nstaff:x:50:\n");
+        // Numeric users need no /etc/passwd, as under Docker and containerd.
+        assert_eq!(user_of(&[], "1234:5678", POD).unwrap(), (1234, 5678));
+        assert_eq!(user_of(&[], "1234", POD).unwrap(), (1234, 0));
+        assert_eq!(user_of(&[PASSWD], "1234", POD).unwrap(), (1234, 0));
+        assert_eq!(user_of(&[PASSWD], "1000", POD).unwrap(), (1000, 1001));
+        assert_eq!(user_of(&[PASSWD], "web", POD).unwrap(), (1000, 1001));
+        assert_eq!(
+            user_of(&[PASSWD, GROUP], "web:staff", POD).unwrap(),
+            (1000, 50)
+        );
+        // A name the image cannot resolve is an error naming the container and the user.
+        let err = user_of(&[], "nobody", POD).unwrap_err().to_string();
+        assert_eq!(err, "container \"c\": the image's user \"nobody\" is a name, but the image has no /etc/passwd (give a numeric uid or runAsUser)");
+        let err = user_of(&[PASSWD], "nobody", POD).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "container \"c\": user \"nobody\" not found in the image's /etc/passwd"
+        );
+        let err = user_of(&[PASSWD], "web:wheel", POD)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "container \"c\": group \"wheel\" not found in the image's /etc/group"
+        );
+        // runAsUser wins over the image's user, known or not.
+        let as_user = format!("{POD}    securityContext: {{runAsUser: 4321, runAsGroup: 99}}\n");
+        assert_eq!(user_of(&[], "nobody", &as_user).unwrap(), (4321, 99));
+        // An /etc/passwd that is a symlink (to the host's) is not followed.
+        let err = user_of(&[("etc/passwd", "symlink:/etc/passwd")], "root", POD)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has no /etc/passwd"), "{err}");
+    }
 
     #[test]
     fn the_cgroup_fs_is_read_only_unless_privileged() {
