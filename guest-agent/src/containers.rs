@@ -16,11 +16,13 @@ use nix::mount::{mount, MsFlags};
 use nix::sys::signal::Signal;
 use oci_spec::runtime::{Process, Spec};
 use tonic::Status;
-use vmrun_container::{cgroups, Container, ContainerConfig, Created, ExecProcess, LinuxSyscall};
+use vmrun_container::{
+    cgroups, Console, Container, ContainerConfig, Created, ExecProcess, LinuxSyscall, Stdio,
+};
 use vmrun_proto::v1::{create_container_request::Rootfs as RootfsSource, ImageDisk};
 
 use crate::oom::OomMonitor;
-use crate::process::{make_stdio, ExitCell, ExitInfo, ProcessIo, PtyHome, StdioError};
+use crate::process::{make_stdio, tty_io, ExitCell, ExitInfo, ProcessIo, PtyHome, StdioError};
 use crate::sandbox::PAUSE_CGROUP;
 
 /// The status reported for a container that was removed before it ran, or
@@ -392,20 +394,49 @@ impl Containers {
             .process()
             .as_ref()
             .is_some_and(|p| p.terminal() == Some(true));
-        let (stdio, io) = make_stdio(stdin, terminal.then_some(PtyHome::Agent))?;
+        // A terminal is opened by the init on the container's own devpts,
+        // so it has a name there; pipes are made here.
+        let (stdio, console, io) = if terminal {
+            (Stdio::default(), Console::FromContainer, None)
+        } else {
+            let (stdio, io) = make_stdio(stdin, None)?;
+            (stdio, Console::Passed, Some(io))
+        };
         let config = ContainerConfig {
             id: id.to_string(),
             spec,
             rootfs: vmrun_container::Rootfs::Overlay { lower, upper, work },
             stdio,
+            console,
         };
         let created = blocking("create container", move || {
-            vmrun_container::create(config, &LinuxSyscall)
+            vmrun_container::create(config, &LinuxSyscall).map(|mut created| {
+                let master = created.take_terminal();
+                (created, master)
+            })
         })
         .await?;
-        let created = match created {
-            Ok(c) => c,
-            Err(e) => {
+        let (created, io) = match (created, io) {
+            (Ok((c, _)), Some(io)) => (c, io),
+            (Ok((c, Some(master))), None) => match tty_io(master, stdin) {
+                Ok(io) => (c, io),
+                Err(e) => {
+                    c.abort();
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e.into());
+                }
+            },
+            (Ok((c, None)), None) => {
+                c.abort();
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(ContainerError::Create(
+                    vmrun_container::CreateError::Setup {
+                        id: id.to_string(),
+                        reason: "the container's init sent no terminal".into(),
+                    },
+                ));
+            }
+            (Err(e), _) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e.into());
             }
@@ -523,7 +554,7 @@ impl Containers {
                 reason: e.to_string(),
             })?;
         let target = container.pid();
-        let home = PtyHome::Container { pid: target };
+        let home = PtyHome { pid: target };
         let (stdio, io) = make_stdio(stdin, (process.terminal() == Some(true)).then_some(home))?;
         let cgroup = container.cgroup().path().to_string();
         let seccomp = entry.seccomp.clone();

@@ -129,44 +129,46 @@ pub(crate) fn make_stdio(
     Ok((stdio, io))
 }
 
-/// Whose devpts a process's terminal comes from.
+/// Whose devpts an exec'd process's terminal comes from: that of the
+/// container whose process this is, so the terminal has a name there; the
+/// agent's if the container has none. (A container's init opens its own:
+/// [`vmrun_container::Console::FromContainer`], then [`tty_io`].)
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum PtyHome {
-    /// The agent's: a container's init, whose devpts does not exist yet.
-    Agent,
-    /// That of the container whose process this is (an exec), so the
-    /// terminal has a name there; the agent's if the container has none.
-    Container { pid: i32 },
+pub(crate) struct PtyHome {
+    pub pid: i32,
 }
 
 /// The process gets the slave as stdin, stdout and stderr; the agent keeps
 /// the master for output, stdin (when asked for) and resizing.
 fn make_tty(with_stdin: bool, home: PtyHome) -> Result<(Stdio, ProcessIo), StdioError> {
-    let pair = match home {
-        PtyHome::Container { pid } => vmrun_container::open_pty_in_container(pid).or_else(|e| {
-            tracing::debug!(pid, "the container's devpts: {e}; using the agent's");
-            vmrun_container::open_pty()
-        }),
-        PtyHome::Agent => vmrun_container::open_pty(),
-    };
+    let pid = home.pid;
+    let pair = vmrun_container::open_pty_in_container(pid).or_else(|e| {
+        tracing::debug!(pid, "the container's devpts: {e}; using the agent's");
+        vmrun_container::open_pty()
+    });
     let (master, slave) = pair.map_err(StdioError::Pty)?;
     let stdio = Stdio {
         stdin: Some(slave.try_clone().map_err(StdioError::Pty)?),
         stdout: Some(slave.try_clone().map_err(StdioError::Pty)?),
         stderr: Some(slave),
     };
+    Ok((stdio, tty_io(master, with_stdin)?))
+}
+
+/// What the agent keeps of a terminal's master: output, stdin (when asked
+/// for) and resizing. Must run inside the tokio runtime.
+pub(crate) fn tty_io(master: OwnedFd, with_stdin: bool) -> Result<ProcessIo, StdioError> {
     let master = tty::Master::new(master).map_err(StdioError::Pty)?;
     let output = Output {
         stdout: Some(Box::new(tty::Reader(master.clone()))),
         stderr: None,
     };
     let stdin = with_stdin.then(|| Stdin::Tty(tty::Writer(master.clone())));
-    let io = ProcessIo {
+    Ok(ProcessIo {
         stdin: tokio::sync::Mutex::new(stdin),
         output: Mutex::new(Some(output)),
         tty: Some(master),
-    };
-    Ok((stdio, io))
+    })
 }
 
 pub(crate) type OutputStream = Pin<Box<dyn Stream<Item = Result<OutputChunk, Status>> + Send>>;

@@ -1699,6 +1699,12 @@ mod streaming {
         read_until(&mut ws, &mut seen, "first-2").await;
         let text = String::from_utf8_lossy(&seen).into_owned();
         assert!(text.contains("echo first-$((1+1))"), "no echo: {text:?}");
+        // The terminal is the container's own, so it has a name there.
+        let mut seen = Vec::new();
+        type_in(&mut ws, "tty; echo tty-$((2+2))\n").await;
+        read_until(&mut ws, &mut seen, "tty-4").await;
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        assert!(text.contains("/dev/pts/0"), "tty: {text:?}");
         close_stdin(&mut ws).await;
         let got = collect(&mut ws).await;
         assert_eq!(session_status(&got)["status"], "Success", "{got:?}");
@@ -1966,6 +1972,12 @@ mod streaming {
             "the terminal echoes what is typed: {:?}",
             String::from_utf8_lossy(&seen)
         );
+        // The terminal is the container's own (from its devpts in the guest).
+        let mut seen = Vec::new();
+        type_in(&mut ws, "tty; echo tty-$((2+2))\n").await;
+        read_until(&mut ws, &mut seen, "tty-4").await;
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        assert!(text.contains("/dev/pts/0"), "tty: {text:?}");
         type_in(&mut ws, "exit 3\n").await;
         let got = collect(&mut ws).await;
         assert_eq!(session_status(&got)["status"], "Success", "{got:?}");

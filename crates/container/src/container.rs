@@ -1,6 +1,6 @@
 //! `create` / `start` / `destroy` of a container from an OCI spec.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -45,12 +45,26 @@ pub struct Stdio {
     pub stderr: Option<OwnedFd>,
 }
 
+/// Where a `process.terminal` process's terminal comes from.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Console {
+    /// The caller passes a pty slave as stdin, stdout and stderr.
+    #[default]
+    Passed,
+    /// The init opens one on the container's own devpts once its rootfs is
+    /// ready (the spec must mount devpts on /dev/pts) and hands the master
+    /// back: [`Created::take_terminal`]. The slave then has a name inside
+    /// the container. `stdio` is not used.
+    FromContainer,
+}
+
 #[derive(Debug)]
 pub struct ContainerConfig {
     pub id: String,
     pub spec: Spec,
     pub rootfs: Rootfs,
     pub stdio: Stdio,
+    pub console: Console,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,14 +140,16 @@ pub(crate) fn stdio_fds(stdio: Stdio) -> std::io::Result<StdioFds> {
 fn init_body(
     chan: &Channel,
     stdio: [i32; 3],
+    console: Option<RawFd>,
     rootfs_plan: &RootfsPlan,
     proc_plan: &ProcessPlan,
     sys: &dyn Syscall,
 ) -> SetupError {
-    if let Err(e) = install_stdio(stdio).and_then(|_| close_fds_except(&[chan.raw()])) {
+    let keep: Vec<RawFd> = [chan.raw()].into_iter().chain(console).collect();
+    if let Err(e) = install_stdio(stdio).and_then(|_| close_fds_except(&keep)) {
         return SetupError(format!("set up stdio: {}", errno_text(&e)));
     }
-    if proc_plan.terminal {
+    if proc_plan.terminal && console.is_none() {
         if let Err(e) = terminal::make_controlling() {
             return SetupError(format!(
                 "make stdin the controlling terminal: {}",
@@ -142,10 +158,26 @@ fn init_body(
         }
     }
     sys.umask(0);
-    if let Err(e) = rootfs::prepare(rootfs_plan, sys)
-        .and_then(|_| rootfs::finalize(rootfs_plan, sys))
-        .and_then(|_| process_setup::apply(proc_plan, sys, true))
+    if let Err(e) =
+        rootfs::prepare(rootfs_plan, sys).and_then(|_| rootfs::finalize(rootfs_plan, sys))
     {
+        return e;
+    }
+    if let Some(sock) = console {
+        let opened = terminal::open_console(sock, proc_plan.uid).and_then(|_| {
+            // SAFETY: `sock` is this process's console socket end, which
+            // nothing else here uses once the master is sent.
+            unsafe { libc::close(sock) };
+            terminal::make_controlling()
+        });
+        if let Err(e) = opened {
+            return SetupError(format!(
+                "open the container's terminal on its /dev/pts/ptmx: {}",
+                errno_text(&e)
+            ));
+        }
+    }
+    if let Err(e) = process_setup::apply(proc_plan, sys, true) {
         return e;
     }
     if let Err(e) = chan.send(TAG_READY, b"") {
@@ -248,9 +280,24 @@ pub fn create(cfg: ContainerConfig, sys: &dyn Syscall) -> Result<Created, Create
     if let Some(profile) = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
         proc_plan.seccomp = crate::seccomp::compile(profile).map_err(|e| invalid(e.to_string()))?;
     }
-    if proc_plan.terminal {
-        terminal::check_stdio(&cfg.stdio).map_err(invalid)?;
+    match (proc_plan.terminal, cfg.console) {
+        (true, Console::Passed) => terminal::check_stdio(&cfg.stdio).map_err(invalid)?,
+        (false, Console::FromContainer) => {
+            return Err(invalid(
+                "a terminal from the container was asked for, but process.terminal is not set"
+                    .into(),
+            ))
+        }
+        _ => {}
     }
+    let console = match cfg.console {
+        Console::Passed => None,
+        Console::FromContainer => Some(console_pair().map_err(|source| CreateError::Io {
+            id: id.clone(),
+            what: "create the console socket".into(),
+            source,
+        })?),
+    };
 
     let root = match &cfg.rootfs {
         Rootfs::Dir(p) => p.clone(),
@@ -299,12 +346,27 @@ pub fn create(cfg: ContainerConfig, sys: &dyn Syscall) -> Result<Created, Create
         cgroup: Some(cgroup.as_ref()),
         join: &ns.join,
         unshare: ns.unshare,
-        keep_fds: stdio.fds.to_vec(),
+        keep_fds: stdio
+            .fds
+            .iter()
+            .copied()
+            .chain(console.as_ref().map(|(_, child)| child.as_raw_fd()))
+            .collect(),
     };
+    let child_console = console.as_ref().map(|(_, child)| child.as_raw_fd());
     let spawned = spawn(&req, sys, &mut |chan| {
-        init_body(chan, stdio.fds, &rootfs_plan, &proc_plan, sys)
+        init_body(
+            chan,
+            stdio.fds,
+            child_console,
+            &rootfs_plan,
+            &proc_plan,
+            sys,
+        )
     });
     drop(stdio);
+    // Only the init holds the child end now, so its exit is EOF here.
+    let console = console.map(|(parent, _child)| parent);
     let spawned = match spawned {
         Ok(s) => s,
         Err(e) => {
@@ -318,11 +380,12 @@ pub fn create(cfg: ContainerConfig, sys: &dyn Syscall) -> Result<Created, Create
             });
         }
     };
-    let created = Created {
+    let mut created = Created {
         id: id.clone(),
         child: Child::new(spawned.pid),
         chan: spawned.chan,
         cgroup: Some(cgroup),
+        terminal: None,
     };
     if let Some(adj) = proc_plan.oom_score_adj {
         if let Err(reason) = process_setup::write_oom_score_adj(sys, created.pid(), adj) {
@@ -332,6 +395,22 @@ pub fn create(cfg: ContainerConfig, sys: &dyn Syscall) -> Result<Created, Create
     }
     match created.chan.recv() {
         Ok(Some((TAG_READY, _))) => {
+            if let Some(sock) = &console {
+                // Sent before READY, so it is queued already.
+                match terminal::receive_console(sock) {
+                    Ok(Some(master)) => created.terminal = Some(master),
+                    other => {
+                        created.abort();
+                        return Err(CreateError::Setup {
+                            id,
+                            reason: format!(
+                                "the container init sent no terminal ({})",
+                                other.map_or_else(|e| e.to_string(), |_| "none came".into())
+                            ),
+                        });
+                    }
+                }
+            }
             tracing::debug!(container = %created.id, pid = created.pid(), "container created");
             Ok(created)
         }
@@ -358,6 +437,17 @@ pub fn create(cfg: ContainerConfig, sys: &dyn Syscall) -> Result<Created, Create
             })
         }
     }
+}
+
+/// The console socket pair (parent end, child end), close-on-exec.
+fn console_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
 }
 
 fn exit_text(s: &ExitStatus) -> String {
@@ -399,11 +489,19 @@ pub struct Created {
     chan: Channel,
     /// None once ownership moved on (start) or cleanup ran (abort).
     cgroup: Option<Box<dyn Cgroup>>,
+    /// With [`Console::FromContainer`]: the terminal's master, until taken.
+    terminal: Option<OwnedFd>,
 }
 
 impl Created {
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// With [`Console::FromContainer`]: the master of the terminal the
+    /// init opened on the container's devpts (once; None afterwards).
+    pub fn take_terminal(&mut self) -> Option<OwnedFd> {
+        self.terminal.take()
     }
 
     pub fn pid(&self) -> i32 {

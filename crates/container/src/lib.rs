@@ -37,9 +37,10 @@
 //! user/additionalGids/umask, capabilities, noNewPrivileges, rlimits,
 //! oomScoreAdj, `linux.seccomp` (compiled with seccompiler, installed last
 //! before exec; [`exec`] takes the container's profile too),
-//! `process.terminal` (the caller allocates the pty, e.g. with [`open_pty`], and passes
-//! its slave as stdin/stdout/stderr; the process makes it its controlling
-//! terminal; there is no console socket).
+//! `process.terminal` (either the caller allocates the pty, e.g. with [`open_pty`],
+//! and passes its slave as stdin/stdout/stderr, or, with [`Console::FromContainer`],
+//! the init opens it on the container's own devpts and sends the master back over a
+//! console socket; the process makes it its controlling terminal).
 //!
 //! Not supported (rejected with an error): user and time namespaces,
 //! idmapped mounts, shared rootfs propagation.
@@ -69,8 +70,8 @@ mod spawn;
 mod terminal;
 
 pub use container::{
-    create, Container, ContainerConfig, CreateError, Created, DestroyError, Rootfs, StartError,
-    Stdio,
+    create, Console, Container, ContainerConfig, CreateError, Created, DestroyError, Rootfs,
+    StartError, Stdio,
 };
 pub use exec::{exec, ExecError, ExecProcess};
 pub use reaper::{ExitStatus, SignalError, WaitError};

@@ -1,13 +1,20 @@
-//! `process.terminal`: the caller allocates the pseudo-terminal (it keeps
-//! the master to relay I/O and set the window size) and passes the slave
-//! as stdin, stdout and stderr; the container process makes it its
-//! controlling terminal. There is no console socket: the caller already
-//! holds the master.
+//! `process.terminal`, two ways ([`Console`](crate::Console)):
+//! - passed: the caller allocates the pseudo-terminal (it keeps the master
+//!   to relay I/O and set the window size) and passes the slave as stdin,
+//!   stdout and stderr;
+//! - from the container: the init opens it on the container's own devpts
+//!   once its rootfs is ready and sends the master back over a socket of
+//!   its own (runc's console socket), so the slave has a name inside the
+//!   container (`tty` prints `/dev/pts/0`).
+//!
+//! Either way the container process makes the slave its controlling
+//! terminal.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::fcntl::OFlag;
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 use crate::container::Stdio;
 
@@ -85,6 +92,84 @@ fn slave_of(master: OwnedFd) -> io::Result<(OwnedFd, OwnedFd)> {
     // nothing else owns.
     let slave = unsafe { OwnedFd::from_raw_fd(slave) };
     Ok((master, slave))
+}
+
+/// In the container init, after its rootfs is final and before it drops
+/// privileges: opens a pty on the container's devpts (`/dev/pts/ptmx`,
+/// mounted by the container's own setup), gives the slave to `owner` (the
+/// process's user, so it may reopen its terminal by name), sends the
+/// master over `sock` and puts the slave on 0, 1 and 2. Raw syscalls and
+/// plain allocation only: runs between fork and exec.
+pub(crate) fn open_console(sock: RawFd, owner: u32) -> io::Result<()> {
+    let path = c"/dev/pts/ptmx";
+    // SAFETY: `path` is a NUL-terminated literal; open has no other
+    // preconditions.
+    let master = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if master < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: open succeeded, so `master` is a new descriptor nothing
+    // else owns.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    unlock(&master)?;
+    let (master, slave) = slave_of(master)?;
+    // SAFETY: fchown on an open descriptor; -1 keeps the group (devpts'
+    // `gid=5`, the tty group).
+    if unsafe { libc::fchown(slave.as_raw_fd(), owner, u32::MAX) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fds = [master.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let iov = [io::IoSlice::new(b"C")];
+    sendmsg::<()>(sock, &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)?;
+    drop(master);
+    for target in 0..3 {
+        // SAFETY: dup2 onto 0..2 replaces the standard descriptors, which
+        // no Rust object in the child owns.
+        if unsafe { libc::dup2(slave.as_raw_fd(), target) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// In the parent: the master the init sent over its console socket, or
+/// None when the init ended without sending one (its setup error comes
+/// over the setup channel).
+pub(crate) fn receive_console(sock: &OwnedFd) -> io::Result<Option<OwnedFd>> {
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    let mut master = None;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            for fd in fds {
+                // SAFETY: SCM_RIGHTS installed `fd` in this process just
+                // now; nothing else owns it.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                if master.is_none() {
+                    master = Some(fd);
+                }
+            }
+        }
+    }
+    Ok(master)
 }
 
 /// Checks, in the parent, that a process asking for a terminal got one on

@@ -404,6 +404,7 @@ fn stdin_is_connected() {
             stdout: Some(out_w),
             stderr: None,
         },
+        console: vmrun_container::Console::Passed,
     };
     let c = vmrun_container::create(cfg, &vmrun_container::LinuxSyscall)
         .unwrap()
@@ -514,5 +515,71 @@ fn many_containers_in_parallel_threads() {
     for (i, h) in handles.into_iter().enumerate() {
         assert_eq!(h.join().unwrap(), (0, format!("{i}\n")));
     }
+    fx.assert_clean();
+}
+
+/// With `Console::FromContainer` the init opens its terminal on the
+/// container's own devpts: the process is in a session of its own on
+/// `/dev/pts/0` (a name inside the container), owned by its user, and what
+/// it writes comes out of the master the caller gets back.
+#[test]
+fn a_terminal_from_the_container_has_a_name_inside_it() {
+    use std::io::Read;
+    let fx = Fixture::new("console");
+    let mut spec = fx.spec(
+        "c1",
+        &[
+            "sh",
+            "-c",
+            "tty; stat -c 'owner %u' $(tty); test -t 0 && echo stdin-is-a-tty",
+        ],
+    );
+    spec["process"]["terminal"] = json!(true);
+    spec["process"]["user"] = json!({"uid": 1234, "gid": 1234});
+    let cfg = vmrun_container::ContainerConfig {
+        id: "c1".into(),
+        spec: to_spec(spec),
+        rootfs: Rootfs::Dir(fx.rootfs()),
+        stdio: vmrun_container::Stdio::default(),
+        console: vmrun_container::Console::FromContainer,
+    };
+    let mut created = vmrun_container::create(cfg, &vmrun_container::LinuxSyscall).unwrap();
+    let master = created.take_terminal().expect("the init sent its terminal");
+    assert!(created.take_terminal().is_none(), "taken once");
+    let c = Guarded(created.start().unwrap());
+    // The master reads EIO once the last slave holder is gone.
+    let mut out = Vec::new();
+    let mut master = std::fs::File::from(master);
+    let mut buf = [0u8; 256];
+    loop {
+        match master.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+            Err(e) => panic!("read the master: {e}"),
+        }
+    }
+    assert_eq!(c.wait().unwrap().code, 0);
+    let out = String::from_utf8_lossy(&out).replace('\r', "");
+    assert_eq!(out, "/dev/pts/0\nowner 1234\nstdin-is-a-tty\n");
+    c.0.destroy().unwrap();
+    drop(c);
+    fx.assert_clean();
+}
+
+/// A terminal from the container needs `process.terminal`; without it the
+/// request is refused before anything is made.
+#[test]
+fn a_console_without_process_terminal_is_refused() {
+    let fx = Fixture::new("console-refused");
+    let cfg = vmrun_container::ContainerConfig {
+        id: "c1".into(),
+        spec: to_spec(fx.spec("c1", &["true"])),
+        rootfs: Rootfs::Dir(fx.rootfs()),
+        stdio: vmrun_container::Stdio::default(),
+        console: vmrun_container::Console::FromContainer,
+    };
+    let e = vmrun_container::create(cfg, &vmrun_container::LinuxSyscall).unwrap_err();
+    assert!(e.to_string().contains("process.terminal is not set"), "{e}");
     fx.assert_clean();
 }

@@ -13,7 +13,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::Signal;
 use oci_spec::runtime::LinuxResources;
 use serde_json::json;
-use vmrun_container::{cgroups, LinuxSyscall, Rootfs, Stdio};
+use vmrun_container::{cgroups, Console, LinuxSyscall, Rootfs, Stdio};
 
 use crate::cpu_placement;
 use crate::plan::{PodPlan, VolumeSource};
@@ -512,24 +512,37 @@ impl Sandbox for NativeSandbox {
             std::fs::create_dir_all(&empty).map_err(|e| start_err(e.to_string()))?;
             lower.push(empty);
         }
-        let (stdio, terminal) =
-            container_stdio(launch.stdin, launch.stdout, launch.stderr, launch.tty)
-                .map_err(|e| start_err(format!("the container's terminal: {e}")))?;
+        let (stdio, console, terminal) =
+            container_stdio(launch.stdin, launch.stdout, launch.stderr, launch.tty);
         let config = vmrun_container::ContainerConfig {
             id: format!("{}-{}-{}", self.pod.name, c.name, launch.attempt),
             spec,
             rootfs: Rootfs::Overlay { lower, upper, work },
             stdio,
+            console,
         };
-        let created =
+        let mut created =
             vmrun_container::create(config, &LinuxSyscall).map_err(|e| start_err(e.to_string()))?;
         let terminal = match terminal {
             // Relayed from before the exec, so the first output is not held up.
-            Some((terminal, stdin, stdout)) => {
-                terminal
-                    .relay(stdin, stdout)
-                    .map_err(|e| start_err(format!("relaying the container's terminal: {e}")))?;
-                Some(terminal)
+            Some((stdin, stdout)) => {
+                let relayed = created
+                    .take_terminal()
+                    .ok_or_else(|| "the container's init sent no terminal".to_string())
+                    .and_then(|master| Terminal::from_master(master).map_err(|e| e.to_string()))
+                    .and_then(|terminal| {
+                        terminal
+                            .relay(stdin, stdout)
+                            .map(|()| terminal)
+                            .map_err(|e| format!("relaying the container's terminal: {e}"))
+                    });
+                match relayed {
+                    Ok(terminal) => Some(terminal),
+                    Err(e) => {
+                        created.abort();
+                        return Err(start_err(e));
+                    }
+                }
             }
             None => None,
         };
@@ -606,35 +619,33 @@ impl Sandbox for NativeSandbox {
     }
 }
 
-/// A terminal's pieces until the container exists: the terminal, and the
-/// caller's stdin and stdout it relays.
-type PendingTerminal = (Terminal, Option<OwnedFd>, OwnedFd);
+/// A terminal's pieces until the container exists: the caller's stdin and
+/// stdout the terminal relays.
+type PendingTerminal = (Option<OwnedFd>, OwnedFd);
 
 /// The container's stdio from a launch's: the caller's pipes as they are,
-/// or with `tty` a new terminal's slave on all three (the caller's stderr
-/// then goes unused: a terminal has one output).
+/// or with `tty` a terminal the init opens on the container's devpts (the
+/// caller's stderr then goes unused: a terminal has one output).
 fn container_stdio(
     stdin: Option<OwnedFd>,
     stdout: OwnedFd,
     stderr: OwnedFd,
     tty: bool,
-) -> std::io::Result<(Stdio, Option<PendingTerminal>)> {
+) -> (Stdio, Console, Option<PendingTerminal>) {
     if !tty {
         let stdio = Stdio {
             stdin,
             stdout: Some(stdout),
             stderr: Some(stderr),
         };
-        return Ok((stdio, None));
+        return (stdio, Console::Passed, None);
     }
     drop(stderr);
-    let (terminal, slave) = Terminal::open()?;
-    let stdio = Stdio {
-        stdin: Some(slave.try_clone()?),
-        stdout: Some(slave.try_clone()?),
-        stderr: Some(slave),
-    };
-    Ok((stdio, Some((terminal, stdin, stdout))))
+    (
+        Stdio::default(),
+        Console::FromContainer,
+        Some((stdin, stdout)),
+    )
 }
 
 struct NativeContainer {

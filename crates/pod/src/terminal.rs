@@ -1,7 +1,7 @@
 //! A native container's terminal ([`Launch::tty`](crate::runtime::Launch)):
-//! a pty on the host's devpts whose slave the container gets, and whose
-//! master the runtime keeps, relaying the caller's stdin pipe into it and
-//! its output into the caller's stdout pipe.
+//! a pty the container's init opens on its own devpts, whose master the
+//! runtime keeps, relaying the caller's stdin pipe into it and its output
+//! into the caller's stdout pipe.
 //!
 //! The relays are two threads of their own, each a poll loop: the seam is
 //! blocking, and a pty master is no pipe for tokio. They end when their
@@ -38,22 +38,26 @@ pub(crate) struct Terminal {
 }
 
 impl Terminal {
-    /// Opens a pty: the terminal and the slave to give the container.
-    pub(crate) fn open() -> io::Result<(Self, OwnedFd)> {
-        let (master, slave) = vmrun_container::open_pty()?;
+    /// The terminal of a pty master: the container's own, opened on its
+    /// devpts ([`vmrun_container::Console::FromContainer`]).
+    pub(crate) fn from_master(master: OwnedFd) -> io::Result<Self> {
         // Non-blocking, so a relay never blocks where its poll cannot wake
         // it (O_NONBLOCK is the open file's: both relays' copies share it).
         set_nonblocking(master.as_fd())?;
         let (stop_rx, stop) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-        Ok((
-            Self {
-                master: Mutex::new(Some(master)),
-                stop: Mutex::new(Some(stop)),
-                stop_rx,
-                relays: Mutex::new(Vec::new()),
-            },
-            slave,
-        ))
+        Ok(Self {
+            master: Mutex::new(Some(master)),
+            stop: Mutex::new(Some(stop)),
+            stop_rx,
+            relays: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A pty on this process's devpts: the terminal and its slave.
+    #[cfg(test)]
+    pub(crate) fn open() -> io::Result<(Self, OwnedFd)> {
+        let (master, slave) = vmrun_container::open_pty()?;
+        Ok((Self::from_master(master)?, slave))
     }
 
     /// Starts relaying: `stdin` (when given) into the terminal, and what the

@@ -219,6 +219,7 @@ pub fn create_with_stdin(
             stdout: Some(out_w),
             stderr: Some(err_w),
         },
+        console: vmrun_container::Console::Passed,
     };
     (
         vmrun_container::create(cfg, &vmrun_container::LinuxSyscall),
