@@ -277,6 +277,8 @@ fn remove_orphan(config: &Config, dir: &Path, record: &PodRecord) -> anyhow::Res
                     &record.namespace,
                     &record.name,
                     netns,
+                    // DEL takes the mappings from ADD's cached entry.
+                    &[],
                 )
             });
             if let Err(e) = detached {

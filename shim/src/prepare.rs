@@ -105,13 +105,40 @@ pub async fn prepare(
     // hostNetwork pods stay on the host's.
     let network = match config.network_settings() {
         Some(settings) if !plan.host_network => {
-            vmrun_cni::load_default(&settings.conf_dir).with_context(|| {
+            let list = vmrun_cni::load_default(&settings.conf_dir).with_context(|| {
                 format!("[network] cni_conf_dir {}", settings.conf_dir.display())
             })?;
+            if let Some(p) = plan.host_ports.first() {
+                if !list
+                    .plugins
+                    .iter()
+                    .any(|p| p.has_capability("portMappings"))
+                {
+                    bail!(
+                        "pod {:?}: {}.hostPort {}: network {:?} ({}) has no plugin with the \
+                         portMappings capability to publish it; add \
+                         {{\"type\": \"portmap\", \"capabilities\": {{\"portMappings\": true}}}}",
+                        plan.name,
+                        p.field,
+                        p.host_port,
+                        list.name,
+                        settings.conf_dir.display()
+                    );
+                }
+            }
             Some(settings)
         }
         _ => None,
     };
+    if let (None, Some(p), false) = (&network, plan.host_ports.first(), plan.host_network) {
+        bail!(
+            "pod {:?}: {}.hostPort {}: publishing a port needs a pod network, and none is \
+             configured (set [network] cni_conf_dir in the config file, with the portmap plugin)",
+            plan.name,
+            p.field,
+            p.host_port
+        );
+    }
     let runtime = match runtime_name {
         "native" => PodRuntime::Native(NativeRuntime {
             state_root: config.state.clone(),

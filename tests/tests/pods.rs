@@ -817,6 +817,7 @@ pub fn bad_input_is_refused_cleanly(rt: &str) {
         ("YAML alias bomb", format!("{}  a: &a [{}]\n  b: [{}]\n", c(""), vec!["x"; 20_000].join(","), vec!["*a"; 20_000].join(",")), "once aliases are expanded (an alias bomb?)"),
         ("deeply nested YAML", c(&format!("    args: {}{}\n", "[".repeat(1 << 20), "]".repeat(1 << 20))), "nested more than 128 deep"),
         ("huge manifest", c(&format!("# {}\n", "x".repeat(9 << 20))), "the manifest is larger than 8 MiB"),
+        ("hostPort without a network", c("    ports:\n    - containerPort: 80\n      hostPort: 8080\n"), "publishing a port needs a pod network"),
         ("unknown kind", format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\n---\n{}", c("")), "kind \"Deployment\" is not supported"),
     ];
     for (what, yaml, needle) in cases {
@@ -1359,8 +1360,10 @@ pub fn supervisor_killed_pod_is_cleaned_up_by_rm(rt: &str) {
 /// With `[network] cni_conf_dir` set, `vmrun run` puts the pod on that CNI
 /// network as a CRI pod is (ADD at start, DEL at the end): the record and
 /// the container's eth0 show the pod IP, the host reaches a server in the
-/// pod by it, and after `vmrun stop` the address lease and the netns pin
-/// are gone. A pod VM's guest gets the address.
+/// pod by it and through its hostPort (the portmap plugin's DNAT on the
+/// bridge's gateway address), and after `vmrun stop` the address lease,
+/// the port's NAT rules and the netns pin are gone. A pod VM's guest gets
+/// the address.
 pub fn pod_joins_the_configured_cni_network(rt: &str) {
     const TEST: &str = "pod_joins_the_configured_cni_network";
     require_root(TEST);
@@ -1370,10 +1373,10 @@ pub fn pod_joins_the_configured_cni_network(rt: &str) {
     }
     let vm = Vmrun::for_runtime(rt);
     // A bridge and subnet per runtime: the two may run at once.
-    let (bridge, subnet, prefix) = if rt == "vm" {
-        ("vmrrunv0", "10.250.44.0/24", "10.250.44.")
+    let (bridge, subnet, prefix, host_port) = if rt == "vm" {
+        ("vmrrunv0", "10.250.44.0/24", "10.250.44.", 30883)
     } else {
-        ("vmrrunn0", "10.250.43.0/24", "10.250.43.")
+        ("vmrrunn0", "10.250.43.0/24", "10.250.43.", 30882)
     };
     let ipam = tempfile::tempdir().unwrap();
     vm.use_cni_network(&vmrun_tests::cni::bridge_network(
@@ -1392,6 +1395,9 @@ pub fn pod_joins_the_configured_cni_network(rt: &str) {
   - name: web
     image: {image}
     command: ["sh", "-c", "trap 'exit 0' TERM; while :; do echo hello-from-run | nc -l -p 8080; done & wait # 24680"]
+    ports:
+    - containerPort: 8080
+      hostPort: {host_port}
 "#
         ),
     );
@@ -1414,10 +1420,26 @@ pub fn pod_joins_the_configured_cni_network(rt: &str) {
 ",
         Duration::from_secs(30),
     );
+    // From the host through the hostPort, on this test's own bridge.
+    vmrun_tests::cni::wait_for_line(
+        &format!("{prefix}1:{host_port}"),
+        "hello-from-run\n",
+        Duration::from_secs(30),
+    );
     let lease = ipam.path().join(bridge).join(&ip);
     assert!(lease.exists(), "host-local's lease {}", lease.display());
     stop_and_rm(&vm, "netpod");
     assert!(!lease.exists(), "CNI DEL released {}", lease.display());
+    let nat = std::process::Command::new("iptables")
+        .args(["-t", "nat", "-S"])
+        .output()
+        .expect("iptables");
+    let port_rules: Vec<_> = text(&nat.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("--dport {host_port}")))
+        .map(str::to_string)
+        .collect();
+    assert!(port_rules.is_empty(), "NAT rules left: {port_rules:?}");
     assert_clean(&vm, &uid, "24680");
     let _ = std::process::Command::new("ip")
         .args(["link", "del", bridge])

@@ -208,6 +208,26 @@ pub fn pod_plan(
         volumes: Vec::new(),
         resolv_conf,
         pod_limits,
+        // CNI gets them from the sandbox config (`owner::network`), as
+        // containerd passes them; kept here so the pod model shows them.
+        host_ports: config
+            .port_mappings
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.host_port > 0)
+            .map(|(i, p)| vmrun_pod::plan::HostPort {
+                host_port: p.host_port as u16,
+                container_port: p.container_port as u16,
+                protocol: match p.protocol {
+                    1 => "udp",
+                    2 => "sctp",
+                    _ => "tcp",
+                }
+                .into(),
+                host_ip: p.host_ip.clone(),
+                field: format!("config.port_mappings[{i}]"),
+            })
+            .collect(),
     })
 }
 

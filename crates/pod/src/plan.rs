@@ -63,6 +63,24 @@ pub struct PodPlan {
     /// kubelet computed); sizes a pod VM made before its containers.
     #[serde(default)]
     pub pod_limits: Option<Resources>,
+    /// The containers' `ports` with a `hostPort`: what the CNI portmap
+    /// plugin maps on the host (as kubelet passes them to CRI). Empty with
+    /// hostNetwork, where the container binds the host's port itself.
+    #[serde(default)]
+    pub host_ports: Vec<HostPort>,
+}
+
+/// One container port published on the host.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostPort {
+    pub host_port: u16,
+    pub container_port: u16,
+    /// `tcp`, `udp` or `sctp`, as the portmap plugin names them.
+    pub protocol: String,
+    /// The host address to listen on; empty for all.
+    pub host_ip: String,
+    /// Where the manifest declared it (`spec.containers[0].ports[1]`).
+    pub field: String,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -294,6 +312,7 @@ pub fn plan(manifest: &Manifest, uid: &str, node_name: &str) -> Result<PodPlan, 
             format!("{hostname:?} is not a valid DNS label"),
         ));
     }
+    let host_ports = plan_host_ports(&ctx, spec)?;
     let grace = spec.termination_grace_period_seconds.unwrap_or(30);
     if grace < 0 {
         return Err(ctx.err("spec.terminationGracePeriodSeconds", "must not be negative"));
@@ -319,7 +338,91 @@ pub fn plan(manifest: &Manifest, uid: &str, node_name: &str) -> Result<PodPlan, 
         volumes,
         resolv_conf: None,
         pod_limits: None,
+        host_ports,
     })
+}
+
+/// The containers' ports that ask for a host port, checked as the API
+/// server checks them: numbers in range, a known protocol, no host port
+/// declared twice for the same protocol and address, and with hostNetwork
+/// the host port equal to the container port (nothing is mapped then).
+fn plan_host_ports(ctx: &Ctx, spec: &core::PodSpec) -> Result<Vec<HostPort>, PlanError> {
+    let host_network = spec.host_network.unwrap_or(false);
+    let mut out: Vec<HostPort> = Vec::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        for (j, p) in c.ports.iter().flatten().enumerate() {
+            let field = format!("spec.containers[{i}].ports[{j}]");
+            let container_port = u16::try_from(p.container_port)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    ctx.err(
+                        format!("{field}.containerPort"),
+                        format!("{} is not a port (1-65535)", p.container_port),
+                    )
+                })?;
+            let protocol = match p.protocol.as_deref() {
+                None | Some("TCP") => "tcp",
+                Some("UDP") => "udp",
+                Some("SCTP") => "sctp",
+                Some(other) => {
+                    return Err(ctx.err(
+                        format!("{field}.protocol"),
+                        format!("{other:?} is not one of TCP, UDP, SCTP"),
+                    ))
+                }
+            };
+            let Some(host_port) = p.host_port.filter(|n| *n != 0) else {
+                continue;
+            };
+            let host_port = u16::try_from(host_port)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    ctx.err(
+                        format!("{field}.hostPort"),
+                        format!("{host_port} is not a port (1-65535)"),
+                    )
+                })?;
+            if host_network {
+                if host_port != container_port {
+                    return Err(ctx.err(
+                        format!("{field}.hostPort"),
+                        format!(
+                            "{host_port} must equal containerPort {container_port} with hostNetwork"
+                        ),
+                    ));
+                }
+                continue;
+            }
+            let host_ip = p.host_ip.clone().unwrap_or_default();
+            if !host_ip.is_empty() && host_ip.parse::<std::net::IpAddr>().is_err() {
+                return Err(ctx.err(
+                    format!("{field}.hostIP"),
+                    format!("{host_ip:?} is not an IP address"),
+                ));
+            }
+            if let Some(first) = out.iter().find(|o| {
+                o.host_port == host_port && o.protocol == protocol && o.host_ip == host_ip
+            }) {
+                return Err(ctx.err(
+                    format!("{field}.hostPort"),
+                    format!(
+                        "{host_port}/{protocol} is already published by {}",
+                        first.field
+                    ),
+                ));
+            }
+            out.push(HostPort {
+                host_port,
+                container_port,
+                protocol: protocol.into(),
+                host_ip,
+                field,
+            });
+        }
+    }
+    Ok(out)
 }
 
 fn plan_container(
@@ -1338,6 +1441,81 @@ mod tests {
         assert_eq!(env["POD"], "p");
         assert_eq!(env["APP"], "web");
         assert_eq!(env["MEM"], "64");
+    }
+
+    #[test]
+    fn host_ports_are_collected_and_checked() {
+        let with = |ports: &str, host_network: bool| {
+            let hn = if host_network {
+                "  hostNetwork: true\n"
+            } else {
+                ""
+            };
+            plan_of(&format!(
+                "{HEAD}{hn}  containers:\n  - name: a\n    image: busybox\n    ports:\n{ports}  - name: b\n    image: busybox\n    ports:\n    - containerPort: 53\n      hostPort: 5353\n      protocol: UDP\n"
+            ))
+        };
+        let p = with(
+            "    - containerPort: 80\n      hostPort: 8080\n    - containerPort: 81\n",
+            false,
+        )
+        .unwrap();
+        let got: Vec<_> = p
+            .host_ports
+            .iter()
+            .map(|h| {
+                (
+                    h.host_port,
+                    h.container_port,
+                    h.protocol.as_str(),
+                    h.field.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (8080, 80, "tcp", "spec.containers[0].ports[0]"),
+                (5353, 53, "udp", "spec.containers[1].ports[0]"),
+            ]
+        );
+        let err = |ports: &str, hn: bool| with(ports, hn).unwrap_err().to_string();
+        let e = err(
+            "    - containerPort: 53\n      hostPort: 5353\n      protocol: UDP\n",
+            false,
+        );
+        assert!(
+            e.contains("spec.containers[1].ports[0].hostPort")
+                && e.contains("already published by spec.containers[0].ports[0]"),
+            "{e}"
+        );
+        // The same number over TCP is another port.
+        with("    - containerPort: 53\n      hostPort: 5353\n", false).unwrap();
+        let e = err("    - containerPort: 70000\n", false);
+        assert!(
+            e.contains("ports[0].containerPort") && e.contains("70000"),
+            "{e}"
+        );
+        let e = err("    - containerPort: 80\n      hostPort: -1\n", false);
+        assert!(e.contains("ports[0].hostPort"), "{e}");
+        let e = err("    - containerPort: 80\n      protocol: QUIC\n", false);
+        assert!(e.contains("ports[0].protocol"), "{e}");
+        let e = err(
+            "    - containerPort: 80\n      hostPort: 8080\n      hostIP: here\n",
+            false,
+        );
+        assert!(e.contains("ports[0].hostIP"), "{e}");
+        // hostNetwork: the container binds the host port itself.
+        let e = err("    - containerPort: 80\n      hostPort: 8080\n", true);
+        assert!(
+            e.contains("must equal containerPort 80 with hostNetwork"),
+            "{e}"
+        );
+        let p = plan_of(&format!(
+            "{HEAD}  hostNetwork: true\n  containers:\n  - name: a\n    image: busybox\n    ports:\n    - containerPort: 80\n      hostPort: 80\n"
+        ))
+        .unwrap();
+        assert!(p.host_ports.is_empty(), "{:?}", p.host_ports);
     }
 
     #[test]

@@ -7,15 +7,34 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vmrun_cni::pod_network::POD_INTERFACE;
-use vmrun_cni::{Attachment, NetworkSettings, PodNetwork};
+use vmrun_cni::{Attachment, NetworkSettings, PodNetwork, PortMapping};
 
-use crate::plan::PodPlan;
+use crate::plan::{HostPort, PodPlan};
 use crate::runtime::Sandbox;
 
-/// What CNI is told of the pod: its container id is the pod's uid, and its
-/// Kubernetes names as CNI_ARGS (as kubelet's pods carry them).
-pub fn attachment(uid: &str, namespace: &str, name: &str, netns: &Path) -> Attachment {
-    Attachment::new(uid, netns, POD_INTERFACE).with_kubernetes_args(namespace, name, uid)
+/// What CNI is told of the pod: its container id is the pod's uid, its
+/// Kubernetes names as CNI_ARGS (as kubelet's pods carry them) and its
+/// host ports for the portmap plugin. The portmap plugin's DEL finds its
+/// rules by the container id, so an orphan's DEL may pass none.
+pub fn attachment(
+    uid: &str,
+    namespace: &str,
+    name: &str,
+    netns: &Path,
+    host_ports: &[HostPort],
+) -> Attachment {
+    let mut a =
+        Attachment::new(uid, netns, POD_INTERFACE).with_kubernetes_args(namespace, name, uid);
+    a.runtime_config.port_mappings = host_ports
+        .iter()
+        .map(|p| PortMapping {
+            host_port: p.host_port,
+            container_port: p.container_port,
+            protocol: p.protocol.clone(),
+            host_ip: p.host_ip.clone(),
+        })
+        .collect();
+    a
 }
 
 /// Attaches the sandbox's network namespace; a pod VM then joins its guest
@@ -38,7 +57,13 @@ pub async fn join(
     );
     tokio::task::spawn_blocking(move || {
         let network = PodNetwork::attach(&settings, &dir, holder, |netns| {
-            attachment(&plan.uid, &plan.namespace, &plan.name, netns)
+            attachment(
+                &plan.uid,
+                &plan.namespace,
+                &plan.name,
+                netns,
+                &plan.host_ports,
+            )
         })
         .map_err(|e| e.to_string())?;
         if let Err(e) = sandbox.network_attached(network.netns_path()) {
