@@ -685,17 +685,25 @@ impl Containers {
 
     /// Usage of one container's cgroup, or of all containers (and the pause
     /// process) for an empty id.
-    pub(crate) fn stats(&self, id: &str) -> Result<(cgroups::CgroupStats, u64), ContainerError> {
-        let path = if id.is_empty() {
-            self.cgroup_parent.clone()
+    /// The cgroup's counters, its OOM kills, and (for a container, not the
+    /// pod) what its writable layer holds.
+    pub(crate) fn stats(
+        &self,
+        id: &str,
+    ) -> Result<(cgroups::CgroupStats, u64, Option<vmrun_container::DirUsage>), ContainerError>
+    {
+        let (path, upper) = if id.is_empty() {
+            (self.cgroup_parent.clone(), None)
         } else {
-            self.get(id)?.cgroup_path.clone()
+            let entry = self.get(id)?;
+            (entry.cgroup_path.clone(), Some(entry.dir.join("upper")))
         };
         let cg = cgroups::open_existing(&path).map_err(|source| ContainerError::Cgroup {
             id: id.to_string(),
             source,
         })?;
-        Ok((cg.stats(), cg.oom_kill_count()))
+        let layer = upper.map(|upper| vmrun_container::dir_usage(&upper));
+        Ok((cg.stats(), cg.oom_kill_count(), layer))
     }
 
     /// Removes every container, logging failures. For shutdown; returns

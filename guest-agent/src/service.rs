@@ -366,12 +366,21 @@ impl Agent for AgentService {
         request: Request<StatsRequest>,
     ) -> Result<Response<StatsResponse>, Status> {
         let req = request.into_inner();
-        let (s, oom_kills) = self.inner.containers.stats(&req.container_id)?;
+        let containers = self.inner.containers.clone();
+        let id = req.container_id.clone();
+        // Walking the writable layer reads the disk: off the reactor.
+        let (s, oom_kills, layer) = tokio::task::spawn_blocking(move || containers.stats(&id))
+            .await
+            .map_err(|e| Status::internal(format!("Stats: {e}")))??;
         Ok(Response::new(StatsResponse {
             cpu_usage_ns: s.cpu_usage_ns,
             memory_usage_bytes: s.memory_usage_bytes,
             pids: s.pids,
             oom_kills,
+            writable_layer: layer.map(|l| vmrun_proto::v1::LayerUsage {
+                bytes: l.bytes,
+                inodes: l.inodes,
+            }),
         }))
     }
 

@@ -39,4 +39,5 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// `DestroySandbox` and terminals for `process.terminal` processes.
 /// 2: `CopyFile.tmpfs_size_bytes` (size-limited emptyDirs).
 /// 3: `ConfigureNetwork` (pod networking of vm pods).
-pub const PROTOCOL_REVISION: u32 = 3;
+/// 4: `StatsResponse.writable_layer`.
+pub const PROTOCOL_REVISION: u32 = 4;

@@ -394,18 +394,8 @@ async fn a_pod_with_two_containers_runs_its_whole_lifecycle() {
     assert_eq!(out.exit_code, 4);
 
     // Stats from the container's cgroup and writable layer.
-    exec_sync(&server, &web, &sh("head -c 1000000 /dev/zero > /big")).await;
+    writable_layer_counts_what_the_container_wrote(&server, &web).await;
     stats_count_cpu_and_memory(&server, &sandbox, &web).await;
-    let stats = rt
-        .container_stats(api::ContainerStatsRequest {
-            container_id: web.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .stats
-        .unwrap();
-    assert!(stats.writable_layer.unwrap().used_bytes.unwrap().value >= 1_000_000);
     let all_stats = rt
         .list_container_stats(api::ListContainerStatsRequest { filter: None })
         .await
@@ -2050,6 +2040,39 @@ mod streaming {
     }
 }
 
+async fn writable_layer(server: &CriServer, id: &str) -> api::FilesystemUsage {
+    server
+        .runtime()
+        .await
+        .container_stats(api::ContainerStatsRequest {
+            container_id: id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap()
+        .writable_layer
+        .unwrap()
+}
+
+/// A megabyte written into the container's root shows in its
+/// `writable_layer` stats (bytes and a new inode).
+async fn writable_layer_counts_what_the_container_wrote(server: &CriServer, id: &str) {
+    let before = writable_layer(server, id).await;
+    exec_sync(server, id, &sh("head -c 1000000 /dev/zero > /big")).await;
+    let after = writable_layer(server, id).await;
+    let (bytes, inodes) = (
+        after.used_bytes.unwrap().value,
+        after.inodes_used.unwrap().value,
+    );
+    assert!(bytes >= 1_000_000, "writable layer: {after:?}");
+    assert!(
+        inodes > before.inodes_used.map_or(0, |v| v.value),
+        "a new inode: {before:?} -> {after:?}"
+    );
+}
+
 /// The `vm` handler: RunPodSandbox boots the pod's microVM before any
 /// container is known; each container's image arrives as a disk in one of
 /// the VM's spare slots when it starts (two images here), host paths the
@@ -2193,6 +2216,8 @@ async fn the_vm_handler_runs_a_pod_in_a_microvm() {
         (&b"out\n"[..], &b"err\n"[..], 4)
     );
     stats_count_cpu_and_memory(&server, &sandbox, &web).await;
+    // Counted by the agent in the guest, where the layer lives.
+    writable_layer_counts_what_the_container_wrote(&server, &web).await;
     resources_update_reaches_the_container(&server, &web).await;
 
     rt.stop_container(api::StopContainerRequest {

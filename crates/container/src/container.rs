@@ -52,9 +52,10 @@ pub enum Console {
     #[default]
     Passed,
     /// The init opens one on the container's own devpts once its rootfs is
-    /// ready (the spec must mount devpts on /dev/pts) and hands the master
-    /// back: [`Created::take_terminal`]. The slave then has a name inside
-    /// the container. `stdio` is not used.
+    /// ready and hands the master back: [`Created::take_terminal`]. The
+    /// slave then has a name inside the container. A spec that mounts no
+    /// devpts on /dev/pts gets one from the caller's devpts instead. `stdio`
+    /// is not used.
     FromContainer,
 }
 
@@ -290,7 +291,26 @@ pub fn create(cfg: ContainerConfig, sys: &dyn Syscall) -> Result<Created, Create
         }
         _ => {}
     }
-    let console = match cfg.console {
+    // Without a devpts of its own the container has nowhere to open a
+    // terminal: it gets one from this process's devpts, as passed.
+    let mut parent_terminal = None;
+    let (mut stdio_cfg, mut console_mode) = (cfg.stdio, cfg.console);
+    if console_mode == Console::FromContainer && !mounts_devpts(spec) {
+        let io = |source| CreateError::Io {
+            id: id.clone(),
+            what: "open a terminal (the container mounts no devpts on /dev/pts)".into(),
+            source,
+        };
+        let (master, slave) = terminal::open_pty().map_err(io)?;
+        stdio_cfg = Stdio {
+            stdin: Some(slave.try_clone().map_err(io)?),
+            stdout: Some(slave.try_clone().map_err(io)?),
+            stderr: Some(slave),
+        };
+        console_mode = Console::Passed;
+        parent_terminal = Some(master);
+    }
+    let console = match console_mode {
         Console::Passed => None,
         Console::FromContainer => Some(console_pair().map_err(|source| CreateError::Io {
             id: id.clone(),
@@ -337,7 +357,7 @@ pub fn create(cfg: ContainerConfig, sys: &dyn Syscall) -> Result<Created, Create
         }
     })?;
 
-    let stdio = stdio_fds(cfg.stdio).map_err(|source| CreateError::Io {
+    let stdio = stdio_fds(stdio_cfg).map_err(|source| CreateError::Io {
         id: id.clone(),
         what: "open /dev/null".into(),
         source,
@@ -385,7 +405,7 @@ pub fn create(cfg: ContainerConfig, sys: &dyn Syscall) -> Result<Created, Create
         child: Child::new(spawned.pid),
         chan: spawned.chan,
         cgroup: Some(cgroup),
-        terminal: None,
+        terminal: parent_terminal,
     };
     if let Some(adj) = proc_plan.oom_score_adj {
         if let Err(reason) = process_setup::write_oom_score_adj(sys, created.pid(), adj) {
@@ -437,6 +457,13 @@ pub fn create(cfg: ContainerConfig, sys: &dyn Syscall) -> Result<Created, Create
             })
         }
     }
+}
+
+/// Whether the spec mounts a devpts instance on /dev/pts.
+fn mounts_devpts(spec: &Spec) -> bool {
+    spec.mounts().iter().flatten().any(|m| {
+        m.destination() == std::path::Path::new("/dev/pts") && m.typ().as_deref() == Some("devpts")
+    })
 }
 
 /// The console socket pair (parent end, child end), close-on-exec.

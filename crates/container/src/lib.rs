@@ -68,6 +68,7 @@ mod rootfs;
 pub mod seccomp;
 mod spawn;
 mod terminal;
+mod usage;
 
 pub use container::{
     create, Console, Container, ContainerConfig, CreateError, Created, DestroyError, Rootfs,
@@ -78,6 +79,7 @@ pub use reaper::{ExitStatus, SignalError, WaitError};
 pub use sandbox::{create_sandbox, Sandbox, SandboxConfig, SandboxError};
 pub use syscall::{LinuxSyscall, Syscall};
 pub use terminal::{open_pty, open_pty_in_container};
+pub use usage::{dir_usage, DirUsage};
 
 /// The capabilities a container gets by default: containerd's and Docker's set.
 pub const DEFAULT_CAPABILITIES: &[&str] = &[

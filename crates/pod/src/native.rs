@@ -715,6 +715,9 @@ impl Running for NativeContainer {
             .ok()
             .map(|cgroup| cgroup.stats()))
     }
+    fn writable_layer(&self) -> Result<Option<vmrun_container::DirUsage>, RuntimeError> {
+        Ok(Some(vmrun_container::dir_usage(&self.dir.join("upper"))))
+    }
     fn update_resources(&self, resources: &LinuxResources) -> Result<(), RuntimeError> {
         let err = |message: String| RuntimeError::Control {
             container: self.name.clone(),

@@ -215,6 +215,12 @@ pub trait Running: Send + Sync {
     /// (inside the guest for a vm container); None where the container has
     /// no cgroup of its own (a pod's wasm containers share their engine's).
     fn usage(&self) -> Result<Option<CgroupStats>, RuntimeError>;
+    /// What the container's writable layer holds now (its overlay upper
+    /// directory, in the guest for a vm container); None where it has none
+    /// of its own (wasm containers write only to their volumes).
+    fn writable_layer(&self) -> Result<Option<vmrun_container::DirUsage>, RuntimeError> {
+        Ok(None)
+    }
     /// Applies new limits to the running container's cgroup (CRI
     /// UpdateContainerResources).
     fn update_resources(&self, resources: &LinuxResources) -> Result<(), RuntimeError>;

@@ -215,10 +215,11 @@ impl ImageService for ImageServiceImpl {
         _request: Request<api::ImageFsInfoRequest>,
     ) -> Reply<api::ImageFsInfoResponse> {
         let root = self.store.root().to_path_buf();
-        let usage =
-            tokio::task::spawn_blocking(move || crate::owner::filesystem_usage(&root, &root))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
+        let usage = tokio::task::spawn_blocking(move || {
+            crate::owner::filesystem_usage(&root, vmrun_container::dir_usage(&root))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(api::ImageFsInfoResponse {
             image_filesystems: vec![usage],
             container_filesystems: Vec::new(),

@@ -11,7 +11,7 @@ use tonic::Status;
 use vmrun_pod::logs::{self, LogTarget};
 use vmrun_pod::native::CGROUP_PARENT;
 use vmrun_pod::plan::PodPlan;
-use vmrun_pod::runtime::{CgroupStats, Launch, Runtime, RuntimeError, Sandbox};
+use vmrun_pod::runtime::{Launch, Runtime, RuntimeError, Sandbox};
 use vmrun_pod::spec::ImageDefaults;
 
 use super::containers::{Container, Phase};
@@ -585,7 +585,21 @@ impl Owner {
             let (cpu, memory, _) = super::stats::usage(usage, limit, &mut s.cpu_sample);
             (cpu, memory)
         };
-        let upper = self.upper_dir(c);
+        // The runtime's count (a vm container's is the guest's); once the
+        // container is gone, what its native layer left on the host.
+        let layer = match c.running() {
+            Some(running) => blocking_usage(&c.id, move || running.writable_layer()).await,
+            None => None,
+        };
+        let layer = match layer {
+            Some(layer) => layer,
+            None => {
+                let upper = self.upper_dir(c);
+                tokio::task::spawn_blocking(move || vmrun_container::dir_usage(&upper))
+                    .await
+                    .unwrap_or_default()
+            }
+        };
         api::ContainerStats {
             attributes: Some(api::ContainerAttributes {
                 id: c.id.clone(),
@@ -597,7 +611,7 @@ impl Owner {
             memory,
             writable_layer: Some(super::stats::filesystem_usage(
                 &self.settings.native.state_root,
-                &upper,
+                layer,
             )),
             swap: None,
             io: None,
@@ -662,10 +676,10 @@ impl Owner {
 /// A runtime's usage counters, read off the async threads (a pod VM's come
 /// from its guest agent); a failure is logged and reported as unknown, as
 /// for a container that exited between the listing and the read.
-async fn blocking_usage(
+async fn blocking_usage<T: Send + 'static>(
     what: &str,
-    read: impl FnOnce() -> Result<Option<CgroupStats>, RuntimeError> + Send + 'static,
-) -> Option<CgroupStats> {
+    read: impl FnOnce() -> Result<Option<T>, RuntimeError> + Send + 'static,
+) -> Option<T> {
     match tokio::task::spawn_blocking(read).await {
         Ok(Ok(usage)) => usage,
         Ok(Err(e)) => {

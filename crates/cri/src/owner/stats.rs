@@ -53,28 +53,12 @@ pub fn usage(
     (Some(cpu), Some(memory), stats.pids)
 }
 
-/// Bytes and inodes used under `dir` (a writable layer), not following links.
-pub fn disk_usage(dir: &Path) -> (u64, u64) {
-    use std::os::unix::fs::MetadataExt;
-    let (mut bytes, mut inodes) = (0u64, 0u64);
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        bytes += meta.blocks() * 512;
-        inodes += 1;
-        if meta.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&path) {
-                stack.extend(entries.flatten().map(|e| e.path()));
-            }
-        }
-    }
-    (bytes, inodes)
-}
-
-pub fn filesystem_usage(mountpoint: &Path, dir: &Path) -> api::FilesystemUsage {
-    let (bytes, inodes) = disk_usage(dir);
+/// A filesystem's usage in CRI's terms: `used` counted under `mountpoint`.
+pub fn filesystem_usage(
+    mountpoint: &Path,
+    used: vmrun_container::DirUsage,
+) -> api::FilesystemUsage {
+    let (bytes, inodes) = (used.bytes, used.inodes);
     api::FilesystemUsage {
         timestamp: crate::now_ns(),
         fs_id: Some(api::FilesystemIdentifier {

@@ -230,6 +230,19 @@ impl Running for VmContainer {
         }))
     }
 
+    fn writable_layer(&self) -> Result<Option<vmrun_container::DirUsage>, RuntimeError> {
+        let mut agent = self.agent.clone();
+        let request = v1::StatsRequest {
+            container_id: self.id.clone(),
+        };
+        let stats = call(&self.rt, &self.vmm, "stats", agent.stats(request))
+            .map_err(|e| self.control_err(e))?;
+        Ok(stats.writable_layer.map(|l| vmrun_container::DirUsage {
+            bytes: l.bytes,
+            inodes: l.inodes,
+        }))
+    }
+
     fn update_resources(&self, resources: &LinuxResources) -> Result<(), RuntimeError> {
         let mut agent = self.agent.clone();
         let request = v1::UpdateResourcesRequest {
