@@ -33,7 +33,7 @@
 //! cgroup/cgroup2), default devices + `linux.devices`, /dev symlinks, masked
 //! and readonly paths, namespaced sysctls, `linux.resources` (memory, cpu,
 //! cpuset, pids, blkio/io, hugetlb, v1 devices, net_cls/net_prio, v2
-//! unified), `rootfsPropagation` (private/slave), process args/env/cwd,
+//! unified), `rootfsPropagation` (private/slave/shared: with shared the rootfs's parent mount is made private and the old root a slave before it is detached, as runc does), process args/env/cwd,
 //! user/additionalGids/umask, capabilities, noNewPrivileges, rlimits,
 //! oomScoreAdj, `linux.seccomp` (compiled with seccompiler, installed last
 //! before exec; [`exec`] takes the container's profile too),
@@ -43,7 +43,7 @@
 //! console socket; the process makes it its controlling terminal).
 //!
 //! Not supported (rejected with an error): user and time namespaces,
-//! idmapped mounts, shared rootfs propagation.
+//! idmapped mounts.
 //! Ignored with a `tracing` warning: AppArmor/SELinux labels,
 //! hooks, intelRdt, personality, memory policy, net devices, scheduler and
 //! I/O priority. Ignored silently: device cgroup rules on cgroup v2 (they

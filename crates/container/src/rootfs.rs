@@ -274,6 +274,7 @@ pub(crate) fn plan(
             MsFlags::MS_PRIVATE | MsFlags::MS_REC
         }
         Some("slave") | Some("rslave") => MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        Some("shared") | Some("rshared") => MsFlags::MS_SHARED | MsFlags::MS_REC,
         Some(other) => return Err(format!("rootfsPropagation {other:?} is not supported")),
     };
     let mut mounts = Vec::new();
@@ -554,7 +555,23 @@ pub(crate) fn prepare(plan: &RootfsPlan, sys: &dyn Syscall) -> Result<(), SetupE
         return Ok(());
     }
     sys.mount(None, Path::new("/"), None, plan.propagation, None)
-        .map_err(|e| fail("make / private in the container mount namespace", e))?;
+        .map_err(|e| {
+            fail(
+                "set the propagation of / in the container mount namespace",
+                e,
+            )
+        })?;
+    let shared = plan.propagation.contains(MsFlags::MS_SHARED);
+    if shared {
+        // Mounts stay peers of the host's (what bidirectional mounts need),
+        // but the rootfs itself must not appear on the host, and
+        // pivot_root refuses a shared parent: the mount the rootfs sits on
+        // is made private, here only.
+        let parent = mount_point_of(&plan.root)
+            .map_err(|e| fail(format!("find the mount holding {}", plan.root.display()), e))?;
+        sys.mount(None, &parent, None, MsFlags::MS_PRIVATE, None)
+            .map_err(|e| fail(format!("make {} private", parent.display()), e))?;
+    }
     match &plan.source {
         RootSource::Bind(dir) => sys
             .mount(
@@ -588,15 +605,72 @@ pub(crate) fn prepare(plan: &RootfsPlan, sys: &dyn Syscall) -> Result<(), SetupE
     }
     // pivot_root(".", ".") stacks the old root on top of the new one; the
     // detach then drops it, so no directory for the old root is needed.
+    // With shared propagation the old root is needed after the pivot, when
+    // no path reaches it any more: kept open.
+    let old_root = match shared {
+        true => Some(std::fs::File::open("/").map_err(|e| fail("open the old root", e))?),
+        false => None,
+    };
     sys.chdir(&plan.root)
         .map_err(|e| fail(format!("chdir to rootfs {}", plan.root.display()), e))?;
     sys.pivot_root(Path::new("."), Path::new("."))
         .map_err(|e| fail(format!("pivot_root to {}", plan.root.display()), e))?;
+    if let Some(old_root) = old_root {
+        // The old root's mounts are the host's peers: detaching them must
+        // not unmount anything on the host. "." is the new root until we
+        // stand in the old one.
+        sys.fchdir(std::os::fd::AsFd::as_fd(&old_root))
+            .map_err(|e| fail("chdir to the old root", e))?;
+        sys.mount(
+            None,
+            Path::new("."),
+            None,
+            MsFlags::MS_SLAVE | MsFlags::MS_REC,
+            None,
+        )
+        .map_err(|e| fail("make the old root a slave", e))?;
+    }
     sys.umount2(Path::new("."), MntFlags::MNT_DETACH)
         .map_err(|e| fail("detach the old root", e))?;
     sys.chdir(Path::new("/"))
         .map_err(|e| fail("chdir to /", e))?;
     Ok(())
+}
+
+/// The mount point of the mount that holds `path` in this process's mount
+/// namespace: the longest mount point of /proc/self/mountinfo above it.
+fn mount_point_of(path: &Path) -> io::Result<PathBuf> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let best = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mount_field(field)))
+        .filter(|point| path.starts_with(point))
+        .max_by_key(|point| point.components().count());
+    best.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no mount holds it"))
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes.
+fn unescape_mount_field(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).filter(|d| {
+            (b'0'..=b'3').contains(&d[0]) && d.iter().all(|c| (b'0'..=b'7').contains(c))
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn exists(p: &Path) -> Option<std::fs::Metadata> {

@@ -47,6 +47,9 @@ pub trait Syscall: Send + Sync {
     fn umount2(&self, target: &Path, flags: MntFlags) -> io::Result<()>;
     fn pivot_root(&self, new_root: &Path, put_old: &Path) -> io::Result<()>;
     fn chdir(&self, path: &Path) -> io::Result<()>;
+    /// Changes to the directory open as `dir` (e.g. a root that a
+    /// pivot_root has since covered, unreachable by path).
+    fn fchdir(&self, dir: BorrowedFd<'_>) -> io::Result<()>;
     fn chroot(&self, path: &Path) -> io::Result<()>;
     fn sethostname(&self, name: &str) -> io::Result<()>;
     fn setns(&self, fd: BorrowedFd<'_>, nstype: CloneFlags) -> io::Result<()>;
@@ -115,6 +118,10 @@ impl Syscall for LinuxSyscall {
 
     fn chdir(&self, path: &Path) -> io::Result<()> {
         nix::unistd::chdir(path).map_err(io::Error::from)
+    }
+
+    fn fchdir(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
+        nix::unistd::fchdir(dir).map_err(io::Error::from)
     }
 
     fn chroot(&self, path: &Path) -> io::Result<()> {

@@ -583,3 +583,149 @@ fn a_console_without_process_terminal_is_refused() {
     assert!(e.to_string().contains("process.terminal is not set"), "{e}");
     fx.assert_clean();
 }
+
+/// Mounts a tmpfs named `name` on `dir` (on the host).
+fn mount_tmpfs(name: &str, dir: &std::path::Path) {
+    nix::mount::mount(
+        Some(name),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+}
+
+/// An `rshared` bind with `rootfsPropagation: rshared` (Kubernetes'
+/// Bidirectional): a mount the host makes under the shared source appears
+/// in the container, one the container makes appears on the host, and the
+/// container's own rootfs never shows on the host.
+#[test]
+fn rshared_binds_propagate_both_ways() {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let fx = Fixture::new("rshared");
+    let shared_dir = tempfile::tempdir().unwrap();
+    let src = shared_dir.path().join("mnt");
+    std::fs::create_dir_all(src.join("from-host")).unwrap();
+    std::fs::create_dir_all(src.join("from-ctr")).unwrap();
+    // What critest does: the source is a shared mount of its own.
+    mount(
+        Some(&src),
+        &src,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .unwrap();
+    mount(
+        None::<&str>,
+        &src,
+        None::<&str>,
+        MsFlags::MS_SHARED | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .unwrap();
+    let unmount_all = |src: &std::path::Path| {
+        for d in [
+            src.join("from-ctr"),
+            src.join("from-host"),
+            src.to_path_buf(),
+        ] {
+            let _ = umount2(&d, MntFlags::MNT_DETACH);
+        }
+    };
+    let script = "mount -t tmpfs ctr-made /shared/from-ctr && touch /shared/from-ctr/made-in-ctr; \
+                  i=0; while [ ! -e /shared/from-host/flag ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; \
+                  [ -e /shared/from-host/flag ] && echo saw-host-mount";
+    let mut spec = fx.spec("c1", &["sh", "-c", script]);
+    let caps = json!([
+        "CAP_SYS_ADMIN",
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FOWNER"
+    ]);
+    for set in ["bounding", "effective", "permitted"] {
+        spec["process"]["capabilities"][set] = caps.clone();
+    }
+    spec["linux"]["rootfsPropagation"] = json!("rshared");
+    spec["mounts"].as_array_mut().unwrap().push(
+        json!({"destination": "/shared", "type": "bind", "source": src, "options": ["rbind", "rshared"]}),
+    );
+    let (c, out) = start("c1", spec, Rootfs::Dir(fx.rootfs()));
+    // Container -> host.
+    let made = src.join("from-ctr/made-in-ctr");
+    let seen = wait_until(Duration::from_secs(20), || made.exists());
+    // Host -> container.
+    mount_tmpfs("host-made", &src.join("from-host"));
+    std::fs::write(src.join("from-host/flag"), "x").unwrap();
+    let status = c.wait().unwrap();
+    c.0.destroy().unwrap();
+    drop(c);
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let rootfs_on_host = info
+        .lines()
+        .any(|l| l.contains(&*fx.rootfs().to_string_lossy()));
+    unmount_all(&src);
+    assert!(seen, "the container's mount did not reach the host");
+    assert_eq!(status.code, 0, "stderr: {}", out.stderr.text());
+    assert_eq!(out.stdout.text(), "saw-host-mount\n");
+    assert!(
+        !rootfs_on_host,
+        "the container's rootfs showed on the host:\n{info}"
+    );
+    fx.assert_clean();
+}
+
+/// `rslave` (HostToContainer): the host's new mounts reach the container,
+/// the container's do not reach the host.
+#[test]
+fn rslave_binds_propagate_from_the_host_only() {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let fx = Fixture::new("rslave");
+    let shared_dir = tempfile::tempdir().unwrap();
+    let src = shared_dir.path().join("mnt");
+    std::fs::create_dir_all(src.join("from-host")).unwrap();
+    std::fs::create_dir_all(src.join("from-ctr")).unwrap();
+    mount(
+        Some(&src),
+        &src,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .unwrap();
+    mount(
+        None::<&str>,
+        &src,
+        None::<&str>,
+        MsFlags::MS_SHARED | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .unwrap();
+    let script = "mount -t tmpfs ctr-made /shared/from-ctr && touch /shared/from-ctr/made-in-ctr && echo mounted; \
+                  i=0; while [ ! -e /shared/from-host/flag ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; \
+                  [ -e /shared/from-host/flag ] && echo saw-host-mount";
+    let mut spec = fx.spec("c1", &["sh", "-c", script]);
+    let caps = json!(["CAP_SYS_ADMIN"]);
+    for set in ["bounding", "effective", "permitted"] {
+        spec["process"]["capabilities"][set] = caps.clone();
+    }
+    spec["linux"]["rootfsPropagation"] = json!("rslave");
+    spec["mounts"].as_array_mut().unwrap().push(
+        json!({"destination": "/shared", "type": "bind", "source": src, "options": ["rbind", "rslave"]}),
+    );
+    let (c, out) = start("c1", spec, Rootfs::Dir(fx.rootfs()));
+    mount_tmpfs("host-made", &src.join("from-host"));
+    std::fs::write(src.join("from-host/flag"), "x").unwrap();
+    let status = c.wait().unwrap();
+    let leaked = src.join("from-ctr/made-in-ctr").exists();
+    c.0.destroy().unwrap();
+    drop(c);
+    for d in [src.join("from-ctr"), src.join("from-host"), src.clone()] {
+        let _ = umount2(&d, MntFlags::MNT_DETACH);
+    }
+    assert_eq!(status.code, 0, "stderr: {}", out.stderr.text());
+    assert_eq!(out.stdout.text(), "mounted\nsaw-host-mount\n");
+    assert!(!leaked, "the container's mount reached the host");
+    fx.assert_clean();
+}

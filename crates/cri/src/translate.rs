@@ -281,6 +281,7 @@ pub struct ContainerRequest {
 /// CRI's MountPropagation values.
 const PROPAGATION_PRIVATE: i32 = 0;
 const PROPAGATION_HOST_TO_CONTAINER: i32 = 1;
+const PROPAGATION_BIDIRECTIONAL: i32 = 2;
 
 /// A container of the sandbox; `id` names it on the host (its cgroup and
 /// directory), so it is the CRI container id, not the kubelet's name.
@@ -327,14 +328,14 @@ pub fn container_request(
             .map_err(|e| invalid(&format!("{field}.container_path"), e))?;
         check_absolute_clean(&m.host_path)
             .map_err(|e| invalid(&format!("{field}.host_path"), e))?;
-        let from_host = match m.propagation {
-            PROPAGATION_PRIVATE => false,
-            PROPAGATION_HOST_TO_CONTAINER => true,
-            _ => {
+        let (from_host, to_host) = match m.propagation {
+            PROPAGATION_PRIVATE => (false, false),
+            PROPAGATION_HOST_TO_CONTAINER => (true, false),
+            PROPAGATION_BIDIRECTIONAL => (true, true),
+            other => {
                 return Err(invalid(
                     &format!("{field}.propagation"),
-                    "Bidirectional mount propagation is not supported by vmrun \
-                     (Private and HostToContainer are)",
+                    format!("{other} is not a MountPropagation value"),
                 ))
             }
         };
@@ -351,6 +352,7 @@ pub fn container_request(
             sub_path: None,
             host_path: Some(PathBuf::from(&m.host_path)),
             from_host_propagation: from_host,
+            to_host_propagation: to_host,
         });
     }
     let linux = config.linux.clone().unwrap_or_default();

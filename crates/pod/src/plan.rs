@@ -147,6 +147,11 @@ pub struct MountPlan {
     /// (Kubernetes' HostToContainer, an `rslave` bind); default private.
     #[serde(default)]
     pub from_host_propagation: bool,
+    /// Mounts the container makes under it appear on the host too
+    /// (Kubernetes' Bidirectional, an `rshared` bind; with
+    /// `from_host_propagation`).
+    #[serde(default)]
+    pub to_host_propagation: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -487,6 +492,7 @@ fn plan_container(
             sub_path,
             host_path: None,
             from_host_propagation: false,
+            to_host_propagation: false,
         });
     }
 

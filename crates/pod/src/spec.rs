@@ -256,10 +256,10 @@ pub fn container_spec(
     }
     for m in &c.mounts {
         if let Some(host) = &m.host_path {
-            let propagation = if m.from_host_propagation {
-                "rslave"
-            } else {
-                "rprivate"
+            let propagation = match (m.from_host_propagation, m.to_host_propagation) {
+                (_, true) => "rshared",
+                (true, false) => "rslave",
+                (false, false) => "rprivate",
             };
             mounts.push(bind_with(host, &m.path, m.read_only, propagation));
             continue;
@@ -339,8 +339,11 @@ pub fn container_spec(
         None => owned(READONLY_PATHS),
     };
     // A mount that takes the host's new mounts needs the root to be a
-    // slave too, or the propagation stops there.
-    let rootfs_propagation = if c.mounts.iter().any(|m| m.from_host_propagation) {
+    // slave too (shared for one that gives them back), or the propagation
+    // stops there.
+    let rootfs_propagation = if c.mounts.iter().any(|m| m.to_host_propagation) {
+        "rshared"
+    } else if c.mounts.iter().any(|m| m.from_host_propagation) {
         "rslave"
     } else {
         "rprivate"

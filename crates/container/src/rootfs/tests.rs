@@ -319,3 +319,17 @@ fn overlay_root_is_mounted_inside_the_namespace() {
         )
     );
 }
+
+#[test]
+fn mountinfo_fields_are_unescaped() {
+    assert_eq!(super::unescape_mount_field(r"/a\040b\134c"), r"/a b\c");
+    assert_eq!(super::unescape_mount_field(r"/plain\09"), r"/plain\09");
+}
+
+#[test]
+fn the_mount_holding_a_path_is_the_longest_mount_point_above_it() {
+    assert_eq!(
+        super::mount_point_of(std::path::Path::new("/proc/self/status")).unwrap(),
+        std::path::PathBuf::from("/proc")
+    );
+}

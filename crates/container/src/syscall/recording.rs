@@ -29,6 +29,7 @@ pub enum Op {
     Umount2(PathBuf, MntFlags),
     PivotRoot(PathBuf, PathBuf),
     Chdir(PathBuf),
+    Fchdir,
     Chroot(PathBuf),
     Sethostname(String),
     Setns(CloneFlags),
@@ -117,6 +118,9 @@ impl Syscall for RecordingSyscall {
     }
     fn chdir(&self, path: &Path) -> io::Result<()> {
         self.record(Op::Chdir(path.to_path_buf()))
+    }
+    fn fchdir(&self, _dir: BorrowedFd<'_>) -> io::Result<()> {
+        self.record(Op::Fchdir)
     }
     fn chroot(&self, path: &Path) -> io::Result<()> {
         self.record(Op::Chroot(path.to_path_buf()))
