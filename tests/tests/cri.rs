@@ -657,6 +657,91 @@ async fn pods_survive_the_daemon_being_killed_and_are_served_again() {
     stop_and_remove(&server, &sandbox).await;
 }
 
+/// A pod's owner killed alone (the daemon runs on): the pod is reported
+/// NOTREADY, calls on its containers say the owner is gone, and
+/// StopPodSandbox/RemovePodSandbox undo what it left (container processes,
+/// cgroups, mounts, the pod's directory).
+#[tokio::test]
+async fn a_killed_pod_owner_leaves_a_notready_pod_that_is_removed_cleanly() {
+    require_root("a_killed_pod_owner_leaves_a_notready_pod_that_is_removed_cleanly");
+    let server = CriServer::start().await;
+    let image = server
+        .pull(&vmrun_tests::shared_busybox().await.unwrap())
+        .await;
+    let logs = tempfile::tempdir().unwrap();
+    let config = kubelet_sandbox_config("orphan", "uid-orphan", logs.path());
+    let sandbox = run_sandbox(&server, &config, "native").await.unwrap();
+    let sleeper = create(
+        &server,
+        &sandbox,
+        kubelet_container_config("sleeper", &image, &sh("sleep 1000 # 31337"), &config),
+        &config,
+    )
+    .await
+    .unwrap();
+    start(&server, &sleeper).await;
+    let mut rt = server.runtime().await;
+    let info = rt
+        .pod_sandbox_status(api::PodSandboxStatusRequest {
+            pod_sandbox_id: sandbox.clone(),
+            verbose: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .info;
+    let info: serde_json::Value = serde_json::from_str(&info["info"]).unwrap();
+    let owner = info["ownerPid"].as_u64().expect("the owner's pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(owner),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = rt
+            .pod_sandbox_status(api::PodSandboxStatusRequest {
+                pod_sandbox_id: sandbox.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        if status.state == SANDBOX_NOTREADY {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pod is still {} after its owner was killed",
+            status.state
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let e = rt
+        .container_status(api::ContainerStatusRequest {
+            container_id: sleeper.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("owner process is gone"),
+        "{}",
+        e.message()
+    );
+    stop_and_remove(&server, &sandbox).await;
+    let still: Vec<_> = vmrun_tests::pod::process_table()
+        .into_iter()
+        .filter(|(_, _, cmd)| cmd.contains("31337"))
+        .collect();
+    assert!(
+        still.is_empty(),
+        "the container outlived the removal: {still:?}"
+    );
+}
+
 /// The `wasm` handler runs WebAssembly containers: output in CRI logs,
 /// exit codes and reasons as kubelet reads them, exec refused with why, a
 /// native image refused at CreateContainer naming it.

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,9 +33,53 @@ pub struct Pod {
     pub config: api::PodSandboxConfig,
     /// The owner's pid, to wait for its end after RemovePodSandbox.
     pub owner_pid: Option<i32>,
+    /// A pidfd of the owner, taken while it was known to run: tells its
+    /// end apart from a recycled pid.
+    pub owner_pidfd: Option<OwnedFd>,
 }
 
 impl Pod {
+    fn new(
+        id: String,
+        dir: PathBuf,
+        client: Option<RuntimeServiceClient<Channel>>,
+        settings: OwnerSettings,
+        config: api::PodSandboxConfig,
+        owner_pid: Option<i32>,
+        owner_pidfd: Option<OwnedFd>,
+    ) -> Self {
+        Self {
+            id,
+            dir,
+            client,
+            settings,
+            config,
+            owner_pid,
+            owner_pidfd,
+        }
+    }
+
+    /// Whether the owner is known to have ended (killed, crashed) while
+    /// the pod is still on record.
+    pub fn owner_ended(&self) -> bool {
+        self.owner_pidfd.as_ref().is_some_and(|pidfd| {
+            vmrun_pod::native::poll_exit(pidfd, Some(Duration::ZERO)).unwrap_or(false)
+        })
+    }
+
+    /// The same pod with no owner to serve it: served from its files.
+    fn orphaned(&self) -> Self {
+        Self {
+            id: self.id.clone(),
+            dir: self.dir.clone(),
+            client: None,
+            settings: self.settings.clone(),
+            config: self.config.clone(),
+            owner_pid: None,
+            owner_pidfd: None,
+        }
+    }
+
     /// Waits (bounded) until the owner process has exited.
     pub fn wait_owner_exit(&self) {
         let Some(pid) = self.owner_pid else { return };
@@ -44,12 +89,29 @@ impl Pod {
     }
 
     pub fn owner(&self) -> Result<RuntimeServiceClient<Channel>, Status> {
-        self.client.clone().ok_or_else(|| {
-            Status::unavailable(format!(
-                "pod sandbox {}: its owner process is gone; stop and remove the pod",
-                self.id
-            ))
+        self.client.clone().ok_or_else(|| self.gone())
+    }
+
+    /// The answer for a pod whose owner is gone.
+    pub fn gone(&self) -> Status {
+        Status::unavailable(format!(
+            "pod sandbox {}: its owner process is gone; stop and remove the pod",
+            self.id
+        ))
+    }
+
+    /// After a failed call: whether the owner ended (or ends within
+    /// `grace`: a killed process may still be exiting), so the failure was
+    /// its death, not the call's.
+    pub async fn ended_within(&self, grace: Duration) -> bool {
+        let Some(pidfd) = self.owner_pidfd.as_ref().and_then(|fd| fd.try_clone().ok()) else {
+            return false;
+        };
+        tokio::task::spawn_blocking(move || {
+            vmrun_pod::native::poll_exit(&pidfd, Some(grace)).unwrap_or(false)
         })
+        .await
+        .unwrap_or(false)
     }
 }
 
@@ -97,14 +159,16 @@ impl Registry {
                     None
                 }
             };
-            let pod = Arc::new(Pod {
-                id: name.clone(),
+            let pod = Arc::new(Pod::new(
+                name.clone(),
                 dir,
                 client,
                 settings,
                 config,
                 owner_pid,
-            });
+                // It answered just now, so the pid is still its own.
+                owner_pid.and_then(|pid| vmrun_pod::native::pidfd_open(pid).ok()),
+            ));
             registry.reindex_containers(&pod).await;
             registry.lock().pods.insert(name, pod);
         }
@@ -124,7 +188,9 @@ impl Registry {
     }
 
     pub fn pods(&self) -> Vec<Arc<Pod>> {
-        self.lock().pods.values().cloned().collect()
+        let mut index = self.lock();
+        let ids: Vec<String> = index.pods.keys().cloned().collect();
+        ids.iter().map(|id| checked(&mut index, id)).collect()
     }
 
     async fn reindex_containers(&self, pod: &Pod) {
@@ -145,9 +211,12 @@ impl Registry {
 
     /// The pod `id` names (in full or by a unique prefix).
     pub fn pod(&self, id: &str) -> Result<Arc<Pod>, Status> {
-        let index = self.lock();
+        let mut index = self.lock();
         match ids::resolve(id, index.pods.keys()) {
-            Resolved::One(full) => Ok(index.pods[full].clone()),
+            Resolved::One(full) => {
+                let full = full.clone();
+                Ok(checked(&mut index, &full))
+            }
             Resolved::None => Err(crate::status::sandbox_not_found(id)),
             Resolved::Ambiguous => Err(Status::invalid_argument(format!(
                 "pod sandbox id prefix {id:?} matches more than one pod"
@@ -157,7 +226,7 @@ impl Registry {
 
     /// The full id of a container and its pod.
     pub fn container(&self, id: &str) -> Result<(String, Arc<Pod>), Status> {
-        let index = self.lock();
+        let mut index = self.lock();
         let full = match ids::resolve(id, index.containers.keys()) {
             Resolved::One(full) => full.clone(),
             Resolved::None => return Err(crate::status::container_not_found(id)),
@@ -167,12 +236,11 @@ impl Registry {
                 )))
             }
         };
-        let pod = index
-            .pods
-            .get(&index.containers[&full])
-            .cloned()
-            .ok_or_else(|| crate::status::container_not_found(id))?;
-        Ok((full, pod))
+        let pod_id = index.containers[&full].clone();
+        if !index.pods.contains_key(&pod_id) {
+            return Err(crate::status::container_not_found(id));
+        }
+        Ok((full, checked(&mut index, &pod_id)))
     }
 
     pub fn add_container(&self, id: String, pod: &str) {
@@ -209,8 +277,8 @@ impl Registry {
         let started = tokio::task::spawn_blocking(move || spawn_owner(&shim, &spawn_dir))
             .await
             .map_err(|e| fail(format!("starting the pod owner: {e}")))?;
-        let owner_pid = match started {
-            Ok(pid) => pid,
+        let (owner_pid, owner_pidfd) = match started {
+            Ok(owner) => owner,
             Err(why) => {
                 // The owner undid its own work; its directory goes with the pod.
                 let _ = std::fs::remove_dir_all(&dir);
@@ -220,22 +288,37 @@ impl Registry {
         let client = crate::unix::runtime_client(&dir.join(SOCKET_FILE))
             .await
             .map_err(|e| fail(format!("connecting to the pod owner: {e}")))?;
-        let pod = Arc::new(Pod {
-            id: settings.sandbox_id.clone(),
+        let pod = Arc::new(Pod::new(
+            settings.sandbox_id.clone(),
             dir,
-            client: Some(client),
+            Some(client),
             settings,
             config,
-            owner_pid: Some(owner_pid),
-        });
+            Some(owner_pid),
+            owner_pidfd,
+        ));
         self.lock().pods.insert(pod.id.clone(), pod.clone());
         Ok(pod)
     }
 }
 
+/// The pod `id` of the index, as an orphan from now on if its owner has
+/// ended since it was last looked at (it is then served from its files,
+/// NOTREADY, and StopPodSandbox/RemovePodSandbox undo what it left).
+fn checked(index: &mut Index, id: &str) -> Arc<Pod> {
+    let pod = index.pods[id].clone();
+    if pod.client.is_none() || !pod.owner_ended() {
+        return pod;
+    }
+    tracing::warn!("pod sandbox {id}: its owner process ended; serving the pod as NOTREADY");
+    let orphan = Arc::new(pod.orphaned());
+    index.pods.insert(id.to_string(), orphan.clone());
+    orphan
+}
+
 /// Starts `vmrun-cri-shim` detached (its own session, so it outlives the
 /// daemon and the daemon's terminal) and reads its word on the ready pipe.
-fn spawn_owner(shim: &Path, dir: &Path) -> Result<i32, String> {
+fn spawn_owner(shim: &Path, dir: &Path) -> Result<(i32, Option<OwnedFd>), String> {
     if !shim.is_file() {
         return Err(format!(
             "{} not found (build the workspace: cargo build)",
@@ -273,9 +356,11 @@ fn spawn_owner(shim: &Path, dir: &Path) -> Result<i32, String> {
     let answer = answer.trim();
     if answer == "ok" {
         let pid = child.id() as i32;
+        // Before the reaper can free the pid: this pidfd is the owner's.
+        let pidfd = vmrun_pod::native::pidfd_open(pid).ok();
         // The owner runs on; reap it when it ends so no zombie stays.
         std::thread::spawn(move || child.wait());
-        return Ok(pid);
+        return Ok((pid, pidfd));
     }
     let _ = child.wait();
     if answer.is_empty() {

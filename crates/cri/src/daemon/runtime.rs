@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::future::join_all;
 use tonic::transport::Channel;
@@ -38,12 +39,19 @@ type Reply<T> = Result<Response<T>, Status>;
 /// CRI's CgroupDriver value for cgroupfs.
 const CGROUP_DRIVER_CGROUPFS: i32 = 1;
 
-/// Runs one call on a pod's owner; a pod whose owner is gone answers
-/// `Unavailable` naming it.
+/// How long a failed call waits for a dying owner to be seen gone.
+const OWNER_END_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs one call on a pod's owner; a pod whose owner is gone (before the
+/// call or during it) answers `Unavailable` naming it.
 macro_rules! forward {
     ($pod:expr, $method:ident, $req:expr) => {{
-        let mut owner = $pod.owner()?;
-        owner.$method($req).await
+        let pod = &$pod;
+        let mut owner = pod.owner()?;
+        match owner.$method($req).await {
+            Err(_) if pod.ended_within(OWNER_END_GRACE).await => Err(pod.gone()),
+            other => other,
+        }
     }};
 }
 
@@ -293,11 +301,14 @@ impl RuntimeService for RuntimeServiceImpl {
             return Ok(Response::new(api::StopPodSandboxResponse {}));
         };
         r.pod_sandbox_id = pod.id.clone();
-        if pod.client.is_none() {
-            cleanup::orphan(&pod).map_err(Status::internal)?;
-            return Ok(Response::new(api::StopPodSandboxResponse {}));
+        if pod.client.is_some() {
+            match forward!(pod, stop_pod_sandbox, r) {
+                Err(_) if pod.owner_ended() => {}
+                other => return other,
+            }
         }
-        forward!(pod, stop_pod_sandbox, r)
+        cleanup::orphan(&pod).map_err(Status::internal)?;
+        Ok(Response::new(api::StopPodSandboxResponse {}))
     }
 
     async fn remove_pod_sandbox(
@@ -310,8 +321,14 @@ impl RuntimeService for RuntimeServiceImpl {
             return Ok(Response::new(api::RemovePodSandboxResponse {}));
         };
         r.pod_sandbox_id = pod.id.clone();
-        if pod.client.is_some() {
-            forward!(pod, remove_pod_sandbox, r)?;
+        let served = match pod.client.is_some() {
+            true => match forward!(pod, remove_pod_sandbox, r) {
+                Err(_) if pod.owner_ended() => false,
+                other => other.map(|_| true)?,
+            },
+            false => false,
+        };
+        if served {
             let waited = pod.clone();
             // Removed means gone: the owner's process too.
             let _ = tokio::task::spawn_blocking(move || waited.wait_owner_exit()).await;
@@ -331,7 +348,13 @@ impl RuntimeService for RuntimeServiceImpl {
         let mut r = request.into_inner();
         let pod = self.registry.pod(&r.pod_sandbox_id)?;
         r.pod_sandbox_id = pod.id.clone();
-        if pod.client.is_none() {
+        if pod.client.is_some() {
+            match forward!(pod, pod_sandbox_status, r) {
+                Err(_) if pod.owner_ended() => {}
+                other => return other,
+            }
+        }
+        {
             let s = Self::not_ready_sandbox(&pod);
             return Ok(Response::new(api::PodSandboxStatusResponse {
                 status: Some(api::PodSandboxStatus {
@@ -350,7 +373,6 @@ impl RuntimeService for RuntimeServiceImpl {
                 timestamp: crate::now_ns(),
             }));
         }
-        forward!(pod, pod_sandbox_status, r)
     }
 
     async fn list_pod_sandbox(
