@@ -1357,6 +1357,49 @@ pub fn supervisor_killed_pod_is_cleaned_up_by_rm(rt: &str) {
     assert_clean(&vm, &uid, "sleep 24681");
 }
 
+/// The supervisor SIGKILLed while the pod stops (its container ignores
+/// SIGTERM, so the grace period is running): `vmrun stop` returns, saying
+/// so, and `vmrun rm` undoes what is left.
+pub fn supervisor_killed_while_stopping_is_cleaned_up_by_rm(rt: &str) {
+    require_root("supervisor_killed_while_stopping_is_cleaned_up_by_rm");
+    let vm = Vmrun::for_runtime(rt);
+    let image = busybox();
+    let yaml = pod(
+        "stopping",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 60
+  containers:
+  - name: app
+    image: {image}
+    command: ["sh", "-c", "trap '' TERM; sleep 24683 & while :; do wait; done"]
+"#
+        ),
+    );
+    let record = start_detached(&vm, rt, "stopping", &yaml);
+    let uid = uid_of(&record);
+    let mut stop = vm.cmd();
+    stop.args(["stop", "stopping"]);
+    let stop = stop
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("vmrun stop");
+    vm.wait_record("stopping", Duration::from_secs(30), |r| {
+        r["phase"] == "stopping"
+    });
+    vm.kill_supervisor("stopping", &record);
+    let out = stop.wait_with_output().expect("vmrun stop");
+    let said = describe(&out);
+    assert!(
+        out.status.success() || said.contains("supervisor"),
+        "vmrun stop after the supervisor died: {said}"
+    );
+    let out = vm.run(&["rm", "stopping"]);
+    assert!(out.status.success(), "rm: {}", describe(&out));
+    assert!(!vm.pod_dir("stopping").exists());
+    assert_clean(&vm, &uid, "sleep 24683");
+}
+
 /// With `[network] cni_conf_dir` set, `vmrun run` puts the pod on that CNI
 /// network as a CRI pod is (ADD at start, DEL at the end): the record and
 /// the container's eth0 show the pod IP, the host reaches a server in the
@@ -1474,6 +1517,7 @@ macro_rules! runtime_cases {
             case!(seccomp_profiles_filter_syscalls);
             case!(pod_joins_the_configured_cni_network);
             case!(supervisor_killed_pod_is_cleaned_up_by_rm);
+            case!(supervisor_killed_while_stopping_is_cleaned_up_by_rm);
         }
     )*};
 }
@@ -1536,6 +1580,7 @@ mod vm {
             cpu_and_memory_limits_reach_the_cgroup,
             container_sees_its_own_cgroup_and_limits,
             supervisor_killed_pod_is_cleaned_up_by_rm,
+            supervisor_killed_while_stopping_is_cleaned_up_by_rm,
             vmm_is_jailed_and_a_forbidden_syscall_fails_the_pod,
         ],
         nested_2: [

@@ -97,6 +97,12 @@ pub const COVERED: &[(&str, &[&str])] = &[
 /// containers, and why.
 pub const NOT_APPLICABLE: &[(&str, &str)] = &[
     (
+        "supervisor_killed_while_stopping_is_cleaned_up_by_rm",
+        "a wasm container cannot catch or ignore SIGTERM: a stop ends it at the next epoch tick, \
+         so there is no grace period to kill the supervisor in (a supervisor killed while \
+         running is a_wasm_pod_whose_supervisor_was_killed_is_cleaned_up_by_rm)",
+    ),
+    (
         "share_process_namespace_sees_other_containers",
         "a wasm container has no processes: there is nothing in a process namespace to see",
     ),

@@ -147,6 +147,19 @@ pub async fn run_pod(
     });
     // Cancelled by the user's stop, or by a fatal error in one container to stop the rest.
     let pod_stop = stop.child_token();
+    // The user's stop starts the grace period: the pod is stopping from
+    // then on (what `vmrun ps` shows), not only once its containers ended.
+    let mark_stopping = {
+        let (stop, state) = (stop.clone(), state.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            let _ = state.update(|r| {
+                if r.phase == PodPhase::Running {
+                    r.phase = PodPhase::Stopping;
+                }
+            });
+        })
+    };
     let mut failure: Option<(i32, String)> = None;
 
     for c in &plan.init_containers {
@@ -212,6 +225,7 @@ pub async fn run_pod(
         }
     }
 
+    mark_stopping.abort();
     let _ = state.update(|r| r.phase = PodPhase::Stopping);
     // Detached while the sandbox still holds the namespace, as CRI does.
     let detach_error = match network {
