@@ -596,68 +596,85 @@ fn mount_tmpfs(name: &str, dir: &std::path::Path) {
     .unwrap();
 }
 
+/// A host directory `mnt` made a shared mount of its own (what critest
+/// does), with `from-host` and `from-ctr` below it; unmounted when dropped.
+struct SharedSource {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl SharedSource {
+    fn new() -> Self {
+        use nix::mount::{mount, MsFlags};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mnt");
+        for sub in ["from-host", "from-ctr"] {
+            std::fs::create_dir_all(path.join(sub)).unwrap();
+        }
+        let bind = MsFlags::MS_BIND | MsFlags::MS_REC;
+        mount(Some(&path), &path, None::<&str>, bind, None::<&str>).unwrap();
+        let shared = MsFlags::MS_SHARED | MsFlags::MS_REC;
+        mount(None::<&str>, &path, None::<&str>, shared, None::<&str>).unwrap();
+        Self { _dir: dir, path }
+    }
+}
+
+impl Drop for SharedSource {
+    fn drop(&mut self) {
+        use nix::mount::{umount2, MntFlags};
+        for d in [
+            self.path.join("from-ctr"),
+            self.path.join("from-host"),
+            self.path.clone(),
+        ] {
+            let _ = umount2(&d, MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// A container with CAP_SYS_ADMIN running `script`, `source` bound on
+/// /shared with `propagation` (and the rootfs's propagation the same).
+fn propagation_spec(
+    fx: &Fixture,
+    source: &SharedSource,
+    propagation: &str,
+    script: &str,
+) -> serde_json::Value {
+    let mut spec = fx.spec("c1", &["sh", "-c", script]);
+    let caps = json!(["CAP_SYS_ADMIN"]);
+    for set in ["bounding", "effective", "permitted"] {
+        spec["process"]["capabilities"][set] = caps.clone();
+    }
+    spec["linux"]["rootfsPropagation"] = json!(propagation);
+    spec["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/shared", "type": "bind", "source": source.path,
+        "options": ["rbind", propagation],
+    }));
+    spec
+}
+
+/// The container mounts a tmpfs on /shared/from-ctr (saying `mounted`),
+/// then waits up to 30 s for the host's flag file and says whether it came.
+const PROPAGATION_SCRIPT: &str = "mount -t tmpfs ctr-made /shared/from-ctr && touch /shared/from-ctr/made-in-ctr && echo mounted; \
+     i=0; while [ ! -e /shared/from-host/flag ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; \
+     [ -e /shared/from-host/flag ] && echo saw-host-mount";
+
 /// An `rshared` bind with `rootfsPropagation: rshared` (Kubernetes'
 /// Bidirectional): a mount the host makes under the shared source appears
 /// in the container, one the container makes appears on the host, and the
 /// container's own rootfs never shows on the host.
 #[test]
 fn rshared_binds_propagate_both_ways() {
-    use nix::mount::{mount, umount2, MntFlags, MsFlags};
     let fx = Fixture::new("rshared");
-    let shared_dir = tempfile::tempdir().unwrap();
-    let src = shared_dir.path().join("mnt");
-    std::fs::create_dir_all(src.join("from-host")).unwrap();
-    std::fs::create_dir_all(src.join("from-ctr")).unwrap();
-    // What critest does: the source is a shared mount of its own.
-    mount(
-        Some(&src),
-        &src,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .unwrap();
-    mount(
-        None::<&str>,
-        &src,
-        None::<&str>,
-        MsFlags::MS_SHARED | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .unwrap();
-    let unmount_all = |src: &std::path::Path| {
-        for d in [
-            src.join("from-ctr"),
-            src.join("from-host"),
-            src.to_path_buf(),
-        ] {
-            let _ = umount2(&d, MntFlags::MNT_DETACH);
-        }
-    };
-    let script = "mount -t tmpfs ctr-made /shared/from-ctr && touch /shared/from-ctr/made-in-ctr; \
-                  i=0; while [ ! -e /shared/from-host/flag ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; \
-                  [ -e /shared/from-host/flag ] && echo saw-host-mount";
-    let mut spec = fx.spec("c1", &["sh", "-c", script]);
-    let caps = json!([
-        "CAP_SYS_ADMIN",
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_FOWNER"
-    ]);
-    for set in ["bounding", "effective", "permitted"] {
-        spec["process"]["capabilities"][set] = caps.clone();
-    }
-    spec["linux"]["rootfsPropagation"] = json!("rshared");
-    spec["mounts"].as_array_mut().unwrap().push(
-        json!({"destination": "/shared", "type": "bind", "source": src, "options": ["rbind", "rshared"]}),
-    );
+    let src = SharedSource::new();
+    let spec = propagation_spec(&fx, &src, "rshared", PROPAGATION_SCRIPT);
     let (c, out) = start("c1", spec, Rootfs::Dir(fx.rootfs()));
     // Container -> host.
-    let made = src.join("from-ctr/made-in-ctr");
+    let made = src.path.join("from-ctr/made-in-ctr");
     let seen = wait_until(Duration::from_secs(20), || made.exists());
     // Host -> container.
-    mount_tmpfs("host-made", &src.join("from-host"));
-    std::fs::write(src.join("from-host/flag"), "x").unwrap();
+    mount_tmpfs("host-made", &src.path.join("from-host"));
+    std::fs::write(src.path.join("from-host/flag"), "x").unwrap();
     let status = c.wait().unwrap();
     c.0.destroy().unwrap();
     drop(c);
@@ -665,10 +682,10 @@ fn rshared_binds_propagate_both_ways() {
     let rootfs_on_host = info
         .lines()
         .any(|l| l.contains(&*fx.rootfs().to_string_lossy()));
-    unmount_all(&src);
+    drop(src);
     assert!(seen, "the container's mount did not reach the host");
     assert_eq!(status.code, 0, "stderr: {}", out.stderr.text());
-    assert_eq!(out.stdout.text(), "saw-host-mount\n");
+    assert_eq!(out.stdout.text(), "mounted\nsaw-host-mount\n");
     assert!(
         !rootfs_on_host,
         "the container's rootfs showed on the host:\n{info}"
@@ -680,50 +697,17 @@ fn rshared_binds_propagate_both_ways() {
 /// the container's do not reach the host.
 #[test]
 fn rslave_binds_propagate_from_the_host_only() {
-    use nix::mount::{mount, umount2, MntFlags, MsFlags};
     let fx = Fixture::new("rslave");
-    let shared_dir = tempfile::tempdir().unwrap();
-    let src = shared_dir.path().join("mnt");
-    std::fs::create_dir_all(src.join("from-host")).unwrap();
-    std::fs::create_dir_all(src.join("from-ctr")).unwrap();
-    mount(
-        Some(&src),
-        &src,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .unwrap();
-    mount(
-        None::<&str>,
-        &src,
-        None::<&str>,
-        MsFlags::MS_SHARED | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .unwrap();
-    let script = "mount -t tmpfs ctr-made /shared/from-ctr && touch /shared/from-ctr/made-in-ctr && echo mounted; \
-                  i=0; while [ ! -e /shared/from-host/flag ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; \
-                  [ -e /shared/from-host/flag ] && echo saw-host-mount";
-    let mut spec = fx.spec("c1", &["sh", "-c", script]);
-    let caps = json!(["CAP_SYS_ADMIN"]);
-    for set in ["bounding", "effective", "permitted"] {
-        spec["process"]["capabilities"][set] = caps.clone();
-    }
-    spec["linux"]["rootfsPropagation"] = json!("rslave");
-    spec["mounts"].as_array_mut().unwrap().push(
-        json!({"destination": "/shared", "type": "bind", "source": src, "options": ["rbind", "rslave"]}),
-    );
+    let src = SharedSource::new();
+    let spec = propagation_spec(&fx, &src, "rslave", PROPAGATION_SCRIPT);
     let (c, out) = start("c1", spec, Rootfs::Dir(fx.rootfs()));
-    mount_tmpfs("host-made", &src.join("from-host"));
-    std::fs::write(src.join("from-host/flag"), "x").unwrap();
+    mount_tmpfs("host-made", &src.path.join("from-host"));
+    std::fs::write(src.path.join("from-host/flag"), "x").unwrap();
     let status = c.wait().unwrap();
-    let leaked = src.join("from-ctr/made-in-ctr").exists();
+    let leaked = src.path.join("from-ctr/made-in-ctr").exists();
     c.0.destroy().unwrap();
     drop(c);
-    for d in [src.join("from-ctr"), src.join("from-host"), src.clone()] {
-        let _ = umount2(&d, MntFlags::MNT_DETACH);
-    }
+    drop(src);
     assert_eq!(status.code, 0, "stderr: {}", out.stderr.text());
     assert_eq!(out.stdout.text(), "mounted\nsaw-host-mount\n");
     assert!(!leaked, "the container's mount reached the host");
