@@ -205,7 +205,11 @@ impl ImageService for ImageServiceImpl {
         // CRI removes the image, not one name of it: every tag and digest
         // goes (as with containerd). Removing one that is not there succeeds.
         if let Some(image) = self.store.get(&name).map_err(store_error)? {
-            self.store.remove(&image.id).map_err(store_error)?;
+            match self.store.remove(&image.id) {
+                // A removal running at the same time took it first.
+                Ok(()) | Err(vmrun_image::StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(store_error(e)),
+            }
         }
         Ok(Response::new(api::RemoveImageResponse {}))
     }
