@@ -81,6 +81,17 @@ fn status_pause_resume_and_stop() {
     assert_eq!(status["memory_mib"], 64);
     assert!(status["uptime_ms"].is_u64());
 
+    // Both vCPU threads inside the (fake) guest first: a thread that has not
+    // entered it yet parks at the gate without needing a kick.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let inside = |r: &Running| {
+        let record = r.hypervisor.record();
+        record.vcpus.values().filter(|v| v.waiting_for_kick).count()
+    };
+    while inside(&running) != 2 {
+        assert!(std::time::Instant::now() < deadline, "the vCPUs never ran");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let kicks_before: usize = running
         .hypervisor
         .record()

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::StreamExt as _;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{DigestError, OciDistributionError};
 use oci_client::secrets::RegistryAuth;
@@ -350,8 +350,14 @@ impl Pull<'_> {
                 self.fetch_layer(&repo, layer, diff_id, wasm.as_deref())
             })
             .buffer_unordered(PARALLEL_LAYERS)
-            .try_collect::<Vec<()>>()
-            .await?;
+            // Every layer is waited for, failed or not: an unpack runs on a
+            // blocking thread that dropping its future does not stop, and it
+            // must not write into the store after the pull has returned (and
+            // the cleanup of a failed pull swept the store).
+            .collect::<Vec<Result<(), PullError>>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>, PullError>>()?;
 
         let record = ImageRecord {
             id: manifest.config.digest.clone(),

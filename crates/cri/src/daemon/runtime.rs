@@ -49,10 +49,21 @@ macro_rules! forward {
         let pod = &$pod;
         let mut owner = pod.owner()?;
         match owner.$method($req).await {
-            Err(_) if pod.ended_within(OWNER_END_GRACE).await => Err(pod.gone()),
+            // Only a failure of the connection can be the owner's death;
+            // the owner's own answers are passed on at once.
+            Err(e) if lost_owner(&e) && pod.ended_within(OWNER_END_GRACE).await => Err(pod.gone()),
             other => other,
         }
     }};
+}
+
+/// Whether a failed call's status is the connection's (tonic's transport
+/// errors), not an answer the owner gave.
+fn lost_owner(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+    )
 }
 
 /// Runs a container's call on its pod's owner, the id resolved in full.
