@@ -67,6 +67,10 @@ fn run() -> Result<(), String> {
     if arg("check.panic").is_some() {
         println!("CHECK panicking=1");
         let _ = std::io::stdout().flush();
+        // The console driver sends what is written from its interrupt, and
+        // the panic that init's exit causes does not wait for it: drain the
+        // terminal first, or a slow (nested) guest loses these lines.
+        let _ = nix::sys::termios::tcdrain(std::io::stdout());
         std::process::exit(3);
     }
     println!("CHECK done=1");
