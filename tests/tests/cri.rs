@@ -657,6 +657,24 @@ async fn pods_survive_the_daemon_being_killed_and_are_served_again() {
     stop_and_remove(&server, &sandbox).await;
 }
 
+/// The pid of the pod's owner, from its verbose PodSandboxStatus.
+async fn owner_pid(
+    rt: &mut api::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    sandbox: &str,
+) -> u64 {
+    let info = rt
+        .pod_sandbox_status(api::PodSandboxStatusRequest {
+            pod_sandbox_id: sandbox.to_string(),
+            verbose: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .info;
+    let info: serde_json::Value = serde_json::from_str(&info["info"]).unwrap();
+    info["ownerPid"].as_u64().expect("the owner's pid")
+}
+
 /// A pod's owner killed alone (the daemon runs on): the pod is reported
 /// NOTREADY, calls on its containers say the owner is gone, and
 /// StopPodSandbox/RemovePodSandbox undo what it left (container processes,
@@ -681,17 +699,7 @@ async fn a_killed_pod_owner_leaves_a_notready_pod_that_is_removed_cleanly() {
     .unwrap();
     start(&server, &sleeper).await;
     let mut rt = server.runtime().await;
-    let info = rt
-        .pod_sandbox_status(api::PodSandboxStatusRequest {
-            pod_sandbox_id: sandbox.clone(),
-            verbose: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .info;
-    let info: serde_json::Value = serde_json::from_str(&info["info"]).unwrap();
-    let owner = info["ownerPid"].as_u64().expect("the owner's pid") as i32;
+    let owner = owner_pid(&mut rt, &sandbox).await as i32;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(owner),
         nix::sys::signal::Signal::SIGKILL,
@@ -1829,17 +1837,7 @@ mod streaming {
         );
 
         // The pty goes with the container, not with the pod.
-        let info = rt
-            .pod_sandbox_status(api::PodSandboxStatusRequest {
-                pod_sandbox_id: sandbox.clone(),
-                verbose: true,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .info;
-        let info: serde_json::Value = serde_json::from_str(&info["info"]).unwrap();
-        let owner = info["ownerPid"].as_u64().expect("the owner's pid");
+        let owner = super::owner_pid(&mut rt, &sandbox).await;
         assert!(
             pty_masters(owner) >= 1,
             "the exited container's terminal is kept"

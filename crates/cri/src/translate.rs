@@ -218,12 +218,7 @@ pub fn pod_plan(
             .map(|(i, p)| vmrun_pod::plan::HostPort {
                 host_port: p.host_port as u16,
                 container_port: p.container_port as u16,
-                protocol: match p.protocol {
-                    1 => "udp",
-                    2 => "sctp",
-                    _ => "tcp",
-                }
-                .into(),
+                protocol: crate::owner::network::protocol(p.protocol).into(),
                 host_ip: p.host_ip.clone(),
                 field: format!("config.port_mappings[{i}]"),
             })

@@ -10,7 +10,7 @@ use vmrun_cni::{Attachment, DnsConfig, PortMapping};
 use crate::api;
 
 /// CRI's Protocol values, as CNI's portmap plugin names them.
-fn protocol(p: i32) -> &'static str {
+pub(crate) fn protocol(p: i32) -> &'static str {
     match p {
         1 => "udp",
         2 => "sctp",
